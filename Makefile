@@ -1,0 +1,31 @@
+# Two commands for a new user: `make demo` and `make test`. Both set up .venv from nothing.
+# torch goes in first and pinned (a CPU wheel here), so pip never pulls a multi-GB CUDA build for a dependency.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(subst =,_,$(subst /,_,$(TORCH)))
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/prefkd demo $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,73 @@
+"""Command line: `prefkd <verb> --config FILE key.sub=value ...`. The CLI only parses and calls."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from prefkd import config
+from prefkd.console import console
+from prefkd.errors import PrefkdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Preference-based knowledge distillation of causal language models.")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides", show_default=False)]
+ConfigFile = Annotated[str | None, typer.Option("--config", help="YAML config file")]
+Debug = Annotated[bool, typer.Option("--debug", help="show Python tracebacks")]
+
+
+def _keys_help(cls: type) -> str:
+    # "\b" keeps click from rewrapping the listing.
+    return "Config keys (key = default  help):\n\n\b\n" + "\n".join(config.describe(cls))
+
+
+def _run(fn, debug: bool):
+    try:
+        return fn()
+    except PrefkdError as e:
+        if debug:
+            raise
+        console.print(f"[red]error:[/] {e}")
+        sys.exit(2)
+
+
+from prefkd.demo import DemoConfig  # noqa: E402  (after the helpers: its help text is built at import time)
+
+
+@app.command(epilog=_keys_help(DemoConfig))
+def demo(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+         out: Annotated[str | None, typer.Option("--out", help="output directory (same as out=...)")] = None) -> None:
+    """Build the embedded suite, SFT a teacher and a student, distil the student, evaluate, report."""
+    from prefkd.demo import run_demo
+    from prefkd.report import results_table, verdict
+
+    def go():
+        cfg = config.load(DemoConfig, config_file, (overrides or []) + ([f"out={out}"] if out else []))
+        results = run_demo(cfg)
+        console.print(results_table(results))
+        for m in cfg.methods:
+            console.print(verdict(results, m))
+        console.print(f"wrote {cfg.out}/results.json and {cfg.out}/report.md in {results['wall_seconds']:.0f} s")
+
+    _run(go, debug)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the distillation methods with one-line descriptions."""
+    from prefkd.methods import METHODS
+
+    for m in METHODS.values():
+        teacher = "teacher" if m.needs_teacher else "no teacher"
+        print(f"{m.name:10s} {m.description} [{m.paper}; {teacher}]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

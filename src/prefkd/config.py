@@ -1,0 +1,151 @@
+"""Typed, nested run configs: dataclasses, YAML files and dotted command-line overrides.
+
+Every verb takes `--config FILE key.sub=value ...`. Unknown keys are rejected with the closest valid one.
+A field's help lives once, in its `metadata["help"]`; `describe()` prints keys, defaults and help for `--help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from prefkd.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and one line of help."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str = "") -> Any:
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': {value!r} is not a {typ}")
+    if origin is list:
+        (inner,) = typing.get_args(typ) or (Any,)
+        if isinstance(value, str):  # "10,20,30" on the command line
+            value = [yaml.safe_load(v) for v in value.split(",") if v]
+        elif not isinstance(value, list):  # a single item
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"config key '{key}': expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build `cls` from a nested dict, rejecting unknown keys (with a suggestion) and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints, names = _hints(cls), [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(typ, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, typ, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (values parsed as YAML scalars) onto a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+         base: dict | None = None) -> T:
+    """Defaults < `base` < YAML file < overrides."""
+    data: dict = dict(base or {})
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        data = _merge(data, loaded)
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per key: `key = default  help`, for `--help`."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        typ = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(typ):
+            lines += describe(typ, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"{prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}".rstrip())
+    return lines

@@ -1,0 +1,49 @@
+"""Tokenise prompt and response separately, keep the response's EOS, pad, and mark which tokens are scored.
+
+The response mask comes from lengths, never from comparing with the pad id, so a GPT-2 style tokenizer
+(pad == eos) keeps the real EOS in the loss and drops only the padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS unless a sample hit the length limit
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def encode_examples(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+                    max_prompt_tokens: int = 256, max_length: int = 512) -> tuple[list[Example], int]:
+    """Examples with EOS appended; pairs over the limits are dropped (as MiniLLM/DPKD do), count returned."""
+    eos = tokenizer.eos_token_id
+    out, dropped = [], 0
+    for p, r in zip(encode_prompts(tokenizer, prompts), encode_prompts(tokenizer, responses), strict=True):
+        if len(p) > max_prompt_tokens or len(p) + len(r) + 1 > max_length:
+            dropped += 1
+            continue
+        out.append(Example(p, r + [eos]))
+    return out, dropped
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `response_mask` ([B, T], 1 on response tokens + EOS)."""
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    resp = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n_p, n = len(e.prompt_ids), len(e.prompt_ids) + len(e.response_ids)
+        ids[i, :n] = torch.tensor(e.prompt_ids + e.response_ids)
+        attn[i, :n] = 1
+        resp[i, n_p:n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}

@@ -1,0 +1,120 @@
+"""Load any causal LM by hub id or path, build small GPT-2 / Llama configs, train a byte-level BPE tokenizer.
+
+Built models are ordinary transformers models saved with `save_pretrained`: a student distilled here loads with
+stock `AutoModelForCausalLM.from_pretrained(path)`, exactly like `gpt2-xl` would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import ByteLevelBPETokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from prefkd import atomic
+from prefkd.config import opt
+from prefkd.errors import PrefkdError
+
+transformers.utils.logging.disable_progress_bar()
+
+EOS = "<|endoftext|>"
+# name -> (layers, width, heads)
+SIZES: dict[str, tuple[int, int, int]] = {
+    "nano": (1, 32, 2),
+    "micro": (2, 64, 2),
+    "tiny": (2, 128, 2),
+    "mini": (3, 192, 3),
+    "small": (4, 256, 4),
+    "base": (6, 384, 6),
+}
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("", "hub id or local path of a causal LM; empty builds a fresh model from arch and size")
+    arch: str = opt("gpt2", "architecture of a built model: gpt2 or llama")
+    size: str = opt("tiny", f"size of a built model: {', '.join(SIZES)}")
+    max_positions: int = opt(512, "context length of a built model")
+    trust_remote_code: bool = opt(False, "allow a hub model's own code to run (off unless you trust it)")
+
+
+def build_model(arch: str, size: str, tokenizer: PreTrainedTokenizerBase, max_positions: int = 512,
+                seed: int = 0) -> PreTrainedModel:
+    if size not in SIZES:
+        raise PrefkdError(f"unknown model size '{size}'; choose one of {', '.join(SIZES)}")
+    layers, width, heads = SIZES[size]
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        # Dropout off: the small built models underfit rather than overfit, and sampling stays deterministic.
+        cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, n_positions=max_positions, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        return GPT2LMHeadModel(cfg)
+    if arch == "llama":
+        cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
+                          num_key_value_heads=heads, intermediate_size=width * 8 // 3,
+                          max_position_embeddings=max_positions, tie_word_embeddings=True, **ids)
+        return LlamaForCausalLM(cfg)
+    raise PrefkdError(f"unknown architecture '{arch}'; choose gpt2 or llama")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE tokenizer (pad == eos == bos) trained on `texts`."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   unk_token=EOS)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PrefkdError(f"cannot load a tokenizer from '{path}': {e}") from None
+    if tok.eos_token_id is None:
+        raise PrefkdError(f"tokenizer at '{path}' has no EOS token; responses need one to end")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # GPT-2 convention; masks never rely on pad != eos
+    return tok
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise PrefkdError(f"cannot load a causal LM from '{path}': {e}") from None
+
+
+def model_from_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    if cfg.path:
+        return load_model(cfg.path, cfg.trust_remote_code)
+    return build_model(cfg.arch, cfg.size, tokenizer, cfg.max_positions, seed)
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+    """Save model (safetensors) and tokenizer together, atomically."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    with atomic.directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
