@@ -7,16 +7,16 @@ from prefkd.errors import ConfigError
 
 def test_overrides_and_yaml(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("teacher_train:\n  steps: 7\nmethod:\n  dpkd:\n    beta: 0.5\n")
-    cfg = config.load(DemoConfig, f, ["teacher_train.lr=0.01", "eval.seeds=1,2", "method.kappa=1"])
+    f.write_text("teacher_train:\n  steps: 7\ndistill:\n  dpkd:\n    beta: 0.5\n")
+    cfg = config.load(DemoConfig, f, ["teacher_train.lr=0.01", "eval.seeds=1,2", "distill.kappa=1"])
     assert cfg.teacher_train.steps == 7 and cfg.teacher_train.lr == 0.01
-    assert cfg.method.dpkd.beta == 0.5 and cfg.method.kappa == 1.0 and cfg.eval.seeds == [1, 2]
+    assert cfg.distill.dpkd.beta == 0.5 and cfg.distill.kappa == 1.0 and cfg.eval.seeds == [1, 2]
     assert cfg.student_train.steps == DemoConfig().student_train.steps  # untouched sections keep defaults
 
 
 def test_unknown_key_suggests_closest():
-    with pytest.raises(ConfigError, match="did you mean 'method.kappa'"):
-        config.load(DemoConfig, None, ["method.kapa=0.5"])
+    with pytest.raises(ConfigError, match="did you mean 'distill.kappa'"):
+        config.load(DemoConfig, None, ["distill.kapa=0.5"])
 
 
 def test_wrong_type_is_rejected():
@@ -26,5 +26,5 @@ def test_wrong_type_is_rejected():
 
 def test_describe_lists_every_key_with_default():
     lines = config.describe(DemoConfig)
-    assert any(line.startswith("method.dpkd.beta = 0.1") for line in lines)
+    assert any(line.startswith("distill.dpkd.beta = 0.1") for line in lines)
     assert any(line.startswith("eval.sampling.top_k = 0") for line in lines)

@@ -12,7 +12,7 @@ TINY = ["suite.n_people=16", "suite.skill_per_family=4", "suite.test_world_quest
         "suite.corpus_skill_per_family=4", "vocab_size=400", "teacher.size=micro", "student.size=nano",
         "teacher_train.steps=6", "student_train.steps=4", "distill_train.steps=3", "distill_train.batch_size=4",
         "distill_train.log_every=1", "teacher_train.save_every=3", "sampling.max_new_tokens=8",
-        "eval.seeds=10,20", "eval.sampling.max_new_tokens=8", "method.lm_block_size=32"]
+        "eval.seeds=10,20", "eval.sampling.max_new_tokens=8", "distill.lm_block_size=32"]
 
 
 def test_demo_end_to_end_and_stage_reuse(tmp_path):
@@ -46,13 +46,58 @@ def test_demo_end_to_end_and_stage_reuse(tmp_path):
     assert res.exit_code == 0, res.output
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
     # Changing the distillation settings retrains only the distilled student.
-    res = runner.invoke(app, ["demo", "--out", str(out), *TINY, "method.kappa=1.0"])
+    res = runner.invoke(app, ["demo", "--out", str(out), *TINY, "distill.kappa=1.0"])
     assert res.exit_code == 0, res.output
     changed = {p for p in stamps if p.stat().st_mtime_ns != stamps[p]}
     assert changed == {out / "dpkd" / "model" / "model.safetensors"}
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "method.kapa=1"])
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "distill.kapa=1"])
     assert res.exit_code == 2
-    assert "did you mean 'method.kappa'" in res.output and "Traceback" not in res.output
+    assert "did you mean 'distill.kappa'" in res.output and "Traceback" not in res.output
+
+
+def test_verbs_on_demo_outputs(tmp_path, tokenizer):
+    """`prefkd sft`, `distill` and `evaluate` on record files, as a user with their own models would run them."""
+    from tests_support import tiny_files
+
+    runner = CliRunner()
+    files = tiny_files(tmp_path, tokenizer)
+    common = ["train.batch_size=4", "train.log_every=1"]
+    for name, size in (("teacher", "micro"), ("student", "nano")):
+        res = runner.invoke(app, ["sft", f"out={tmp_path / name}", f"tokenizer={files['tokenizer']}",
+                                  f"model.size={size}", f"data.train={files['train']}", "train.steps=2", *common])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["distill", "--method", "dpkd", f"out={tmp_path / 'dpkd'}",
+                              f"student.path={tmp_path / 'student' / 'model'}",
+                              f"teacher.path={tmp_path / 'teacher' / 'model'}", f"data.prompts={files['train']}",
+                              f"data.replay={files['train']}", f"data.corpus={files['corpus']}",
+                              "distill.lm_block_size=16", "sampling.max_new_tokens=6", "train.steps=2", *common])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "dpkd" / "model" / "model.safetensors").is_file()
+    assert "_git_commit" in (tmp_path / "dpkd" / "config.yaml").read_text()
+    res = runner.invoke(app, ["evaluate", f"model={tmp_path / 'dpkd' / 'model'}", f"data={files['test']}",
+                              "eval.seeds=1,2", "eval.sampling.max_new_tokens=6"])
+    assert res.exit_code == 0, res.output
+    scores = json.loads((tmp_path / "dpkd" / "model" / "eval" / "scores.json").read_text())
+    assert len(scores["all"]["rougeL"]["per_seed"]) == 2
+
+
+def test_white_box_method_refuses_different_tokenizers(tmp_path, tokenizer):
+    from tests_support import tiny_files
+
+    runner = CliRunner()
+    files = tiny_files(tmp_path, tokenizer)
+    other = tmp_path / "other_tok"
+    from prefkd.models import train_tokenizer
+
+    train_tokenizer(["completely different text " * 50], vocab_size=300).save_pretrained(other)
+    for name, tok in (("teacher", other), ("student", files["tokenizer"])):
+        res = runner.invoke(app, ["sft", f"out={tmp_path / name}", f"tokenizer={tok}", "model.size=nano",
+                                  f"data.train={files['train']}", "train.steps=1", "train.batch_size=2"])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["distill", f"out={tmp_path / 'x'}", f"student.path={tmp_path / 'student' / 'model'}",
+                              f"teacher.path={tmp_path / 'teacher' / 'model'}", f"data.prompts={files['train']}"])
+    assert res.exit_code == 2
+    assert "white-box" in res.output and "plad" in res.output

@@ -55,6 +55,51 @@ def demo(overrides: Overrides = None, config_file: ConfigFile = None, debug: Deb
     _run(go, debug)
 
 
+from prefkd.runs import DistillRun, EvaluateRun, SFTRun  # noqa: E402
+
+
+@app.command(epilog=_keys_help(SFTRun))
+def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+    """Supervised fine-tuning on records with references (teacher, or the student's initialisation)."""
+    from prefkd.runs import run_sft
+
+    def go():
+        cfg = config.load(SFTRun, config_file, overrides or [])
+        run_sft(cfg)
+        console.print(f"wrote {cfg.out}/model")
+
+    _run(go, debug)
+
+
+@app.command(epilog=_keys_help(DistillRun))
+def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+            method: Annotated[str | None, typer.Option("--method", help="same as method=...")] = None) -> None:
+    """Distil a teacher into a student with one method (see `prefkd methods`)."""
+    from prefkd.runs import run_distill
+
+    def go():
+        cfg = config.load(DistillRun, config_file, (overrides or []) + ([f"method={method}"] if method else []))
+        run_distill(cfg)
+        console.print(f"wrote {cfg.out}/model")
+
+    _run(go, debug)
+
+
+@app.command(epilog=_keys_help(EvaluateRun))
+def evaluate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+    """Sampled generation on a test set over several seeds: Rouge-L and exact match, by kind and length bucket."""
+    from prefkd.runs import run_evaluate
+
+    def go():
+        cfg = config.load(EvaluateRun, config_file, overrides or [])
+        scores = run_evaluate(cfg)
+        for group, s in scores.items():
+            console.print(f"{group:18s} n={s['n']:4d}  Rouge-L {s['rougeL']['mean']:6.2f} ± {s['rougeL']['std']:.2f}"
+                          f"  EM {s['exact_match']['mean']:6.2f}")
+
+    _run(go, debug)
+
+
 @app.command("methods")
 def list_methods() -> None:
     """List the distillation methods with one-line descriptions."""

@@ -1,0 +1,181 @@
+"""The verbs' work, shared by the CLI and the demo: SFT, distillation and evaluation runs on record files.
+
+Each run writes its resolved config next to its outputs (`config.yaml`), trains with the one loop and saves
+the model with `save_pretrained` under `OUT/model`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+from prefkd import atomic, config
+from prefkd.config import opt, section
+from prefkd.console import console
+from prefkd.data.collate import Example, encode_examples, encode_prompts
+from prefkd.data.corpus import token_blocks
+from prefkd.data.records import Instruction, read_records
+from prefkd.errors import DataError, PrefkdError
+from prefkd.evaluate import EvalConfig, evaluate
+from prefkd.generation import SamplingConfig
+from prefkd.methods import MethodConfig, get_method
+from prefkd.models import ModelConfig, load_model, load_tokenizer, model_from_config, n_params
+from prefkd.train import RunData, TrainConfig, train
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("", "SFT: jsonl records with references")
+    prompts: str = opt("", "distillation: jsonl records whose prompts the method uses (references unused "
+                           "unless the method needs them)")
+    replay: str = opt("", "jsonl records with references replayed with cross-entropy (distill.replay share)")
+    corpus: str = opt("", "plain-text pretraining corpus for the LM loss; documents separated by blank lines")
+
+
+@dataclass
+class SFTRun:
+    out: str = opt("runs/sft", "output directory")
+    model: ModelConfig = section(ModelConfig)
+    tokenizer: str = opt("", "tokenizer path or hub id; default: the model's")
+    data: DataConfig = section(DataConfig)
+    train: TrainConfig = section(TrainConfig)
+
+
+@dataclass
+class DistillRun:
+    out: str = opt("runs/distill", "output directory")
+    method: str = opt("dpkd", "distillation method (see `prefkd methods`)")
+    student: ModelConfig = section(ModelConfig, "the student, usually an SFT checkpoint (student.path)")
+    teacher: ModelConfig = section(ModelConfig, "the frozen teacher (teacher.path)")
+    data: DataConfig = section(DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
+    distill: MethodConfig = section(MethodConfig)
+    sampling: SamplingConfig = section(SamplingConfig, "sampling of teacher/student responses during training")
+
+
+@dataclass
+class EvaluateRun:
+    model: str = opt("", "model path or hub id")
+    data: str = opt("", "jsonl records with references")
+    out: str = opt("", "directory for scores.json and predictions.json; default: MODEL/eval")
+    eval: EvalConfig = section(EvalConfig)
+
+
+def write_run_config(out: Path, cfg: object) -> None:
+    """The resolved config and the code version, next to the run's outputs."""
+    data = config.to_dict(cfg)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    data["_git_commit"] = commit or "unknown"
+    atomic.write_text(out / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+
+
+def reference_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruction], cfg: TrainConfig,
+                       source: str) -> list[Example]:
+    missing = [i for i, r in enumerate(records) if not r.references]
+    if missing:
+        raise DataError("record has no reference response, which this run needs", source, missing[0] + 1,
+                        "references")
+    ex, dropped = encode_examples(tokenizer, [r.prompt for r in records], [r.references[0] for r in records],
+                                  cfg.max_prompt_tokens, cfg.max_length)
+    if dropped:
+        console.print(f"{source}: dropped {dropped} of {len(records)} examples over the length limits "
+                      f"(prompt > {cfg.max_prompt_tokens} or total > {cfg.max_length} tokens)")
+    if not ex:
+        raise DataError("no example is left after the length filters; raise train.max_length", source)
+    return ex
+
+
+def prompt_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruction], cfg: TrainConfig) -> list[Example]:
+    return [Example(p, []) for p in encode_prompts(tokenizer, [r.prompt for r in records])
+            if len(p) <= cfg.max_prompt_tokens]
+
+
+def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+            name: str = "sft") -> list[dict]:
+    out = Path(cfg.out)
+    write_run_config(out, cfg)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
+    records = records or read_records(_need(cfg.data.train, "data.train"), require_references=True)
+    model = model_from_config(cfg.model, tokenizer, cfg.train.seed)
+    console.print(f"[bold]{name}[/]: {cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, "
+                  f"{n_params(model) / 1e6:.2f}M parameters, SFT on {len(records)} records")
+    examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
+    return train(get_method("sft"), model, tokenizer, RunData(examples), cfg.train, MethodConfig(),
+                 SamplingConfig(), out, name=f"{name} SFT")
+
+
+def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,
+                          method: str) -> None:
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise PrefkdError(f"method '{method}' is white-box: it scores the same token ids with teacher and student, "
+                          f"but their tokenizers differ (student vocabulary {len(student_tok)}, teacher "
+                          f"{len(teacher_tok)}). Use a teacher with the student's tokenizer, or a black-box "
+                          f"method such as seqkd or plad.")
+
+
+def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
+                corpus: list[str] | None = None, name: str | None = None) -> list[dict]:
+    out = Path(cfg.out)
+    method = get_method(cfg.method)
+    write_run_config(out, cfg)
+    student_path = _need(cfg.student.path, "student.path")
+    tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
+    student = load_model(student_path, cfg.student.trust_remote_code)
+    teacher = None
+    if method.needs_teacher:
+        teacher_path = _need(cfg.teacher.path, "teacher.path")
+        check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
+        teacher = load_model(teacher_path, cfg.teacher.trust_remote_code)
+    prompts = prompts or read_records(_need(cfg.data.prompts, "data.prompts"),
+                                      require_references=method.uses_references)
+    if replay is None and cfg.data.replay and cfg.distill.replay > 0:
+        replay = read_records(cfg.data.replay, require_references=True)
+    if corpus is None and cfg.data.corpus and cfg.distill.lm_weight > 0:
+        corpus = _read_corpus(cfg.data.corpus)
+    if cfg.distill.replay > 0 and not replay:
+        console.print("no replay data (data.replay): running without replay")
+    data = RunData(
+        reference_examples(tokenizer, prompts, cfg.train, cfg.data.prompts) if method.uses_references
+        else prompt_examples(tokenizer, prompts, cfg.train),
+        replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay else None,
+        corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None)
+    d = cfg.distill
+    console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
+                  f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
+    return train(method, student, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
+                 name=name or cfg.method)
+
+
+def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, name: str = "eval") -> dict:
+    model_path = _need(cfg.model, "model")
+    out = Path(cfg.out) if cfg.out else Path(model_path) / "eval"
+    records = records or read_records(_need(cfg.data, "data"), require_references=True)
+    tokenizer = load_tokenizer(model_path)
+    scores, preds = evaluate(load_model(model_path), tokenizer, records, cfg.eval, name)
+    write_run_config(out, cfg)
+    atomic.write_json(out / "scores.json", scores)
+    atomic.write_json(out / "predictions.json",
+                      {str(s): [{"id": r.id, "prediction": p} for r, p in zip(records, ps, strict=True)]
+                       for s, ps in preds.items()})
+    return scores
+
+
+def _read_corpus(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("corpus file not found", path)
+    return [d for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+
+
+def _need(value: str, key: str) -> str:
+    if not value:
+        raise PrefkdError(f"set {key}=... (on the command line or in --config)")
+    return value
