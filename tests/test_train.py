@@ -48,3 +48,15 @@ def test_batch_stream_covers_each_epoch_once():
     epoch = sorted(i for k in range(s.per_epoch) for i in s.batch(k))
     assert len(epoch) == len(set(epoch)) == 6
     assert s.batch(0) == BatchStream([3, 1, 2, 5, 4, 6, 7, 8], batch_size=3, seed=0).batch(0)
+
+
+def test_precision_can_change_between_runs_in_one_process(tokenizer, tiny_suite, tmp_path):
+    """The demo trains a bf16 teacher, then fp32 students, in one process."""
+    recs = tiny_suite.d0
+    ex, _ = encode_examples(tokenizer, [r.prompt for r in recs], [r.references[0] for r in recs])
+    for i, bf16 in enumerate((True, False, True)):
+        model = build_model("gpt2", "nano", tokenizer, seed=0)
+        logs = train(get_method("sft"), model, tokenizer, RunData(ex),
+                     TrainConfig(steps=2, batch_size=4, bf16=bf16, log_every=1), MethodConfig(), SamplingConfig(),
+                     tmp_path / str(i))
+        assert len(logs) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from prefkd import atomic
@@ -88,6 +89,9 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     """Train `student` in place with `method`; write logs, checkpoints and the final model under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Accelerate keeps one global state per process; the demo trains several models with different precisions
+    # in one process, so drop the previous run's precision (the process group in PartialState is kept).
+    AcceleratorState._reset_state()
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no")
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
