@@ -11,7 +11,8 @@ TINY = ["suite.n_people=16", "suite.skill_per_family=4", "suite.test_world_quest
         "suite.test_skill=7", "suite.val_world_questions=2", "suite.val_profiles=1", "suite.val_skill=7",
         "suite.corpus_skill_per_family=4", "vocab_size=400", "teacher.size=micro", "student.size=nano",
         "teacher_train.steps=6", "student_train.steps=4", "distill_train.steps=3", "distill_train.batch_size=4",
-        "distill_train.log_every=1", "teacher_train.save_every=3", "sampling.max_new_tokens=8",
+        "distill_train.log_every=1", "distill_train.save_every=2", "teacher_train.save_every=3",
+        "sampling.max_new_tokens=8",
         "eval.seeds=10,20", "eval.sampling.max_new_tokens=8", "distill.lm_block_size=32"]
 
 
@@ -21,7 +22,7 @@ def test_demo_end_to_end_and_stage_reuse(tmp_path):
     res = runner.invoke(app, ["demo", "--out", str(out), *TINY])
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in results["rows"]] == ["teacher", "sft", "dpkd"]
+    assert [r["name"] for r in results["rows"]] == ["teacher", "sft", "sft_continued", "dpkd"]
     for r in results["rows"]:
         assert len(r["rougeL"]["per_seed"]) == 2 and 0 <= r["rougeL"]["mean"] <= 100
         assert 0 <= r["exact_match"]["mean"] <= 100

@@ -60,3 +60,13 @@ def test_precision_can_change_between_runs_in_one_process(tokenizer, tiny_suite,
                      TrainConfig(steps=2, batch_size=4, bf16=bf16, log_every=1), MethodConfig(), SamplingConfig(),
                      tmp_path / str(i))
         assert len(logs) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tokenizer, tiny_suite, tmp_path, monkeypatch):
+    with pytest.raises(KeyboardInterrupt):
+        _run(tokenizer, tiny_suite, tmp_path / "b", interrupt_at=5, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    _run(tokenizer, tiny_suite, tmp_path / "b", steps=7)  # other settings: starts from scratch
+    _run(tokenizer, tiny_suite, tmp_path / "a", steps=7)
+    a, b = load_model(str(tmp_path / "a" / "model")), load_model(str(tmp_path / "b" / "model"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))

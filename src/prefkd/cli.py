@@ -49,7 +49,8 @@ def demo(overrides: Overrides = None, config_file: ConfigFile = None, debug: Deb
         results = run_demo(cfg)
         console.print(results_table(results))
         for m in cfg.methods:
-            console.print(verdict(results, m))
+            for base in ("sft", "sft_continued"):
+                console.print(verdict(results, m, base))
         console.print(f"wrote {cfg.out}/results.json and {cfg.out}/report.md in {results['wall_seconds']:.0f} s")
 
     _run(go, debug)

@@ -38,11 +38,15 @@ from prefkd.runs import (
 )
 from prefkd.train import TrainConfig
 
+CONTROL = "sft_continued"
+
 
 @dataclass
 class DemoConfig:
     out: str = opt("runs/demo", "output directory; a rerun reuses its finished stages")
     methods: list[str] = opt(["dpkd"], "distillation methods to run from the SFT student")
+    continued_sft: bool = opt(True, "also continue the SFT student on D0 with distill_train's settings: the "
+                                    "control that separates more training from what the teacher adds")
     vocab_size: int = opt(2048, "byte-level BPE vocabulary trained on the suite")
     suite: SuiteConfig = section(SuiteConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(size="small"))
@@ -52,7 +56,7 @@ class DemoConfig:
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=600, batch_size=32, lr=1e-3, save_every=200))
     distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=300, batch_size=16, lr=5e-4, save_every=100))
+        steps=600, batch_size=16, lr=5e-4, save_every=100))
     distill: MethodConfig = section(MethodConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(
@@ -91,6 +95,15 @@ def run_demo(cfg: DemoConfig) -> dict:
                            tokenizer, name)
             stages.mark_done(out / name, keys[name], {"final": logs[-1] if logs else {}})
 
+    if cfg.continued_sft:
+        name = CONTROL
+        keys[name] = stages.fingerprint(keys["sft"], asdict(cfg.distill_train))
+        if not stages.is_done(out / name, keys[name]):
+            run = SFTRun(str(out / name), ModelConfig(path=str(out / "sft" / "model")), str(data / "tokenizer"),
+                         DataConfig(), cfg.distill_train)
+            logs = run_sft(run, read_records(data / "d0.jsonl", require_references=True), tokenizer, name)
+            stages.mark_done(out / name, keys[name], {"final": logs[-1] if logs else {}})
+
     for name in cfg.methods:
         keys[name] = stages.fingerprint(keys["teacher"], keys["sft"], name, asdict(cfg.distill),
                                         asdict(cfg.distill_train), asdict(cfg.sampling))
@@ -105,7 +118,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     test = read_records(data / "test.jsonl", require_references=True)
     rows = []
-    for name in ["teacher", "sft", *cfg.methods]:
+    for name in ["teacher", "sft", *([CONTROL] if cfg.continued_sft else []), *cfg.methods]:
         eval_dir = out / "eval" / name
         key = stages.fingerprint(keys[name], asdict(cfg.eval))
         if not stages.is_done(eval_dir, key):

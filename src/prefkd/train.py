@@ -8,10 +8,11 @@ checkpoint every `save_every` steps so an interrupted run resumes where it stopp
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,14 +20,17 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from prefkd import atomic
+from prefkd import atomic, stages
 from prefkd.config import opt
-from prefkd.console import progress
+from prefkd.console import console, progress
 from prefkd.data.collate import Example, collate
 from prefkd.generation import SamplingConfig
 from prefkd.logprobs import response_token_logps, token_mean_nll
 from prefkd.methods import Method, MethodConfig, StepInputs
-from prefkd.models import save_pretrained
+from prefkd.models import n_params, save_pretrained
+
+# save_state warns on every checkpoint that tied embeddings are stored once; that is expected and harmless.
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -112,10 +116,18 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
         streams["lm"] = BatchStream([1] * len(data.corpus), n_method, cfg.seed + 2, group_by_length=False)
 
     ckpt, log_path = out / "checkpoint", out / "train_log.jsonl"
+    run_key = stages.fingerprint(method.name, asdict(cfg), asdict(method_cfg), asdict(sampling),
+                                 len(data.examples), len(data.replay or []), n_params(student))
     start = 0
     if (ckpt / "trainer_state.json").is_file():
-        acc.load_state(str(ckpt))
-        start = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state.get("run_key") == run_key:
+            acc.load_state(str(ckpt))
+            start = state["step"]
+            console.print(f"{name}: resuming from the checkpoint at step {start}")
+        else:
+            console.print(f"{name}: ignoring {ckpt}, written by a run with other settings")
+            shutil.rmtree(ckpt)
     logs = [r for r in _read_log(log_path) if r["step"] <= start]
     atomic.write_jsonl(log_path, logs)
 
@@ -149,7 +161,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                     f.write(json.dumps(row) + "\n")
             bar.update(task, advance=1, info=f"loss {sums['loss']:.3f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                _checkpoint(acc, ckpt, done)
+                _checkpoint(acc, ckpt, done, run_key)
     save_pretrained(acc.unwrap_model(model), tokenizer, out / "model")
     shutil.rmtree(ckpt, ignore_errors=True)
     return logs
@@ -186,10 +198,10 @@ def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData,
     return loss, metrics
 
 
-def _checkpoint(acc: Accelerator, ckpt: Path, step: int) -> None:
+def _checkpoint(acc: Accelerator, ckpt: Path, step: int, run_key: str) -> None:
     with atomic.directory(ckpt) as tmp:
         acc.save_state(str(tmp), safe_serialization=True)
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "run_key": run_key}))
 
 
 def _read_log(path: Path) -> list[dict]:
