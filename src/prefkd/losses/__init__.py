@@ -1,5 +1,39 @@
 """Pure loss functions: they know nothing about models or data."""
 
-from prefkd.losses.preference import dpkd_loss
+from prefkd.losses.divergences import (
+    adaptive_kl,
+    dpkd_token_loss,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+from prefkd.losses.preference import (
+    cpo_loss,
+    dpkd_loss,
+    dpo_loss,
+    ipo_loss,
+    plad_margin_loss,
+    plad_rank_loss,
+    simpo_loss,
+)
 
-__all__ = ["dpkd_loss"]
+__all__ = [
+    "adaptive_kl",
+    "cpo_loss",
+    "dpkd_loss",
+    "dpkd_token_loss",
+    "dpo_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "ipo_loss",
+    "plad_margin_loss",
+    "plad_rank_loss",
+    "reverse_kl",
+    "simpo_loss",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "total_variation",
+]

@@ -26,3 +26,78 @@ def dpkd_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
         rejected = rejected / rejected_lengths.clamp(min=1)
     loss = -F.logsigmoid(chosen - rejected).mean()
     return loss, chosen.detach(), rejected.detach()
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+             beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO: L = -mean log sigmoid(beta h), h = (log q(y_t) - log p(y_t)) - (log q(y_s) - log p(y_s)).
+
+    Equals `dpkd_loss(..., length_normalize=False)`. Rewards are beta (log q - log p) of each side.
+    """
+    chosen = beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected = beta * (policy_rejected_logps - reference_rejected_logps)
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
+def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+             beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO: L = mean (h - 1/(2 beta))^2, h as in `dpo_loss`, on summed log-probs.
+
+    TRL averages the log-probs per token before forming h; this uses sums, as docs/methods.md asks.
+    Rewards are beta (log q - log p) of each side.
+    """
+    chosen_logratio = policy_chosen_logps - reference_chosen_logps
+    rejected_logratio = policy_rejected_logps - reference_rejected_logps
+    loss = ((chosen_logratio - rejected_logratio - 1 / (2 * beta)) ** 2).mean()
+    return loss, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()
+
+
+def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, chosen_lengths: torch.Tensor,
+             beta: float = 0.1, nll_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPO (no reference): L = mean [-log sigmoid(beta (log q(y_t) - log q(y_s))) - nll_weight log q(y_t) / |y_t|].
+
+    Rewards are beta log q of each side.
+    """
+    chosen = beta * policy_chosen_logps
+    rejected = beta * policy_rejected_logps
+    nll = -policy_chosen_logps / chosen_lengths.clamp(min=1)
+    loss = (-F.logsigmoid(chosen - rejected) + nll_weight * nll).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
+def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, chosen_lengths: torch.Tensor,
+               rejected_lengths: torch.Tensor, beta: float = 2.0,
+               gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (no reference): L = -mean log sigmoid(beta/|y_t| log q(y_t) - beta/|y_s| log q(y_s) - gamma).
+
+    Rewards are beta/|y| log q of each side (without the margin gamma).
+    """
+    chosen = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)
+    rejected = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)
+    loss = -F.logsigmoid(chosen - rejected - gamma).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
+def plad_rank_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                   margin: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PLaD ranking calibration: L = mean max(0, delta - log q(y+) + log q(y-)), delta = `margin`.
+
+    Reward-free: the "rewards" returned are log q(y+) and log q(y-).
+    """
+    loss = torch.relu(margin - policy_chosen_logps + policy_rejected_logps).mean()
+    return loss, policy_chosen_logps.detach(), policy_rejected_logps.detach()
+
+
+def plad_margin_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                     chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                     beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PLaD margin calibration: L = mean max(0, beta (s(y+) - s(y-)) - log q(y+) + log q(y-)).
+
+    Scores are used as given: detach them upstream if they must not be trained. The "rewards" returned are
+    log q(y+) and log q(y-).
+    """
+    loss = torch.relu(beta * (chosen_scores - rejected_scores) - policy_chosen_logps + policy_rejected_logps).mean()
+    return loss, policy_chosen_logps.detach(), policy_rejected_logps.detach()

@@ -1,0 +1,160 @@
+"""Token-level divergences between teacher and student next-token distributions. Pure tensor functions.
+
+Every function takes `student_logits, teacher_logits [B, T, V]` aligned so that position t scores token t and a
+`mask [B, T]` (bool or 0/1) of the counted positions, and returns the mean over the counted positions of the whole
+batch of the per-position divergence summed over the vocabulary. `P = softmax(teacher / tau)` is the teacher,
+`Q = softmax(student / tau)` the student. See docs/methods.md, "Token-level divergences" and "DPKD as released".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_{mask} values / #mask over the whole batch: the single place token-level losses are normalised."""
+    mask = mask.bool()
+    # torch.where, not a product: a masked-out NaN or inf must not leak into the sum.
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    # An all-masked batch gives 0 (with a gradient path) rather than 0/0.
+    return total / mask.sum().clamp(min=1)
+
+
+def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P, log Q) in at least float32, with masked-out positions replaced by uniform distributions."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    keep = mask.bool().unsqueeze(-1)
+    # Zeroing the logits of masked positions keeps garbage there (1e4, -inf, NaN) out of both the value and the
+    # backward pass; where() sends those positions a zero gradient.
+    student = torch.where(keep, student_logits.to(dtype), torch.zeros((), dtype=dtype, device=student_logits.device))
+    teacher = torch.where(keep, teacher_logits.to(dtype), torch.zeros((), dtype=dtype, device=teacher_logits.device))
+    return F.log_softmax(teacher / temperature, dim=-1), F.log_softmax(student / temperature, dim=-1)
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(A || B) = sum_v A (log A - log B), with 0 log 0 = 0 (xlogy convention). Returns [B, T]."""
+    live = log_a > -math.inf
+    # Where A = 0 the difference may be -inf - (-inf) = NaN; replacing it (not the product) keeps the backward clean.
+    diff = torch.where(live, log_a - log_b, torch.zeros_like(log_a))
+    return (log_a.exp() * diff).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight A + (1 - weight) B), via logsumexp so that tiny probabilities do not underflow."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mixture weight must be in [0, 1], got {weight}")
+    # log(0) would be -inf in a constant; the endpoints are exactly one of the two distributions.
+    if weight == 0.0:
+        return log_b
+    if weight == 1.0:
+        return log_a
+    # logsumexp's backward is NaN where both inputs are -inf (a token neither model can emit, e.g. padded
+    # vocabulary); feed it zeros there and put -inf back, so that token still has zero mixture probability.
+    both_zero = (log_a == -math.inf) & (log_b == -math.inf)
+    zero = torch.zeros_like(log_a)
+    mixed = torch.logsumexp(torch.stack([torch.where(both_zero, zero, log_a) + math.log(weight),
+                                         torch.where(both_zero, zero, log_b) + math.log1p(-weight)]), dim=0)
+    return torch.where(both_zero, torch.full_like(mixed, -math.inf), mixed)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """tau^2 * mean_positions sum_v P (log P - log Q): KL(P || Q), the Hinton KD divergence (teacher entropy kept)."""
+    log_p, log_q = _log_probs(student_logits, teacher_logits, mask, temperature)
+    return temperature ** 2 * _masked_mean(_kl(log_p, log_q), mask)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """tau^2 * mean_positions sum_v Q (log Q - log P): KL(Q || P), MiniLLM's divergence."""
+    log_p, log_q = _log_probs(student_logits, teacher_logits, mask, temperature)
+    return temperature ** 2 * _masked_mean(_kl(log_q, log_p), mask)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """tau^2 * mean_positions [beta KL(P || M) + (1 - beta) KL(Q || M)], M = beta P + (1 - beta) Q (GKD).
+
+    As in TRL, beta = 0 is exactly `forward_kl` and beta = 1 exactly `reverse_kl` (the mixture form would be 0 there).
+    TRL does not scale by tau^2; this does, like every divergence here.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, mask, temperature)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, mask, temperature)
+    log_p, log_q = _log_probs(student_logits, teacher_logits, mask, temperature)
+    log_m = _log_mix(log_p, log_q, beta)
+    per_position = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    return temperature ** 2 * _masked_mean(per_position, mask)
+
+
+def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_positions 0.5 sum_v |P - Q|."""
+    log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
+    return _masked_mean(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), mask)
+
+
+def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                    alpha: float = 0.1) -> torch.Tensor:
+    """mean_positions KL(P || alpha P + (1 - alpha) Q): DistiLLM's SKL."""
+    log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
+    return _masked_mean(_kl(log_p, _log_mix(log_p, log_q, alpha)), mask)
+
+
+def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                    alpha: float = 0.1) -> torch.Tensor:
+    """mean_positions KL(Q || (1 - alpha) P + alpha Q): DistiLLM's SRKL."""
+    log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
+    return _masked_mean(_kl(log_q, _log_mix(log_p, log_q, 1 - alpha)), mask)
+
+
+def _head_mask(p: torch.Tensor, mu: float) -> torch.Tensor:
+    """Bool [..., V]: the fewest top-P tokens whose cumulative P >= mu (AKL's head), in vocabulary order."""
+    sorted_p, order = p.sort(dim=-1, descending=True)
+    # A token is in the head while the mass strictly before it is still short of mu; that includes the crossing token.
+    # Shifting the cumsum (rather than subtracting sorted_p) keeps the boundary exact: [0.4, 0.3], mu 0.4 -> 1 token.
+    cumulative = sorted_p.cumsum(-1)
+    before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+    in_head_sorted = before < mu
+    return torch.zeros_like(in_head_sorted).scatter(-1, order, in_head_sorted)
+
+
+def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                mu: float = 0.5) -> torch.Tensor:
+    """mean_positions [w FKL + (1 - w) RKL], w = g_head / (g_head + g_tail) detached (AKL, Wu et al. 2024).
+
+    Head = the fewest top-teacher-probability tokens whose cumulative P >= mu; g_head = sum_head |P - Q|,
+    g_tail = sum_rest |P - Q|.
+    """
+    log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
+    with torch.no_grad():
+        p = log_p.exp()
+        gap = (p - log_q.exp()).abs()
+        head = _head_mask(p, mu)
+        g_head = (gap * head).sum(-1)
+        g_tail = (gap * ~head).sum(-1)
+        # P == Q exactly gives 0/0; both KLs are 0 there, so any weight will do.
+        w = g_head / (g_head + g_tail).clamp(min=torch.finfo(gap.dtype).tiny)
+    per_position = w * _kl(log_p, log_q) + (1 - w) * _kl(log_q, log_p)
+    return _masked_mean(per_position, mask)
+
+
+def dpkd_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                    beta: float = 0.1) -> torch.Tensor:
+    """DPKD as released (LMOps): mean_positions -log sigmoid(beta h), a = argmax P, b = argmax Q,
+
+    h = [log Q(a) - log Q(b)] - [log P(a) - log P(b)]. Positions with a == b give log 2 and zero gradient.
+    """
+    log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
+    a = log_p.argmax(-1, keepdim=True)
+    b = log_q.argmax(-1, keepdim=True)
+    h = (log_q.gather(-1, a) - log_q.gather(-1, b)) - (log_p.gather(-1, a) - log_p.gather(-1, b))
+    return _masked_mean(-F.logsigmoid(beta * h.squeeze(-1)), mask)

@@ -1,0 +1,347 @@
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from prefkd.losses import (
+    adaptive_kl,
+    dpkd_token_loss,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+from prefkd.losses.divergences import _head_mask
+
+# ---------------------------------------------------------------- float64 brute force, written independently
+
+
+def _softmax(row):
+    row = np.asarray(row, dtype=np.float64)
+    e = np.exp(row - row.max())
+    return e / e.sum()
+
+
+def _kl(a, b):
+    total = 0.0
+    for a_v, b_v in zip(a, b, strict=True):
+        if a_v > 0:
+            total += a_v * (math.log(a_v) - math.log(b_v))
+    return total
+
+
+def _fkl(p, q):
+    return _kl(p, q)
+
+
+def _rkl(p, q):
+    return _kl(q, p)
+
+
+def _gjsd(beta):
+    def f(p, q):
+        if beta == 0:
+            return _kl(p, q)
+        if beta == 1:
+            return _kl(q, p)
+        m = [beta * pv + (1 - beta) * qv for pv, qv in zip(p, q, strict=True)]
+        return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+    return f
+
+
+def _tv(p, q):
+    return 0.5 * sum(abs(pv - qv) for pv, qv in zip(p, q, strict=True))
+
+
+def _skl(alpha):
+    return lambda p, q: _kl(p, [alpha * pv + (1 - alpha) * qv for pv, qv in zip(p, q, strict=True)])
+
+
+def _srkl(alpha):
+    return lambda p, q: _kl(q, [(1 - alpha) * pv + alpha * qv for pv, qv in zip(p, q, strict=True)])
+
+
+def _akl(mu):
+    def f(p, q):
+        head, cumulative = set(), 0.0
+        for v in sorted(range(len(p)), key=lambda i: -p[i]):
+            if cumulative >= mu:
+                break
+            head.add(v)
+            cumulative += p[v]
+        g_head = sum(abs(p[v] - q[v]) for v in head)
+        g_tail = sum(abs(p[v] - q[v]) for v in range(len(p)) if v not in head)
+        w = g_head / (g_head + g_tail)
+        return w * _kl(p, q) + (1 - w) * _kl(q, p)
+    return f
+
+
+def _dpkd_token(beta):
+    def f(p, q):
+        a, b = int(np.argmax(p)), int(np.argmax(q))
+        h = (math.log(q[a]) - math.log(q[b])) - (math.log(p[a]) - math.log(p[b]))
+        return math.log1p(math.exp(-beta * h))
+    return f
+
+
+def _brute(per_position, student, teacher, mask, temperature=1.0):
+    s, t, m = student.double().numpy(), teacher.double().numpy(), mask.bool().numpy()
+    values = []
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j]:
+                values.append(per_position(_softmax(t[i, j] / temperature), _softmax(s[i, j] / temperature)))
+    return temperature ** 2 * sum(values) / len(values)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _inputs(seed=0, b=3, t=6, v=7, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(b, t, v, generator=g) * scale
+    teacher = torch.randn(b, t, v, generator=g) * scale
+    # Right padding (rows of length 6, 4, 2) plus a masked prompt position inside row 0.
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    return student, teacher, mask
+
+
+def _with_garbage(logits, mask):
+    """Masked-out positions filled with 1e4, -inf, NaN and huge negative values, cycling."""
+    out = logits.clone()
+    fills = [1e4, -math.inf, math.nan, -1e30]
+    k = 0
+    for i, j in (~mask.bool()).nonzero().tolist():
+        out[i, j] = fills[k % len(fills)]
+        out[i, j, k % out.shape[-1]] = -math.inf if k % 2 else 1e4
+        k += 1
+    return out
+
+
+CASES = [
+    ("forward_kl", lambda s, t, m: forward_kl(s, t, m), _fkl),
+    ("reverse_kl", lambda s, t, m: reverse_kl(s, t, m), _rkl),
+    ("gjsd_0.3", lambda s, t, m: generalized_jsd(s, t, m, beta=0.3), _gjsd(0.3)),
+    ("gjsd_0", lambda s, t, m: generalized_jsd(s, t, m, beta=0.0), _gjsd(0.0)),
+    ("gjsd_1", lambda s, t, m: generalized_jsd(s, t, m, beta=1.0), _gjsd(1.0)),
+    ("tv", lambda s, t, m: total_variation(s, t, m), _tv),
+    ("skl", lambda s, t, m: skew_forward_kl(s, t, m), _skl(0.1)),
+    ("skl_0.4", lambda s, t, m: skew_forward_kl(s, t, m, alpha=0.4), _skl(0.4)),
+    ("srkl", lambda s, t, m: skew_reverse_kl(s, t, m), _srkl(0.1)),
+    ("srkl_0.4", lambda s, t, m: skew_reverse_kl(s, t, m, alpha=0.4), _srkl(0.4)),
+    ("akl", lambda s, t, m: adaptive_kl(s, t, m), _akl(0.5)),
+    ("akl_0.8", lambda s, t, m: adaptive_kl(s, t, m, mu=0.8), _akl(0.8)),
+    ("dpkd_token", lambda s, t, m: dpkd_token_loss(s, t, m), _dpkd_token(0.1)),
+    ("dpkd_token_1", lambda s, t, m: dpkd_token_loss(s, t, m, beta=1.0), _dpkd_token(1.0)),
+]
+
+
+@pytest.mark.parametrize("name,fn,ref", CASES, ids=[c[0] for c in CASES])
+def test_matches_float64_brute_force(name, fn, ref):
+    for seed in (0, 1):
+        student, teacher, mask = _inputs(seed)
+        expected = _brute(ref, student, teacher, mask)
+        got = fn(student, teacher, mask)
+        assert got.dtype == torch.float32 and got.dim() == 0
+        assert abs(got.item() - expected) < 1e-5 * max(1.0, abs(expected)), (name, got.item(), expected)
+        # float64 inputs stay float64: tight agreement.
+        got64 = fn(student.double(), teacher.double(), mask.bool())
+        assert got64.dtype == torch.float64
+        assert abs(got64.item() - expected) < 1e-10 * max(1.0, abs(expected)), (name, got64.item(), expected)
+
+
+@pytest.mark.parametrize("name,fn,ref", CASES, ids=[c[0] for c in CASES])
+def test_masked_garbage_is_ignored(name, fn, ref):
+    student, teacher, mask = _inputs(2)
+    clean = fn(student, teacher, mask)
+    s_bad = _with_garbage(student, mask).requires_grad_()
+    t_bad = _with_garbage(teacher, mask).requires_grad_()
+    dirty = fn(s_bad, t_bad, mask)
+    assert torch.isfinite(dirty)
+    assert abs(dirty.item() - clean.item()) < 1e-6 * max(1.0, abs(clean.item()))
+    assert abs(dirty.item() - _brute(ref, student, teacher, mask)) < 1e-5 * max(1.0, abs(clean.item()))
+    dirty.backward()
+    for grad in (s_bad.grad, t_bad.grad):
+        assert torch.isfinite(grad).all()
+        assert (grad[~mask.bool()] == 0).all()
+
+
+def test_half_precision_inputs_are_upcast():
+    student, teacher, mask = _inputs(3)
+    got = forward_kl(student.bfloat16(), teacher.bfloat16(), mask)
+    assert got.dtype == torch.float32
+    expected = _brute(_fkl, student.bfloat16().float(), teacher.bfloat16().float(), mask)
+    assert abs(got.item() - expected) < 1e-5 * max(1.0, expected)
+
+
+def test_shared_minus_inf_vocab_entries_are_zero_probability():
+    """-inf logits in both models (e.g. padded vocabulary) at counted positions: 0 log 0 = 0, finite gradients."""
+    student, teacher, mask = _inputs(4)
+    student[..., -2:] = -math.inf
+    teacher[..., -2:] = -math.inf
+    for name, fn, ref in CASES:
+        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        got = fn(s, t, mask)
+        expected = _brute(ref, student[..., :-2], teacher[..., :-2], mask)
+        assert abs(got.item() - expected) < 1e-5 * max(1.0, abs(expected)), name
+        got.backward()
+        assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all(), name
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 3.0])
+def test_temperature_scales_by_tau_squared(temperature):
+    student, teacher, mask = _inputs(5)
+    for fn, ref in ((forward_kl, _fkl), (reverse_kl, _rkl)):
+        expected = _brute(ref, student, teacher, mask, temperature=temperature)
+        got = fn(student.double(), teacher.double(), mask, temperature=temperature)
+        assert abs(got.item() - expected) < 1e-10 * max(1.0, expected)
+        # tau^2 times the divergence of the softened distributions.
+        unscaled = fn(student.double() / temperature, teacher.double() / temperature, mask)
+        assert abs(got.item() - temperature ** 2 * unscaled.item()) < 1e-10 * max(1.0, got.item())
+    for beta in (0.0, 0.5, 1.0):
+        expected = _brute(_gjsd(beta), student, teacher, mask, temperature=temperature)
+        got = generalized_jsd(student.double(), teacher.double(), mask, beta=beta, temperature=temperature)
+        assert abs(got.item() - expected) < 1e-10 * max(1.0, expected)
+
+
+def test_gjsd_endpoints_are_forward_and_reverse_kl():
+    student, teacher, mask = _inputs(6)
+    assert generalized_jsd(student, teacher, mask, beta=0.0).item() == forward_kl(student, teacher, mask).item()
+    assert generalized_jsd(student, teacher, mask, beta=1.0).item() == reverse_kl(student, teacher, mask).item()
+    with pytest.raises(ValueError):
+        generalized_jsd(student, teacher, mask, beta=1.5)
+
+
+def test_identical_distributions_give_zero():
+    student, _, mask = _inputs(7)
+    for name, fn, _ in CASES:
+        got = fn(student, student.clone(), mask).item()
+        if name.startswith("dpkd_token"):
+            assert abs(got - math.log(2)) < 1e-6
+        else:
+            assert abs(got) < 1e-6, name
+
+
+def test_all_masked_batch_is_zero_not_nan():
+    student, teacher, _ = _inputs(8)
+    mask = torch.zeros(student.shape[:2], dtype=torch.bool)
+    for name, fn, _ in CASES:
+        assert fn(student, teacher, mask).item() == 0.0, name
+
+
+# ---------------------------------------------------------------- TRL
+
+
+def _trl_generalized_jsd_loss():
+    # An import failure here must fail the test, not skip it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.gkd import GKDTrainer
+    return GKDTrainer.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gjsd_matches_trl(beta, temperature):
+    """TRL 1.16 `GKDTrainer.generalized_jsd_loss`: positions with labels == -100 are dropped, and "batchmean" with
+    labels divides the summed divergence by the number of counted positions (mask.sum()). It applies no tau^2."""
+    trl_loss = _trl_generalized_jsd_loss()
+    student, teacher, mask = _inputs(9)
+    labels = torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -100))
+    trl_sum = trl_loss(student.double(), teacher.double(), labels=labels, beta=beta, temperature=temperature,
+                       reduction="sum")
+    trl_batchmean = trl_loss(student.double(), teacher.double(), labels=labels, beta=beta, temperature=temperature,
+                             reduction="batchmean")
+    n = int(mask.sum())
+    assert abs(trl_batchmean.item() - trl_sum.item() / n) < 1e-12
+    ours = generalized_jsd(student.double(), teacher.double(), mask, beta=beta, temperature=temperature)
+    expected = temperature ** 2 * trl_sum.item() / n
+    assert abs(ours.item() - expected) < 1e-10 * max(1.0, expected)
+    ours32 = generalized_jsd(student, teacher, mask, beta=beta, temperature=temperature)
+    assert abs(ours32.item() - expected) < 1e-5 * max(1.0, expected)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+GRADCHECK = [
+    lambda s, t, m: forward_kl(s, t, m),
+    lambda s, t, m: forward_kl(s, t, m, temperature=2.0),
+    lambda s, t, m: reverse_kl(s, t, m),
+    lambda s, t, m: reverse_kl(s, t, m, temperature=0.7),
+    lambda s, t, m: generalized_jsd(s, t, m, beta=0.3),
+    lambda s, t, m: generalized_jsd(s, t, m, beta=0.9, temperature=2.0),
+    lambda s, t, m: skew_forward_kl(s, t, m),
+    lambda s, t, m: skew_reverse_kl(s, t, m),
+    lambda s, t, m: dpkd_token_loss(s, t, m, beta=0.5),
+]
+
+
+@pytest.mark.parametrize("index", range(len(GRADCHECK)))
+def test_gradcheck(index):
+    fn = GRADCHECK[index]
+    g = torch.Generator().manual_seed(10 + index)
+    student = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.autograd.gradcheck(lambda s, t: fn(s, t, mask), (student, teacher))
+
+
+# ---------------------------------------------------------------- hand-built examples
+
+
+def test_akl_head_selection_hand_built():
+    p = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
+    assert _head_mask(p, 0.5).tolist() == [False, True, False, True]  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
+    assert _head_mask(p, 0.4).tolist() == [False, True, False, False]  # 0.4 alone reaches mu exactly
+    assert _head_mask(p, 0.3).tolist() == [False, True, False, False]
+    assert _head_mask(p, 0.8).tolist() == [False, True, True, True]
+    assert _head_mask(p, 1.0).tolist() == [True, True, True, True]
+
+    q = torch.tensor([0.1, 0.1, 0.4, 0.4], dtype=torch.float64)
+    teacher, student = p.log().view(1, 1, 4), q.log().view(1, 1, 4)
+    mask = torch.ones(1, 1)
+    fkl = sum(pv * math.log(pv / qv) for pv, qv in zip(p.tolist(), q.tolist(), strict=True))
+    rkl = sum(qv * math.log(qv / pv) for pv, qv in zip(p.tolist(), q.tolist(), strict=True))
+    # |P - Q| = [0, 0.3, 0.2, 0.1].
+    # mu 0.5: head {1, 3}, g_head 0.4, g_tail 0.2 -> w = 2/3.
+    assert abs(adaptive_kl(student, teacher, mask, mu=0.5).item() - (2 / 3 * fkl + 1 / 3 * rkl)) < 1e-12
+    # mu 0.3: head {1}, g_head 0.3, g_tail 0.3 -> w = 1/2.
+    assert abs(adaptive_kl(student, teacher, mask, mu=0.3).item() - (fkl + rkl) / 2) < 1e-12
+    # mu 0.8: head {1, 2, 3} holds all the gap -> w = 1, pure forward KL.
+    assert abs(adaptive_kl(student, teacher, mask, mu=0.8).item() - fkl) < 1e-12
+
+
+def test_akl_weight_is_detached():
+    """With w detached, d AKL = w d FKL + (1 - w) d RKL at the hand-built point (w = 2/3)."""
+    p = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.1, 0.4, 0.4], dtype=torch.float64)
+    teacher, mask = p.log().view(1, 1, 4), torch.ones(1, 1)
+    grads = []
+    for fn in (lambda s: adaptive_kl(s, teacher, mask, mu=0.5), lambda s: forward_kl(s, teacher, mask),
+               lambda s: reverse_kl(s, teacher, mask)):
+        s = q.log().view(1, 1, 4).clone().requires_grad_()
+        fn(s).backward()
+        grads.append(s.grad)
+    assert torch.allclose(grads[0], 2 / 3 * grads[1] + 1 / 3 * grads[2], atol=1e-12)
+
+
+def test_dpkd_token_loss_hand_computed():
+    # Position (0, 0): a = 0 (teacher), b = 1 (student); h = log(0.2/0.6) - log(0.5/0.3) = -log 5.
+    # Position (0, 1): both argmaxes are token 2 -> h = 0 -> log 2, zero gradient. Position (0, 2) is padding.
+    teacher = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]]], dtype=torch.float64).log()
+    student = torch.tensor([[[0.2, 0.6, 0.2], [0.3, 0.1, 0.6], [0.05, 0.05, 0.9]]], dtype=torch.float64).log()
+    mask = torch.tensor([[True, True, False]])
+    for beta in (1.0, 0.1):
+        s = student.clone().requires_grad_()
+        loss = dpkd_token_loss(s, teacher, mask, beta=beta)
+        expected = (math.log1p(5 ** beta) + math.log(2)) / 2  # -log sigmoid(-beta log 5) = log(1 + 5^beta)
+        assert abs(loss.item() - expected) < 1e-12
+        loss.backward()
+        assert (s.grad[0, 1] == 0).all() and (s.grad[0, 2] == 0).all()
+        assert s.grad[0, 0].abs().sum() > 0
+    assert abs(dpkd_token_loss(student, teacher, mask, beta=1.0).item() - math.log(12) / 2) < 1e-12
