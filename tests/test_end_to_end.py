@@ -29,7 +29,7 @@ def test_demo_end_to_end_and_stage_reuse(tmp_path):
     assert "| dpkd |" in (out / "report.md").read_text()
     log = [json.loads(line) for line in (out / "dpkd" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3]
-    for key in ("loss", "dpkd_loss", "reward_chosen", "reward_rejected", "margin", "pref_accuracy",
+    for key in ("loss", "pref_loss", "reward_chosen", "reward_rejected", "margin", "pref_accuracy",
                 "teacher_logp_student", "seq_rkl", "anchor_nll", "replay_nll", "lm_loss"):
         assert key in log[0], key
     assert (out / "config.yaml").is_file() and not (out / "teacher" / "checkpoint").exists()

@@ -39,13 +39,16 @@ from prefkd.demo import DemoConfig  # noqa: E402  (after the helpers: its help t
 
 @app.command(epilog=_keys_help(DemoConfig))
 def demo(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
-         out: Annotated[str | None, typer.Option("--out", help="output directory (same as out=...)")] = None) -> None:
+         out: Annotated[str | None, typer.Option("--out", help="output directory (same as out=...)")] = None,
+         methods: Annotated[str | None, typer.Option("--methods", help="comma-separated, e.g. kd,seqkd,dpkd,plad "
+                                                                     "(same as methods=...)")] = None) -> None:
     """Build the embedded suite, SFT a teacher and a student, distil the student, evaluate, report."""
     from prefkd.demo import run_demo
     from prefkd.report import results_table, verdict
 
     def go():
-        cfg = config.load(DemoConfig, config_file, (overrides or []) + ([f"out={out}"] if out else []))
+        extra = ([f"out={out}"] if out else []) + ([f"methods={methods}"] if methods else [])
+        cfg = config.load(DemoConfig, config_file, (overrides or []) + extra)
         results = run_demo(cfg)
         console.print(results_table(results))
         for m in cfg.methods:
@@ -107,8 +110,8 @@ def list_methods() -> None:
     from prefkd.methods import METHODS
 
     for m in METHODS.values():
-        teacher = "teacher" if m.needs_teacher else "no teacher"
-        print(f"{m.name:10s} {m.description} [{m.paper}; {teacher}]")
+        box = "white-box" if m.needs_teacher else "black-box"
+        print(f"{m.name:12s} {m.description} [{m.paper}; {box}; trains on {m.data}]")
 
 
 def main() -> None:

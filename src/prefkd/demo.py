@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ class DemoConfig:
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1200, batch_size=32, lr=1e-3, bf16=True, save_every=200))
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=600, batch_size=32, lr=1e-3, save_every=200))
+        steps=1500, batch_size=32, lr=1e-3, save_every=500))
     distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=600, batch_size=16, lr=5e-4, save_every=100))
     distill: MethodConfig = section(MethodConfig)
@@ -70,6 +70,8 @@ def prepare_data(cfg: DemoConfig, data_dir: Path) -> str:
     suite = build_suite(cfg.suite)
     for name in ("d0", "d", "validation", "test"):
         write_records(data_dir / f"{name}.jsonl", getattr(suite, name))
+    # What the student may see of D: its prompts. D's references train the teacher and nothing else.
+    write_records(data_dir / "d_prompts.jsonl", [replace(r, references=()) for r in suite.d])
     atomic.write_text(data_dir / "corpus.txt", "\n\n".join(suite.corpus))
     texts = [r.prompt + r.references[0] for r in suite.d0 + suite.d] + suite.corpus
     with atomic.directory(data_dir / "tokenizer") as tmp:
@@ -104,15 +106,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             logs = run_sft(run, read_records(data / "d0.jsonl", require_references=True), tokenizer, name)
             stages.mark_done(out / name, keys[name], {"final": logs[-1] if logs else {}})
 
+    cache_dir = cfg.distill.cache_dir or str(out / "cache")  # teacher samples shared by the methods
     for name in cfg.methods:
         keys[name] = stages.fingerprint(keys["teacher"], keys["sft"], name, asdict(cfg.distill),
                                         asdict(cfg.distill_train), asdict(cfg.sampling))
         if not stages.is_done(out / name, keys[name]):
             run = DistillRun(str(out / name), name, ModelConfig(path=str(out / "sft" / "model")),
                              ModelConfig(path=str(out / "teacher" / "model")),
-                             DataConfig(prompts=str(data / "d.jsonl"), replay=str(data / "d0.jsonl"),
+                             DataConfig(prompts=str(data / "d_prompts.jsonl"), replay=str(data / "d0.jsonl"),
                                         corpus=str(data / "corpus.txt")),
-                             cfg.distill_train, cfg.distill, cfg.sampling)
+                             cfg.distill_train, replace(cfg.distill, cache_dir=cache_dir), cfg.sampling)
             logs = run_distill(run)
             stages.mark_done(out / name, keys[name], {"final": logs[-1] if logs else {}})
 

@@ -1,8 +1,15 @@
 """Method registry: a method is one step function plus what it needs. The training loop knows nothing else.
 
 A step gets the method's share of the batch and returns its loss, the anchor cross-entropy it can offer (on the
-teacher sample y_t) for the `kappa` mix, and metrics to log. Replay of labelled data and the LM-loss term are
-added by the loop, the same way for every method.
+teacher sample y_t or the reference) for the `kappa` mix, and metrics to log. Replay of labelled data and the
+LM-loss term are added by the loop, the same way for every method.
+
+What a method consumes (`Method.data`):
+  references       reference responses (sft)
+  sequences        one response per prompt: the reference when the prompt has one, else a cached teacher sample
+  teacher_samples  cached teacher samples, always (seqkd)
+  prompts          prompts only; the step samples what it needs (dpkd and its preference variants)
+  pairs            cached (teacher sample, initial-student sample) pairs (plad)
 """
 
 from __future__ import annotations
@@ -14,27 +21,86 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from prefkd import losses
 from prefkd.config import opt
 from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
 from prefkd.generation import SamplingConfig, sample_responses
-from prefkd.logprobs import response_token_logps, token_mean_nll
-from prefkd.losses import dpkd_loss
+from prefkd.logprobs import response_token_logps, selective_log_softmax, token_mean_nll
+
+
+@dataclass
+class KDConfig:
+    temperature: float = opt(1.0, "kd: softmax temperature of both distributions (loss scaled by T^2)")
+
+
+@dataclass
+class GKDConfig:
+    beta: float = opt(0.5, "gkd: JSD interpolation; 0 = forward KL, 1 = reverse KL (TRL's convention)")
+    lmbda: float = opt(0.5, "gkd: probability that a batch uses student samples instead of the sequences")
+    temperature: float = opt(1.0, "gkd: softmax temperature of both distributions")
+
+
+@dataclass
+class RKLConfig:
+    temperature: float = opt(1.0, "rkl: softmax temperature of both distributions")
+
+
+@dataclass
+class AKLConfig:
+    mu: float = opt(0.5, "akl: teacher-probability mass that defines the head")
+
+
+@dataclass
+class SkewConfig:
+    alpha: float = opt(0.1, "skl/srkl: skew of the mixture (DistiLLM uses 0.1)")
 
 
 @dataclass
 class DPKDConfig:
-    beta: float = opt(0.1, "DPKD: temperature of the implicit reward beta/|y| log q/p")
-    length_normalize: bool = opt(True, "DPKD: divide rewards by response length (Eq. 9); false = Eq. 8 ablation")
+    beta: float = opt(0.1, "dpkd, dpkd-token: temperature of the implicit reward beta/|y| log q/p")
+    length_normalize: bool = opt(True, "dpkd: divide rewards by response length (Eq. 9); false = Eq. 8 ablation")
+    teacher_samples: str = opt("fresh", "dpkd family: 'fresh' samples y_t every batch (Algorithm 1); 'cached' "
+                                        "reuses one cached teacher sample per prompt")
+
+
+@dataclass
+class PrefConfig:
+    """Preference-form variants of DPKD's Table 2 (chosen = teacher sample, rejected = student sample)."""
+
+    dpo_beta: float = opt(0.1, "dpo: -log sigmoid(beta h), summed log-probs")
+    ipo_beta: float = opt(0.1, "ipo: (h - 1/(2 beta))^2, summed log-probs")
+    cpo_beta: float = opt(0.1, "cpo: -log sigmoid(beta (log q(y_t) - log q(y_s))) + NLL(y_t)")
+    cpo_nll_weight: float = opt(1.0, "cpo: weight of the token-mean NLL of y_t")
+    simpo_beta: float = opt(2.0, "simpo: reward scale")
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin")
+
+
+@dataclass
+class PLaDConfig:
+    margin: float = opt(1.0, "plad: ranking-calibration margin delta (paper beta)")
+    beta: float = opt(1.0, "plad-margin: scale of the score difference")
+    temperature: float = opt(0.7, "plad: sampling temperature of the pair cache (teacher and initial student)")
 
 
 @dataclass
 class MethodConfig:
-    kappa: float = opt(0.5, "L = (1-kappa) CE(anchor y_t) + kappa L_method; 1 = paper form (no anchor)")
+    kappa: float = opt(0.5, "L = (1-kappa) CE(anchor) + kappa L_method; anchor = y_t or the reference; 1 = paper form")
     replay: float = opt(0.5, "share of each batch drawn from labelled references (CE); 0 = paper form")
     lm_weight: float = opt(0.1, "lambda: weight of the LM loss on the pretraining corpus (0 = ablation w/o LM loss)")
     lm_block_size: int = opt(128, "tokens per pretraining-corpus block")
+    responses: str = opt("auto", "'sequences' methods: 'auto' = references where prompts have them, else "
+                                 "cached teacher samples; 'teacher' = always teacher samples")
+    cache_dir: str = opt("", "where sample caches live (shared between runs; keyed by model, data, sampling); "
+                             "default OUT/cache")
+    kd: KDConfig = field(default_factory=KDConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    rkl: RKLConfig = field(default_factory=RKLConfig)
+    akl: AKLConfig = field(default_factory=AKLConfig)
+    skew: SkewConfig = field(default_factory=SkewConfig)
     dpkd: DPKDConfig = field(default_factory=DPKDConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
+    plad: PLaDConfig = field(default_factory=PLaDConfig)
 
 
 @dataclass
@@ -42,7 +108,7 @@ class StepInputs:
     student: PreTrainedModel  # as prepared by Accelerate: forward with grad
     student_sampler: PreTrainedModel  # the unwrapped student, for generate()
     teacher: PreTrainedModel | None
-    examples: list[Example]  # prompts; response_ids hold the reference where the method uses one
+    examples: list[Example]  # prompts; response_ids hold the reference / teacher sample where the method uses one
     sampling: SamplingConfig
     cfg: MethodConfig
     pad_id: int
@@ -53,7 +119,7 @@ class StepInputs:
 @dataclass
 class MethodOutput:
     loss: torch.Tensor
-    anchor_nll: torch.Tensor | None  # CE on the teacher sample, when the method has one
+    anchor_nll: torch.Tensor | None  # CE on the teacher sample or reference, when the method has one
     metrics: dict[str, float]
 
 
@@ -62,13 +128,35 @@ class Method:
     name: str
     description: str
     paper: str
-    needs_teacher: bool
-    uses_references: bool  # consumes reference responses (else prompts only)
+    data: str  # see the module docstring
+    needs_teacher: bool  # the teacher model runs during training (white-box: same tokenizer)
     step: Callable[[StepInputs], MethodOutput]
+    key_params: str = ""
+
+    @property
+    def black_box(self) -> bool:
+        return not self.needs_teacher
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def _logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits aligned with batch['input_ids'][:, 1:] (position t scores token t+1)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+
+
+def _nll_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch["response_mask"][:, 1:].float()
+    return token_mean_nll(selective_log_softmax(logits, batch["input_ids"][:, 1:]) * mask, mask)
+
+
+def _sample(model: PreTrainedModel, examples: list[Example], inp: StepInputs) -> list[list[int]]:
+    return sample_responses(model, [e.prompt_ids for e in examples], inp.sampling, inp.pad_id, inp.eos_id)
+
+
+# ---- references / sequences -------------------------------------------------------------------------------
 
 
 def sft_step(inp: StepInputs) -> MethodOutput:
@@ -77,38 +165,167 @@ def sft_step(inp: StepInputs) -> MethodOutput:
     return MethodOutput(nll, None, {"nll": nll.item()})
 
 
-def dpkd_step(inp: StepInputs) -> MethodOutput:
-    """Algorithm 1 of the DPKD paper: sample y_t from the teacher and y_s from the current student every batch."""
-    assert inp.teacher is not None
-    prompts = [e.prompt_ids for e in inp.examples]
-    y_t = sample_responses(inp.teacher, prompts, inp.sampling, inp.pad_id, inp.eos_id)
-    y_s = sample_responses(inp.student_sampler, prompts, inp.sampling, inp.pad_id, inp.eos_id)
-    pairs = [Example(p, r) for p, r in zip(prompts + prompts, y_t + y_s, strict=True)]
-    batch = _to(collate(pairs, inp.pad_id), inp.device)  # one forward per model for chosen and rejected
-    q_tok, mask = response_token_logps(inp.student, batch)
-    with torch.no_grad():
-        p_tok, _ = response_token_logps(inp.teacher, batch)
-    b = len(prompts)
-    q, p, n = q_tok.sum(-1), p_tok.sum(-1), mask.sum(-1)
-    loss, r_t, r_s = dpkd_loss(q[:b], q[b:], p[:b], p[b:], n[:b], n[b:], inp.cfg.dpkd.beta,
-                               inp.cfg.dpkd.length_normalize)
-    anchor = token_mean_nll(q_tok[:b], mask[:b])
-    n_s = n[b:].clamp(min=1)
-    metrics = {
-        "dpkd_loss": loss.item(), "reward_chosen": r_t.mean().item(), "reward_rejected": r_s.mean().item(),
-        "margin": (r_t - r_s).mean().item(), "pref_accuracy": (r_t > r_s).float().mean().item(),
-        # The teacher's per-token log-prob of the student's samples: rises as the student learns what p knows.
-        "teacher_logp_student": (p[b:].detach() / n_s).mean().item(),
-        "seq_rkl": ((q[b:].detach() - p[b:].detach()) / n_s).mean().item(),
-        "len_teacher": n[:b].mean().item(), "len_student": n[b:].mean().item(),
-    }
-    return MethodOutput(loss, anchor, metrics)
+def teacher_forced(divergence: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MethodConfig], torch.Tensor]):
+    """A step applying a token-level divergence on the examples' sequences (reference or teacher sample)."""
+
+    def step(inp: StepInputs) -> MethodOutput:
+        batch = _to(collate(inp.examples, inp.pad_id), inp.device)
+        s_logits = _logits(inp.student, batch)
+        with torch.no_grad():
+            t_logits = _logits(inp.teacher, batch)
+        loss = divergence(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg)
+        anchor = _nll_from_logits(s_logits, batch)
+        return MethodOutput(loss, anchor, {"divergence": loss.item()})
+
+    return step
+
+
+def on_policy(divergence: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MethodConfig], torch.Tensor],
+              student_share: Callable[[MethodConfig], float]):
+    """A step applying a divergence on student samples (with probability `student_share`, else the sequences)."""
+
+    def step(inp: StepInputs) -> MethodOutput:
+        on = torch.rand(()).item() < student_share(inp.cfg)
+        seqs = [Example(e.prompt_ids, r) for e, r in zip(inp.examples, _sample(inp.student_sampler, inp.examples, inp),
+                                                          strict=True)] if on else inp.examples
+        batch = _to(collate(seqs, inp.pad_id), inp.device)
+        s_logits = _logits(inp.student, batch)
+        with torch.no_grad():
+            t_logits = _logits(inp.teacher, batch)
+        loss = divergence(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg)
+        anchor = None
+        if inp.cfg.kappa < 1 and inp.examples[0].response_ids:
+            anchor = (_nll_from_logits(s_logits, batch) if not on
+                      else token_mean_nll(*response_token_logps(inp.student, _to(collate(inp.examples, inp.pad_id),
+                                                                                  inp.device))))
+        return MethodOutput(loss, anchor, {"divergence": loss.item(), "on_policy": float(on)})
+
+    return step
+
+
+# ---- sampled pairs: DPKD and its preference variants --------------------------------------------------------
+
+PairLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, MethodConfig],
+                    tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def sampled_pairs(pair_loss: PairLoss):
+    """Algorithm 1 of the DPKD paper: y_t from the teacher (fresh or cached) and y_s from the current student."""
+
+    def step(inp: StepInputs) -> MethodOutput:
+        prompts = [e.prompt_ids for e in inp.examples]
+        if inp.cfg.dpkd.teacher_samples == "cached":
+            y_t = [e.response_ids for e in inp.examples]
+        else:
+            y_t = _sample(inp.teacher, inp.examples, inp)
+        y_s = _sample(inp.student_sampler, inp.examples, inp)
+        pairs = [Example(p, r) for p, r in zip(prompts + prompts, y_t + y_s, strict=True)]
+        batch = _to(collate(pairs, inp.pad_id), inp.device)  # one forward per model for chosen and rejected
+        q_tok, mask = response_token_logps(inp.student, batch)
+        b = len(prompts)
+        q, n = q_tok.sum(-1), mask.sum(-1)
+        metrics: dict[str, float] = {}
+        if inp.teacher is not None:
+            with torch.no_grad():
+                p = response_token_logps(inp.teacher, batch)[0].sum(-1)
+            n_s = n[b:].clamp(min=1)
+            # The teacher's per-token log-prob of the student's samples: rises as the student learns what p knows.
+            metrics["teacher_logp_student"] = (p[b:] / n_s).mean().item()
+            metrics["seq_rkl"] = ((q[b:].detach() - p[b:]) / n_s).mean().item()
+        else:
+            p = torch.zeros_like(q)
+        loss, r_t, r_s = pair_loss(q[:b], q[b:], p[:b], p[b:], n[:b], n[b:], inp.cfg)
+        anchor = token_mean_nll(q_tok[:b], mask[:b])
+        metrics.update({
+            "pref_loss": loss.item(), "reward_chosen": r_t.mean().item(), "reward_rejected": r_s.mean().item(),
+            "margin": (r_t - r_s).mean().item(), "pref_accuracy": (r_t > r_s).float().mean().item(),
+            "len_teacher": n[:b].mean().item(), "len_student": n[b:].mean().item(),
+        })
+        return MethodOutput(loss, anchor, metrics)
+
+    return step
+
+
+def _dpkd(qt, qs, pt, ps, nt, ns, c: MethodConfig):
+    return losses.dpkd_loss(qt, qs, pt, ps, nt, ns, c.dpkd.beta, c.dpkd.length_normalize)
+
+
+# ---- cached pseudo-preference pairs: PLaD --------------------------------------------------------------------
+
+
+def plad_step(margin_form: bool):
+    def step(inp: StepInputs) -> MethodOutput:
+        chosen = [Example(e.prompt_ids, e.response_ids) for e in inp.examples]
+        rejected = [Example(e.prompt_ids, e.rejected_ids) for e in inp.examples]
+        batch = _to(collate(chosen + rejected, inp.pad_id), inp.device)
+        q_tok, mask = response_token_logps(inp.student, batch)
+        b = len(chosen)
+        q = q_tok.sum(-1)
+        if margin_form:
+            s_pos = torch.tensor([e.chosen_score for e in inp.examples], device=inp.device)
+            s_neg = torch.tensor([e.rejected_score for e in inp.examples], device=inp.device)
+            loss, lp, ln = losses.plad_margin_loss(q[:b], q[b:], s_pos, s_neg, inp.cfg.plad.beta)
+        else:
+            loss, lp, ln = losses.plad_rank_loss(q[:b], q[b:], inp.cfg.plad.margin)
+        anchor = token_mean_nll(q_tok[:b], mask[:b])
+        return MethodOutput(loss, anchor, {"plad_loss": loss.item(), "logp_chosen": lp.mean().item(),
+                                           "logp_rejected": ln.mean().item(),
+                                           "pair_accuracy": (lp > ln).float().mean().item()})
+
+    return step
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("sft", "token-mean cross-entropy on reference responses", "baseline", False, True, sft_step),
+    Method("sft", "token-mean cross-entropy on reference responses", "baseline", "references", False, sft_step),
+    Method("kd", "word-level KD: (1-kappa) CE + kappa forward KL to the teacher on the sequences",
+           "Hinton et al. 2015; MiniLLM's KD", "sequences", True,
+           teacher_forced(lambda s, t, m, c: losses.forward_kl(s, t, m, c.kd.temperature)),
+           "kappa 0.5, kd.temperature 1"),
+    Method("seqkd", "SFT on cached teacher samples", "Kim & Rush 2016", "teacher_samples", False, sft_step),
+    Method("rkl", "on-policy token-level reverse KL on student samples (MiniLLM-style, not MiniLLM's policy "
+           "gradient)", "MiniLLM (Gu et al. 2024), simplified", "sequences", True,
+           on_policy(lambda s, t, m, c: losses.reverse_kl(s, t, m, c.rkl.temperature), lambda c: 1.0)),
+    Method("gkd", "generalized JSD on student samples with probability lmbda, else the sequences",
+           "GKD (Agarwal et al. 2024)", "sequences", True,
+           on_policy(lambda s, t, m, c: losses.generalized_jsd(s, t, m, c.gkd.beta, c.gkd.temperature),
+                     lambda c: c.gkd.lmbda), "gkd.beta 0.5, gkd.lmbda 0.5"),
+    Method("akl", "adaptive KL: head/tail-weighted mix of forward and reverse KL on the sequences",
+           "AKL (Wu et al. 2024)", "sequences", True,
+           teacher_forced(lambda s, t, m, c: losses.adaptive_kl(s, t, m, c.akl.mu)), "akl.mu 0.5"),
+    Method("tvd", "total variation distance on the sequences", "DPKD baselines", "sequences", True,
+           teacher_forced(lambda s, t, m, c: losses.total_variation(s, t, m))),
+    Method("skl", "skew forward KL on the sequences", "DistiLLM (Ko et al. 2024)", "sequences", True,
+           teacher_forced(lambda s, t, m, c: losses.skew_forward_kl(s, t, m, c.skew.alpha)), "skew.alpha 0.1"),
+    Method("srkl", "skew reverse KL on the sequences", "DistiLLM (Ko et al. 2024)", "sequences", True,
+           teacher_forced(lambda s, t, m, c: losses.skew_reverse_kl(s, t, m, c.skew.alpha)), "skew.alpha 0.1"),
     Method("dpkd", "DPKD paper form: teacher sample preferred over student sample by the implicit reward "
-           "beta/|y| log q/p, sampled every batch", "DPKD (2406.19774) Eq. 9, Alg. 1", True, False, dpkd_step),
+           "beta/|y| log q/p, both sampled every batch", "DPKD (2406.19774) Eq. 9, Alg. 1", "prompts", True,
+           sampled_pairs(_dpkd), "dpkd.beta 0.1, lm_weight, kappa"),
+    Method("dpkd-token", "DPKD as released (LMOps): token-level argmax preference on the sequences, no sampling",
+           "DPKD released code", "sequences", True,
+           teacher_forced(lambda s, t, m, c: losses.dpkd_token_loss(s, t, m, c.dpkd.beta)), "dpkd.beta 0.1, kappa 0.5"),
+    Method("dpo", "DPKD without length normalisation: -log sigmoid(beta h) on summed log-probs",
+           "DPKD Table 2 / DPO", "prompts", True,
+           sampled_pairs(lambda qt, qs, pt, ps, nt, ns, c: losses.dpo_loss(qt, qs, pt, ps, c.pref.dpo_beta)),
+           "pref.dpo_beta 0.1"),
+    Method("ipo", "(h - 1/(2 beta))^2 on summed log-probs", "DPKD Table 2 / IPO", "prompts", True,
+           sampled_pairs(lambda qt, qs, pt, ps, nt, ns, c: losses.ipo_loss(qt, qs, pt, ps, c.pref.ipo_beta)),
+           "pref.ipo_beta 0.1"),
+    Method("cpo", "reference-free preference + NLL of the teacher sample", "DPKD Table 2 / CPO", "prompts", True,
+           sampled_pairs(lambda qt, qs, pt, ps, nt, ns, c: losses.cpo_loss(qt, qs, nt, c.pref.cpo_beta,
+                                                                         c.pref.cpo_nll_weight)),
+           "pref.cpo_beta 0.1, pref.cpo_nll_weight 1"),
+    Method("simpo", "reference-free, length-normalised preference with a target margin", "DPKD Table 2 / SimPO",
+           "prompts", True,
+           sampled_pairs(lambda qt, qs, pt, ps, nt, ns, c: losses.simpo_loss(qt, qs, nt, ns, c.pref.simpo_beta,
+                                                                           c.pref.simpo_gamma)),
+           "pref.simpo_beta 2, pref.simpo_gamma 0.5"),
+    Method("plad", "PLaD ranking calibration on cached (teacher, initial student) pairs: "
+           "max(0, delta - log q(y+) + log q(y-))", "PLaD (2406.02886) Eq. 4", "pairs", False, plad_step(False),
+           "plad.margin 1, plad.temperature 0.7"),
+    Method("plad-margin", "PLaD margin calibration: the margin scaled by the score difference of y+ and y- against "
+           "the reference (student-embedding F-measure)", "PLaD (2406.02886) Eq. 5-8", "pairs", False,
+           plad_step(True), "plad.beta 1, plad.temperature 0.7"),
 ]}
 
 

@@ -7,13 +7,14 @@ the model with `save_pretrained` under `OUT/model`.
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefkd import atomic, config
+from prefkd.cache import cache_key, generate_cached, model_identity
 from prefkd.config import opt, section
 from prefkd.console import console
 from prefkd.data.collate import Example, encode_examples, encode_prompts
@@ -22,8 +23,10 @@ from prefkd.data.records import Instruction, read_records
 from prefkd.errors import DataError, PrefkdError
 from prefkd.evaluate import EvalConfig, evaluate
 from prefkd.generation import SamplingConfig
-from prefkd.methods import MethodConfig, get_method
+from prefkd.lora import LoRAConfig, apply_lora, save_trained
+from prefkd.methods import Method, MethodConfig, get_method
 from prefkd.models import ModelConfig, load_model, load_tokenizer, model_from_config, n_params
+from prefkd.scoring import embedding_f1
 from prefkd.train import RunData, TrainConfig, train
 
 
@@ -43,6 +46,7 @@ class SFTRun:
     tokenizer: str = opt("", "tokenizer path or hub id; default: the model's")
     data: DataConfig = section(DataConfig)
     train: TrainConfig = section(TrainConfig)
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
 
 
 @dataclass
@@ -55,6 +59,7 @@ class DistillRun:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
     distill: MethodConfig = section(MethodConfig)
     sampling: SamplingConfig = section(SamplingConfig, "sampling of teacher/student responses during training")
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
 
 
 @dataclass
@@ -108,8 +113,9 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     console.print(f"[bold]{name}[/]: {cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, "
                   f"{n_params(model) / 1e6:.2f}M parameters, SFT on {len(records)} records")
     examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
-    return train(get_method("sft"), model, tokenizer, RunData(examples), cfg.train, MethodConfig(),
-                 SamplingConfig(), out, name=f"{name} SFT")
+    return train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
+                 MethodConfig(), SamplingConfig(), out, name=f"{name} SFT",
+                 save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora))
 
 
 def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,
@@ -135,23 +141,71 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
         teacher = load_model(teacher_path, cfg.teacher.trust_remote_code)
     prompts = prompts or read_records(_need(cfg.data.prompts, "data.prompts"),
-                                      require_references=method.uses_references)
+                                      require_references=method.data == "references")
     if replay is None and cfg.data.replay and cfg.distill.replay > 0:
         replay = read_records(cfg.data.replay, require_references=True)
     if corpus is None and cfg.data.corpus and cfg.distill.lm_weight > 0:
         corpus = _read_corpus(cfg.data.corpus)
     if cfg.distill.replay > 0 and not replay:
         console.print("no replay data (data.replay): running without replay")
-    data = RunData(
-        reference_examples(tokenizer, prompts, cfg.train, cfg.data.prompts) if method.uses_references
-        else prompt_examples(tokenizer, prompts, cfg.train),
-        replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay else None,
-        corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None)
+    examples = method_examples(method, cfg, prompts, tokenizer, student)
+    data = RunData(examples,
+                   replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
+                   else None,
+                   corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None)
     d = cfg.distill
     console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
-    return train(method, student, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
-                 name=name or cfg.method)
+    model = apply_lora(student, cfg.lora)
+    return train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
+                 name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora))
+
+
+def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction], tokenizer: PreTrainedTokenizerBase,
+                    student: PreTrainedModel) -> list[Example]:
+    """What the method trains on: references, prompts, cached teacher samples or cached pairs."""
+    source = cfg.data.prompts or "prompts"
+    if method.data == "references":
+        return reference_examples(tokenizer, prompts, cfg.train, source)
+    if method.data == "prompts" and cfg.distill.dpkd.teacher_samples != "cached":
+        return prompt_examples(tokenizer, prompts, cfg.train)
+    if (method.data == "sequences" and cfg.distill.responses == "auto" and all(r.references for r in prompts)):
+        return reference_examples(tokenizer, prompts, cfg.train, source)
+    sampling = cfg.sampling
+    if method.data == "pairs":
+        sampling = replace(cfg.sampling, temperature=cfg.distill.plad.temperature)
+    chosen = sample_cache(cfg, "teacher", _need(cfg.teacher.path, "teacher.path"), prompts, sampling, tokenizer)
+    if method.data != "pairs":
+        return [Example(p, r) for p, r, _ in chosen]
+    # PLaD: y+ from the teacher, y- from the initial student, both sampled once (temperature plad.temperature).
+    rejected = sample_cache(cfg, "student", cfg.student.path, prompts, sampling, tokenizer)
+    emb = student.get_input_embeddings().weight
+    out = []
+    for rec, (p, pos, _), (_, neg, _) in zip(prompts, chosen, rejected, strict=True):
+        ref = encode_prompts(tokenizer, [rec.references[0] if rec.references else rec.instruction])[0]
+        out.append(Example(p, pos, neg, embedding_f1(emb, pos, ref), embedding_f1(emb, neg, ref)))
+    same = sum(e.response_ids == e.rejected_ids for e in out)
+    if same:
+        console.print(f"{same} of {len(out)} pairs have identical responses (no ranking gradient from them)")
+    return out
+
+
+def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Instruction], sampling: SamplingConfig,
+                 student_tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int], str]]:
+    """(student prompt ids, student-tokenised response + EOS if finished, text) per prompt, from a keyed cache.
+
+    The response text is re-tokenised with the student's tokenizer, so this works when the teacher's differs
+    (black-box methods)."""
+    key = cache_key(model_identity(model_path), prompts, sampling, cfg.train.seed)
+    cache_dir = Path(cfg.distill.cache_dir or Path(cfg.out) / "cache")
+    path = cache_dir / f"{role}-{key}.jsonl"
+    model = load_model(model_path)
+    rows = generate_cached(model, load_tokenizer(model_path), prompts, sampling, path, key, cfg.train.seed,
+                           name=f"{role} samples")
+    prompt_ids = encode_prompts(student_tokenizer, [r.prompt for r in prompts])
+    eos = student_tokenizer.eos_token_id
+    return [(p, encode_prompts(student_tokenizer, [row["response"]])[0] + ([eos] if row["finished"] else []),
+             row["response"]) for p, row in zip(prompt_ids, rows, strict=True)]
 
 
 def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, name: str = "eval") -> dict:

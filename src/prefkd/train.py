@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def _split(batch_size: int, replay: float, has_replay: bool) -> tuple[int, int]:
 
 def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: RunData,
           cfg: TrainConfig, method_cfg: MethodConfig, sampling: SamplingConfig, out_dir: str | Path,
-          teacher: PreTrainedModel | None = None, name: str = "train") -> list[dict]:
+          teacher: PreTrainedModel | None = None, name: str = "train",
+          save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None] = save_pretrained) -> list[dict]:
     """Train `student` in place with `method`; write logs, checkpoints and the final model under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     AcceleratorState._reset_state()
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no")
     torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.steps),
                               num_training_steps=cfg.steps)
     model, optimizer, scheduler = acc.prepare(student, optimizer, scheduler)
@@ -162,7 +165,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
             bar.update(task, advance=1, info=f"loss {sums['loss']:.3f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                 _checkpoint(acc, ckpt, done, run_key)
-    save_pretrained(acc.unwrap_model(model), tokenizer, out / "model")
+    save(acc.unwrap_model(model), tokenizer, out / "model")
     shutil.rmtree(ckpt, ignore_errors=True)
     return logs
 
@@ -175,9 +178,7 @@ def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData,
     res = method.step(inp)
     metrics = dict(res.metrics)
     loss = res.loss
-    if method.name != "sft" and mcfg.kappa < 1:
-        if res.anchor_nll is None:
-            raise ValueError(f"method '{method.name}' offers no anchor; set kappa=1")
+    if res.anchor_nll is not None and mcfg.kappa < 1:  # sft and seqkd are cross-entropy already: no anchor
         loss = (1 - mcfg.kappa) * res.anchor_nll + mcfg.kappa * res.loss
         metrics["anchor_nll"] = res.anchor_nll.item()
     if n_replay:

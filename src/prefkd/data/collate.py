@@ -6,7 +6,7 @@ The response mask comes from lengths, never from comparing with the pad id, so a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -16,6 +16,10 @@ from transformers import PreTrainedTokenizerBase
 class Example:
     prompt_ids: list[int]
     response_ids: list[int]  # ends with EOS unless a sample hit the length limit
+    # Pairs (PLaD): the rejected response and the scores of both against the reference.
+    rejected_ids: list[int] = field(default_factory=list)
+    chosen_score: float = 0.0
+    rejected_score: float = 0.0
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:

@@ -1,0 +1,177 @@
+"""Resumable on-disk cache of sampled responses (teacher samples for SeqKD, teacher/student pairs for PLaD).
+
+One jsonl file per (model, prompts, sampling settings, seed): a header line `{"cache_key", "n"}`, then one row per
+prompt. Rows are appended batch by batch and fsynced, so an interrupted run keeps its finished batches and a rerun
+samples only what is missing. Every batch has its own seed, so a resumed run writes exactly the samples an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from prefkd import atomic
+from prefkd.console import progress
+from prefkd.data.collate import encode_prompts
+from prefkd.data.records import Instruction
+from prefkd.errors import DataError, PrefkdError
+from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.stages import fingerprint
+
+FORMAT = "prefkd-sample-cache-v1"  # bump when the row layout or the seeding scheme changes
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+SEED_STRIDE = 1_000_003  # prime, larger than any prompt count, so batch seeds of different run seeds never collide
+
+
+def model_identity(path: str) -> str:
+    """The model path plus, for a local directory, what changes when the model is retrained in place."""
+    local = Path(path)
+    if not local.is_dir():
+        return path  # a hub id: the name is all we can cheaply know
+    config = local / "config.json"
+    config_fp = fingerprint(config.read_text(encoding="utf-8")) if config.is_file() else None
+    weights = []
+    for f in sorted(local.iterdir()):
+        if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES):
+            st = f.stat()
+            # Size + mtime instead of a content hash: hashing multi-GB teacher weights on every run is too slow.
+            weights.append((f.name, st.st_size, st.st_mtime_ns))
+    return f"{path}@{fingerprint(config_fp, weights)}"
+
+
+def cache_key(model_id: str, records: list[Instruction], sampling: SamplingConfig, seed: int) -> str:
+    # batch_size is part of the key on purpose: batches are seeded separately, so it changes the samples.
+    return fingerprint(FORMAT, model_id, [r.prompt for r in records], dataclasses.asdict(sampling), seed)
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    return seed * SEED_STRIDE + first_index
+
+
+def read_cache(path: str | Path) -> tuple[dict, list[dict]]:
+    """Header and rows (sorted by index) of a cache file; a last line cut mid-write is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found; generate the samples first", str(path))
+    header, rows, _ = _scan(path)
+    return header, rows
+
+
+def generate_cached(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
+                    sampling: SamplingConfig, path: str | Path, key: str, seed: int, name: str = "generate",
+                    overwrite: bool = False) -> list[dict]:
+    """Sample one response per record into `path`, reusing or completing a file written with the same `key`."""
+    path = Path(path)
+    done = _open_for_append(path, key, len(records), overwrite)
+    missing = [k for k in _batches(len(records), sampling.batch_size) if any(i not in done for i in k)]
+    if missing:
+        with progress() as bar:
+            task = bar.add_task(name, total=len(records), completed=len(done), info=f"seed {seed}")
+            for indices in missing:
+                new = _sample_batch(model, tokenizer, records, indices, sampling, seed)
+                # Rows of a batch cut mid-write are already on disk; keep those, add only the rest.
+                new = [row for row in new if row["index"] not in done]
+                _append(path, new)
+                done.update((row["index"], row) for row in new)
+                bar.update(task, advance=len(new))
+    return [done[i] for i in sorted(done)]
+
+
+def _open_for_append(path: Path, key: str, n: int, overwrite: bool) -> dict[int, dict]:
+    """Rows already in a matching file (truncated back to its last complete line), or a fresh file with a header."""
+    if path.is_file():
+        header, rows, complete_bytes = _scan(path)
+        if header.get("cache_key") == key:
+            if complete_bytes < path.stat().st_size:
+                os.truncate(path, complete_bytes)  # so appends do not glue onto a half-written line
+            return {row["index"]: row for row in rows}
+        if not overwrite:
+            raise PrefkdError(f"{path} holds samples of other settings (model, prompts, sampling or seed); "
+                              f"remove it, choose another output path, or pass overwrite=True to start it afresh")
+    # Through a temporary name: a file at `path` always has a complete header.
+    atomic.write_jsonl(path, [{"cache_key": key, "n": n}])
+    return {}
+
+
+def _scan(path: Path) -> tuple[dict, list[dict], int]:
+    """Header, rows sorted by index (last one wins on a repeat), and the byte length of the complete lines.
+
+    A line is complete when it ends with a newline and parses; only the last line may be incomplete (a run killed
+    mid-write), any other bad line is a DataError.
+    """
+    header: dict | None = None
+    rows: dict[int, dict] = {}
+    complete = 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    for lineno, raw in enumerate(lines, start=1):
+        obj = _parse_line(raw)
+        if obj is None:
+            if lineno == len(lines):
+                break
+            raise DataError("malformed line in a sample cache; delete the file to regenerate it", str(path), lineno)
+        complete += len(raw)
+        if header is None:
+            header = _check_header(obj, path)
+        else:
+            row = _check_row(obj, path, lineno, header["n"])
+            rows[row["index"]] = row
+    if header is None:
+        raise DataError("no header line; not a sample cache, or written by a killed run before its header",
+                        str(path), 1)
+    return header, [rows[i] for i in sorted(rows)], complete
+
+
+def _parse_line(raw: bytes) -> dict | None:
+    if not raw.endswith(b"\n"):
+        return None  # even if it parses: the writer always ends a line, so the write was cut
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _check_header(obj: dict, path: Path) -> dict:
+    if not isinstance(obj.get("cache_key"), str) or not isinstance(obj.get("n"), int):
+        raise DataError("first line is not a sample-cache header with cache_key and n", str(path), 1)
+    return obj
+
+
+def _check_row(obj: dict, path: Path, lineno: int, n: int) -> dict:
+    index = obj.get("index")
+    if not isinstance(index, int) or not 0 <= index < n:
+        raise DataError(f"row index {index!r} outside 0..{n - 1}", str(path), lineno, "index")
+    if not isinstance(obj.get("response_ids"), list):
+        raise DataError("missing list of response_ids", str(path), lineno, "response_ids")
+    return obj
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    # Fixed boundaries, independent of what is already done, so each batch always sees the same seed and prompts.
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def _sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
+                  indices: range, sampling: SamplingConfig, seed: int) -> list[dict]:
+    batch = [records[i] for i in indices]
+    prompt_ids = encode_prompts(tokenizer, [r.prompt for r in batch])
+    eos = tokenizer.eos_token_id
+    responses = sample_responses(model, prompt_ids, sampling, tokenizer.pad_token_id, eos,
+                                 seed=batch_seed(seed, indices.start))
+    return [{"index": i, "id": r.id, "prompt": r.prompt,
+             "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+             "response_ids": ids, "finished": bool(ids) and ids[-1] == eos}
+            for i, r, ids in zip(indices, batch, responses, strict=True)]
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    """Append whole lines and fsync, so a kill loses at most the batch being written."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())

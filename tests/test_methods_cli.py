@@ -1,0 +1,86 @@
+"""Every registered method runs end to end from the CLI on tiny models and saves a loadable student."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from prefkd.cli import app
+from prefkd.methods import METHODS
+from prefkd.models import train_tokenizer
+
+runner = CliRunner()
+
+
+def _sft(out, tok, size, train_file):
+    res = runner.invoke(app, ["sft", f"out={out}", f"tokenizer={tok}", f"model.size={size}",
+                              f"data.train={train_file}", "train.steps=2", "train.batch_size=4"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    from tests_support import tiny_files
+
+    root = tmp_path_factory.mktemp("methods")
+    files = tiny_files(root, tokenizer)
+    # The distillation prompts carry no references, as in the PLaD protocol: sequences come from the teacher.
+    rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({**r, "references": []}) + "\n" for r in rows[:8]))
+    _sft(root / "teacher", files["tokenizer"], "micro", files["train"])
+    _sft(root / "student", files["tokenizer"], "nano", files["train"])
+    return root, files, prompts
+
+
+def _distill(root, files, prompts, method, out, teacher="teacher", extra=()):
+    return runner.invoke(app, [
+        "distill", "--method", method, f"out={out}", f"student.path={root / 'student' / 'model'}",
+        f"teacher.path={root / teacher / 'model'}", f"data.prompts={prompts}", f"data.replay={files['train']}",
+        f"data.corpus={files['corpus']}", f"distill.cache_dir={root / 'cache'}", "distill.lm_block_size=16",
+        "sampling.max_new_tokens=6", "sampling.batch_size=4", "train.steps=2", "train.batch_size=4",
+        "train.log_every=1", *extra])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_runs_and_saves_a_loadable_student(setup, method, tmp_path):
+    root, files, prompts = setup
+    extra = [f"data.prompts={files['train']}"] if method == "sft" else []
+    res = _distill(root, files, prompts, method, tmp_path / method, extra=extra)
+    assert res.exit_code == 0, res.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / method / "model")
+    assert model.num_parameters() > 0
+    log = [json.loads(line) for line in (tmp_path / method / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)  # finite, not NaN
+
+
+def test_teacher_sample_cache_is_shared_and_reused(setup, tmp_path):
+    root, files, prompts = setup
+    assert _distill(root, files, prompts, "seqkd", tmp_path / "a").exit_code == 0
+    caches = sorted((root / "cache").glob("teacher-*.jsonl"))
+    stamps = [c.stat().st_mtime_ns for c in caches]
+    assert _distill(root, files, prompts, "kd", tmp_path / "b").exit_code == 0
+    assert sorted((root / "cache").glob("teacher-*.jsonl")) == caches  # same settings: same cache, not regenerated
+    assert [c.stat().st_mtime_ns for c in caches] == stamps
+
+
+def test_plad_works_with_a_teacher_of_another_tokenizer(setup, tmp_path):
+    """PLaD is black-box: the teacher's text is re-tokenised with the student's tokenizer."""
+    root, files, prompts = setup
+    other = tmp_path / "other_tok"
+    texts = [json.loads(line)["instruction"] for line in files["train"].read_text().splitlines()]
+    train_tokenizer(texts * 3, vocab_size=320).save_pretrained(other)
+    _sft(root / "teacher_other", other, "micro", files["train"])
+    for method in ("plad", "seqkd", "plad-margin"):
+        res = _distill(root, files, prompts, method, tmp_path / method, teacher="teacher_other")
+        assert res.exit_code == 0, res.output
+    res = _distill(root, files, prompts, "kd", tmp_path / "kd", teacher="teacher_other")
+    assert res.exit_code == 2 and "white-box" in res.output
+
+
+def test_methods_lists_every_method():
+    res = runner.invoke(app, ["methods"])
+    assert res.exit_code == 0
+    for name in METHODS:
+        assert f"\n{name} " in "\n" + res.output
