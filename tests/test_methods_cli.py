@@ -84,3 +84,18 @@ def test_methods_lists_every_method():
     assert res.exit_code == 0
     for name in METHODS:
         assert f"\n{name} " in "\n" + res.output
+
+
+def test_generate_verb_writes_and_reuses_a_cache(setup, tmp_path):
+    root, files, prompts = setup
+    out = tmp_path / "teacher_samples.jsonl"
+    args = ["generate", f"model={root / 'teacher' / 'model'}", f"data={prompts}", f"out={out}",
+            "sampling.max_new_tokens=5", "sampling.temperature=0.7"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    lines = out.read_text().splitlines()
+    assert json.loads(lines[0])["n"] == 8 and len(lines) == 9
+    stamp = out.stat().st_mtime_ns
+    assert runner.invoke(app, args).exit_code == 0 and out.stat().st_mtime_ns == stamp  # reused as is
+    res = runner.invoke(app, args[:-1] + ["sampling.temperature=1.0"])
+    assert res.exit_code == 2 and "other settings" in res.output  # never clobbers a cache of other settings

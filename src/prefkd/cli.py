@@ -59,7 +59,7 @@ def demo(overrides: Overrides = None, config_file: ConfigFile = None, debug: Deb
     _run(go, debug)
 
 
-from prefkd.runs import DistillRun, EvaluateRun, SFTRun  # noqa: E402
+from prefkd.runs import DistillRun, EvaluateRun, GenerateRun, SFTRun  # noqa: E402
 
 
 @app.command(epilog=_keys_help(SFTRun))
@@ -85,6 +85,19 @@ def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
         cfg = config.load(DistillRun, config_file, (overrides or []) + ([f"method={method}"] if method else []))
         run_distill(cfg)
         console.print(f"wrote {cfg.out}/model")
+
+    _run(go, debug)
+
+
+@app.command(epilog=_keys_help(GenerateRun))
+def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+    """Sample one response per prompt into a keyed, resumable jsonl cache (SeqKD and PLaD consume these)."""
+    from prefkd.runs import run_generate
+
+    def go():
+        cfg = config.load(GenerateRun, config_file, overrides or [])
+        rows = run_generate(cfg)
+        console.print(f"{cfg.out}: {len(rows)} responses, {sum(r['finished'] for r in rows)} ended with EOS")
 
     _run(go, debug)
 

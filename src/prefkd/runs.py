@@ -63,6 +63,24 @@ class DistillRun:
 
 
 @dataclass
+class GenerateRun:
+    model: str = opt("", "model path or hub id")
+    data: str = opt("", "jsonl records whose prompts are sampled")
+    out: str = opt("", "jsonl cache file; a rerun with the same settings reuses it, an interrupted one resumes")
+    seed: int = opt(0, "sampling seed (each batch is seeded from it and its first index)")
+    overwrite: bool = opt(False, "replace a cache file written with other settings")
+    sampling: SamplingConfig = section(SamplingConfig)
+
+
+def run_generate(cfg: GenerateRun) -> list[dict]:
+    model_path, out = _need(cfg.model, "model"), _need(cfg.out, "out")
+    records = read_records(_need(cfg.data, "data"))
+    key = cache_key(model_identity(model_path), records, cfg.sampling, cfg.seed)
+    return generate_cached(load_model(model_path), load_tokenizer(model_path), records, cfg.sampling, out, key,
+                           cfg.seed, overwrite=cfg.overwrite)
+
+
+@dataclass
 class EvaluateRun:
     model: str = opt("", "model path or hub id")
     data: str = opt("", "jsonl records with references")
@@ -148,7 +166,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         corpus = _read_corpus(cfg.data.corpus)
     if cfg.distill.replay > 0 and not replay:
         console.print("no replay data (data.replay): running without replay")
-    examples = method_examples(method, cfg, prompts, tokenizer, student)
+    examples = method_examples(method, cfg, prompts, tokenizer, student, teacher)
     data = RunData(examples,
                    replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
@@ -162,7 +180,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
 
 
 def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction], tokenizer: PreTrainedTokenizerBase,
-                    student: PreTrainedModel) -> list[Example]:
+                    student: PreTrainedModel, teacher: PreTrainedModel | None = None) -> list[Example]:
     """What the method trains on: references, prompts, cached teacher samples or cached pairs."""
     source = cfg.data.prompts or "prompts"
     if method.data == "references":
@@ -174,11 +192,12 @@ def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction],
     sampling = cfg.sampling
     if method.data == "pairs":
         sampling = replace(cfg.sampling, temperature=cfg.distill.plad.temperature)
-    chosen = sample_cache(cfg, "teacher", _need(cfg.teacher.path, "teacher.path"), prompts, sampling, tokenizer)
+    chosen = sample_cache(cfg, "teacher", _need(cfg.teacher.path, "teacher.path"), prompts, sampling, tokenizer,
+                          teacher)
     if method.data != "pairs":
         return [Example(p, r) for p, r, _ in chosen]
     # PLaD: y+ from the teacher, y- from the initial student, both sampled once (temperature plad.temperature).
-    rejected = sample_cache(cfg, "student", cfg.student.path, prompts, sampling, tokenizer)
+    rejected = sample_cache(cfg, "student", cfg.student.path, prompts, sampling, tokenizer, student)
     emb = student.get_input_embeddings().weight
     out = []
     for rec, (p, pos, _), (_, neg, _) in zip(prompts, chosen, rejected, strict=True):
@@ -191,7 +210,8 @@ def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction],
 
 
 def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Instruction], sampling: SamplingConfig,
-                 student_tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int], str]]:
+                 student_tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None
+                 ) -> list[tuple[list[int], list[int], str]]:
     """(student prompt ids, student-tokenised response + EOS if finished, text) per prompt, from a keyed cache.
 
     The response text is re-tokenised with the student's tokenizer, so this works when the teacher's differs
@@ -199,7 +219,7 @@ def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Inst
     key = cache_key(model_identity(model_path), prompts, sampling, cfg.train.seed)
     cache_dir = Path(cfg.distill.cache_dir or Path(cfg.out) / "cache")
     path = cache_dir / f"{role}-{key}.jsonl"
-    model = load_model(model_path)
+    model = model if model is not None else load_model(model_path)  # a loaded teacher is not loaded twice
     rows = generate_cached(model, load_tokenizer(model_path), prompts, sampling, path, key, cfg.train.seed,
                            name=f"{role} samples")
     prompt_ids = encode_prompts(student_tokenizer, [r.prompt for r in prompts])
