@@ -1,0 +1,319 @@
+"""Load instruction data (Dolly, MiniLLM, prefkd, or any schema through a field map) into `Instruction` records.
+
+Local .jsonl/.json/.csv/.parquet files are read here so that every error can name the file, the line (the row
+for parquet, the item for a .json list) and the field; any other source that is not an existing path is taken as
+a Hugging Face dataset id. Every bad record is a `DataError`; with `skip_bad=True` bad records are skipped and
+counted by reason instead (whole-file problems, such as an empty file, always raise).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+from prefkd.data.records import Instruction, parse_record
+from prefkd.errors import ConfigError, DataError
+
+FORMATS = ("auto", "dolly", "minillm", "prefkd")
+# Our field name -> the file's field name, per format. `prompt` is only checked, never loaded.
+_MAPPINGS: dict[str, dict[str, str]] = {
+    "dolly": {"instruction": "instruction", "input": "context", "references": "response", "category": "category",
+              "id": "id"},
+    "minillm": {"instruction": "instruction", "input": "input", "references": "output", "category": "topic",
+                "id": "id", "prompt": "prompt"},
+    "custom": {"instruction": "instruction", "input": "input", "references": "references", "category": "category",
+               "kind": "kind", "id": "id"},
+}
+_MAPPABLE = ("instruction", "input", "references", "category", "kind", "id")
+# Suffixes that mark a source as a local file, so a typo in a path never turns into a hub request.
+_FILE_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".tsv", ".txt", ".gz", ".zst", ".arrow"}
+_FIX = "fix or remove the record, or pass skip_bad=True to skip bad records"
+
+
+class _BadRecord(DataError):
+    """A DataError for one record, tagged with a reason so skip_bad can count it."""
+
+    def __init__(self, reason: str, message: str, path: str, line: int, field: str | None = None):
+        super().__init__(f"{message}; {_FIX}", path, line, field)
+        self.reason = reason
+
+
+Row = tuple[int, object]  # (1-based line or row number, parsed row or the _BadRecord that reading it raised)
+
+
+def load_instructions(source: str, format: str = "auto", skip_bad: bool = False, split: str = "train",
+                      **field_map: str) -> list[Instruction]:
+    """Records from `source`; see `load_instructions_with_report` for the arguments."""
+    records, _ = load_instructions_with_report(source, format, skip_bad, split, **field_map)
+    return records
+
+
+def load_instructions_with_report(source: str, format: str = "auto", skip_bad: bool = False, split: str = "train",
+                                  **field_map: str) -> tuple[list[Instruction], dict[str, int]]:
+    """Records plus counts: `loaded`, `skipped`, and one key per skip reason (e.g. `malformed_json`).
+
+    `format`: "dolly", "minillm", "prefkd" or "auto" (decided by the first record's keys). `field_map` maps our
+    names (instruction, input, references, category, kind, id) to the file's, e.g. `instruction="question"`.
+    `split` is used only for Hugging Face dataset ids.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown format '{format}'; use one of {list(FORMATS)}")
+    bad_keys = sorted(set(field_map) - set(_MAPPABLE))
+    if bad_keys:
+        raise ConfigError(f"unknown field_map key(s) {bad_keys}; map any of {list(_MAPPABLE)} to your field names")
+    rows, where = _read_source(source, split)
+    if not rows:
+        raise DataError("no records; the file is empty — pass a file with at least one record", where)
+    fmt = _detect(rows, where, bool(field_map)) if format == "auto" else format
+    name = Path(source).name
+    records: list[Instruction] = []
+    skipped: Counter[str] = Counter()
+    for line, row in rows:
+        try:
+            if isinstance(row, _BadRecord):
+                raise row
+            rec = _convert(row, fmt, field_map, where, line)
+        except _BadRecord as e:
+            if not skip_bad:
+                raise
+            skipped[e.reason] += 1
+            continue
+        # Every record gets an id so generations and scores can be traced back to their line.
+        records.append(rec if rec.id else dataclasses.replace(rec, id=f"{name}:{line}"))
+    if not records:
+        raise DataError(f"every record was bad ({dict(skipped)}); check the format and field names", where)
+    return records, {"loaded": len(records), "skipped": sum(skipped.values()), **skipped}
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+
+def _read_source(source: str, split: str) -> tuple[list[Row], str]:
+    path = Path(source).expanduser()
+    if path.is_file():
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        reader = readers.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"unsupported file type '{path.suffix}'; use one of {sorted(readers)}", str(path))
+        return reader(path), str(path)
+    looks_local = path.suffix.lower() in _FILE_SUFFIXES or source.startswith(("/", "./", "../", "~"))
+    if looks_local and not path.exists():
+        raise DataError("file not found; pass an existing .jsonl/.json/.csv/.parquet file "
+                        "(a source without a file suffix is looked up as a Hugging Face dataset id)", source)
+    return _read_hub(source, split), f"{source}[{split}]"
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"invalid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8",
+                        str(path), line) from None
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    """Per-line decoding, so one bad line is one skippable bad record."""
+    rows: list[Row] = []
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append((line, _BadRecord("invalid_utf8", f"invalid UTF-8 ({e.reason} at byte {e.start}); "
+                                              "re-encode the file as UTF-8", str(path), line)))
+                continue
+            if not text.strip():
+                continue
+            try:
+                rows.append((line, json.loads(text)))
+            except json.JSONDecodeError as e:
+                rows.append((line, _BadRecord("malformed_json", f"malformed JSON ({e.msg} at column {e.colno})",
+                                              str(path), line)))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    """A JSON list of objects, keeping each item's starting line; a .json file of JSON lines is read as jsonl.
+
+    A malformed list cannot be resynchronised, so its errors always raise (skip_bad does not apply).
+    """
+    text = _decode(path.read_bytes(), path)
+    start = len(text) - len(text.lstrip())
+    if text[start:start + 1] == "{":
+        return _read_jsonl(path)
+    if not text.strip():
+        return []
+    if text[start] != "[":
+        raise DataError("expected a JSON list of objects (or JSON lines); convert the file", str(path),
+                        text.count("\n", 0, start) + 1)
+    decoder, rows, pos, line = json.JSONDecoder(), [], start + 1, 1 + text.count("\n", 0, start)
+    try:
+        while True:
+            nxt = _skip_ws(text, pos)
+            line += text.count("\n", pos, nxt)
+            if text[nxt:nxt + 1] == "]" and not rows:
+                pos = nxt
+                break
+            obj, end = decoder.raw_decode(text, nxt)
+            rows.append((line, obj))
+            line += text.count("\n", nxt, end)
+            pos = _skip_ws(text, end)
+            line += text.count("\n", end, pos)
+            if text[pos:pos + 1] == "]":
+                break
+            if text[pos:pos + 1] != ",":
+                raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+            pos += 1
+        if text[pos + 1:].strip():
+            raise json.JSONDecodeError("extra data after the list", text, _skip_ws(text, pos + 1))
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno}); fix the file", str(path), e.lineno) from None
+    return rows
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _read_csv(path: Path) -> list[Row]:
+    """CSV with a header row; line numbers are those of each record's first physical line."""
+    reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""))
+    rows: list[Row] = []
+    start = 2  # line 1 is the header
+    for row in reader:
+        rows.append((start, row))
+        start = reader.line_num + 1
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq  # pyarrow comes with `datasets`; imported here to keep startup light
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"cannot read parquet ({e}); check the file", str(path)) from None
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def _read_hub(source: str, split: str) -> list[Row]:
+    import datasets  # heavy import, needed only for hub ids and local dataset folders
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # hub, network and builder errors all come through here
+        raise DataError(f"cannot load Hugging Face dataset split '{split}' ({type(e).__name__}: {e}); check the id "
+                        "and network, or pass a local .jsonl/.json/.csv/.parquet file", source) from None
+    return list(enumerate(ds, start=1))
+
+
+# --- records ----------------------------------------------------------------------------------------------------
+
+
+def _detect(rows: list[Row], where: str, has_field_map: bool) -> str:
+    """The format whose signature fields the first readable record has."""
+    first = next((r for _, r in rows if isinstance(r, dict)), None)
+    if first is None:  # nothing readable: report the first record's own error
+        line, row = rows[0]
+        raise row if isinstance(row, _BadRecord) else _BadRecord(
+            "not_an_object", f"expected an object, got {type(row).__name__}", where, line)
+    keys = set(first)
+    if "output" in keys and "instruction" in keys:
+        return "minillm"
+    if "response" in keys and "instruction" in keys:
+        return "dolly"
+    if "references" in keys and "instruction" in keys and not has_field_map:
+        return "prefkd"
+    if has_field_map:
+        return "custom"
+    raise DataError(f"cannot tell the format from the first record's fields {sorted(keys)}; pass format= "
+                    "'dolly', 'minillm' or 'prefkd', or map the fields, e.g. instruction='question', "
+                    "references='answer'", where)
+
+
+def _convert(row: object, fmt: str, field_map: dict[str, str], where: str, line: int) -> Instruction:
+    if not isinstance(row, dict):
+        raise _BadRecord("not_an_object", f"expected an object, got {type(row).__name__}", where, line)
+    if fmt == "prefkd" and not field_map:
+        return _prefkd(row, where, line)
+    names = {**_MAPPINGS["custom" if fmt == "prefkd" else fmt], **field_map}
+    instruction = _text(row, names["instruction"], where, line, required=True)
+    refs = _references(row, names["references"], where, line)
+    rec = Instruction(instruction, _text(row, names["input"], where, line), refs,
+                      _text(row, names["category"], where, line) or None,
+                      (_text(row, names["kind"], where, line) or None) if "kind" in names else None,
+                      _id(row, names["id"], where, line))
+    if "prompt" in names and row.get(names["prompt"]) is not None:
+        _check_prompt(rec, row[names["prompt"]], names["prompt"], where, line)
+    return rec
+
+
+def _prefkd(row: dict, where: str, line: int) -> Instruction:
+    """records.py's own parser (a training file needs references); its errors get a reason for skip_bad."""
+    try:
+        return parse_record(row, where, line, require_references=True)
+    except DataError as e:
+        msg = str(e)[len(str(DataError("", e.path, e.line, e.field))):]  # the message without its "where: " prefix
+        reason = ("missing_field" if msg.startswith("missing") else "wrong_type" if msg.startswith("wrong type")
+                  else "unknown_field" if msg.startswith("unknown") else "empty_instruction" if "empty instruction"
+                  in msg else "empty_response" if "non-empty" in msg else "invalid_record")
+        raise _BadRecord(reason, msg, where, line, e.field) from None
+
+
+def _text(row: dict, key: str, where: str, line: int, required: bool = False) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise _BadRecord("missing_field", f"missing required field '{key}'", where, line, key)
+        return ""  # absent optional fields (input, category) and nulls from csv/parquet/hub are empty
+    if not isinstance(value, str):
+        raise _BadRecord("wrong_type", f"expected a string, got {type(value).__name__}", where, line, key)
+    if required and not value.strip():
+        raise _BadRecord("empty_instruction", "empty instruction", where, line, key)
+    return value
+
+
+def _references(row: dict, key: str, where: str, line: int) -> tuple[str, ...]:
+    """A response string or a list of reference strings; kept verbatim, blank entries dropped."""
+    value = row.get(key)
+    if value is None:
+        raise _BadRecord("missing_field", f"missing required response field '{key}'", where, line, key)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _BadRecord("wrong_type", "expected a string or a list of strings", where, line, key)
+    refs = tuple(v for v in value if v.strip())
+    if not refs:
+        raise _BadRecord("empty_response", "empty response", where, line, key)
+    return refs
+
+
+def _id(row: dict, key: str, where: str, line: int) -> str | None:
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _BadRecord("wrong_type", f"expected a string or integer id, got {type(value).__name__}", where, line,
+                         key)
+    return str(value)
+
+
+def _check_prompt(rec: Instruction, prompt: object, key: str, where: str, line: int) -> None:
+    """MiniLLM files store the rendered template; ours must match it byte for byte or scores are not comparable."""
+    if not isinstance(prompt, str):
+        raise _BadRecord("wrong_type", f"expected a string, got {type(prompt).__name__}", where, line, key)
+    ours = rec.prompt
+    if ours != prompt:
+        at = next((i for i, (a, b) in enumerate(zip(ours, prompt, strict=False)) if a != b), min(len(ours),
+                                                                                                  len(prompt)))
+        raise _BadRecord("prompt_mismatch", f"stored prompt differs from the template rendered from instruction and "
+                         f"input (first difference at character {at}: file {prompt[at:at + 20]!r}, rendered "
+                         f"{ours[at:at + 20]!r})", where, line, key)
+

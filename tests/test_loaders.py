@@ -1,0 +1,200 @@
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from prefkd.data.loaders import load_instructions, load_instructions_with_report
+from prefkd.errors import ConfigError, DataError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DOLLY = DATA / "dolly" / "databricks-dolly-15k.jsonl"
+TEST = DATA / "dolly" / "test-minillm-500.jsonl"
+DEV = DATA / "dolly" / "dev-minillm-1000.jsonl"
+
+
+def _raw(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("path,n", [(TEST, 500), (DEV, 1000)])
+def test_minillm_files_load_with_byte_identical_prompts(path, n):
+    records = load_instructions(str(path), format="minillm")
+    raw = _raw(path)
+    assert len(records) == len(raw) == n
+    for rec, row in zip(records, raw, strict=True):
+        assert rec.prompt.encode("utf-8") == row["prompt"].encode("utf-8")
+        assert rec.instruction == row["instruction"] and rec.input == row["input"]
+        out = row["output"]
+        assert rec.references == ((out,) if isinstance(out, str) else tuple(out))
+    assert records[0].id == f"{path.name}:1"
+    if path == TEST:
+        assert {r.category for r in records} >= {"closed_qa", "open_qa", "brainstorming"}
+
+
+def test_dolly_15k_loads_with_categories():
+    records = load_instructions(str(DOLLY), format="dolly")
+    assert len(records) == 15015
+    cats = {r.category for r in records}
+    assert cats == {"open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
+                    "information_extraction", "summarization", "creative_writing"}
+    first = _raw(DOLLY)[0]
+    assert records[0].input == first["context"] and records[0].references == (first["response"],)
+    assert len({r.id for r in records}) == 15015
+
+
+@pytest.mark.parametrize("path,expected", [(TEST, "minillm"), (DEV, "minillm"), (DOLLY, "dolly")])
+def test_auto_detection_matches_explicit_format(path, expected):
+    assert load_instructions(str(path)) == load_instructions(str(path), format=expected)
+
+
+def test_auto_detects_prefkd_format(tmp_path):
+    f = tmp_path / "ours.jsonl"
+    rows = [{"instruction": "Say hi.", "references": ["hi", "hello"], "kind": "skill", "id": "r1"},
+            {"instruction": "Say bye.", "references": ["bye"]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_instructions(str(f))
+    assert records == load_instructions(str(f), format="prefkd")
+    assert records[0].references == ("hi", "hello") and records[0].kind == "skill" and records[0].id == "r1"
+    assert records[1].id == "ours.jsonl:2"
+    # records.py's parser stays strict (unknown fields, empty references) and its errors are counted by reason.
+    with f.open("a") as out:
+        out.write('{"instruction": "x", "references": ["y"], "extra": 1}\n{"instruction": "x", "references": []}\n')
+    with pytest.raises(DataError, match=r"ours.jsonl:3 field 'extra': unknown field"):
+        load_instructions(str(f))
+    records, report = load_instructions_with_report(str(f), skip_bad=True)
+    assert len(records) == 2 and report == {"loaded": 2, "skipped": 2, "unknown_field": 1, "empty_response": 1}
+
+
+def test_field_map_on_custom_schema(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    rows = [{"question": "Who wrote Hamlet?", "passage": "A play.", "answers": ["Shakespeare", "W. Shakespeare"],
+             "uid": 7},
+            {"question": "Capital of France?", "passage": None, "answers": "Paris", "uid": "x"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_instructions(str(f), instruction="question", input="passage", references="answers", id="uid")
+    assert [r.instruction for r in records] == ["Who wrote Hamlet?", "Capital of France?"]
+    assert records[0].input == "A play." and records[1].input == ""
+    assert records[0].references == ("Shakespeare", "W. Shakespeare") and records[1].references == ("Paris",)
+    assert [r.id for r in records] == ["7", "x"]
+    assert "### Input:\nA play." in records[0].prompt
+
+
+def test_json_list_keeps_line_numbers(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text('[\n  {"instruction": "a", "context": "", "response": "b", "category": "open_qa"},\n\n'
+                 '  {"instruction": "c",\n   "response": "d"}\n]\n')
+    records = load_instructions(str(f))
+    assert [r.id for r in records] == ["d.json:2", "d.json:4"]
+    assert records[1].category is None
+
+
+ROWS = [{"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"},
+        {"instruction": "Summarise.", "context": "Long text, with a comma.", "response": "Short.",
+         "category": "summarization"}]
+
+
+def test_csv_and_parquet_load(tmp_path):
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.to_csv(str(tmp_path / "d.csv"))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    from_csv = load_instructions(str(tmp_path / "d.csv"))
+    from_parquet = load_instructions(str(tmp_path / "d.parquet"), format="dolly")
+    for records, name, first in ((from_csv, "d.csv", 2), (from_parquet, "d.parquet", 1)):
+        assert [r.instruction for r in records] == ["Name a colour.", "Summarise."]
+        assert records[1].input == "Long text, with a comma." and records[1].references == ("Short.",)
+        assert records[0].input == "" and [r.category for r in records] == ["open_qa", "summarization"]
+        assert records[0].id == f"{name}:{first}"
+
+
+GOOD = '{"instruction": "Name a colour.", "response": "Blue."}'
+BAD_CASES = [
+    # (file content, line, field or None, words the message must contain)
+    (GOOD + "\n{not json\n", 2, None, "malformed JSON"),
+    (GOOD + '\n{"response": "x"}\n', 2, "instruction", "missing"),
+    (GOOD + '\n{"instruction": "a"}\n', 2, "response", "missing"),
+    (GOOD + '\n{"instruction": 3, "response": "x"}\n', 2, "instruction", "expected a string"),
+    (GOOD + '\n\n{"instruction": "a", "response": ["x", 1]}\n', 3, "response", "list of strings"),
+    (GOOD + '\n{"instruction": "  ", "response": "x"}\n', 2, "instruction", "empty instruction"),
+    (GOOD + '\n{"instruction": "a", "response": " "}\n', 2, "response", "empty response"),
+    (GOOD + "\n[1, 2]\n", 2, None, "expected an object"),
+]
+
+
+@pytest.mark.parametrize("content,line,field,words", BAD_CASES)
+def test_bad_records_name_file_line_and_field(tmp_path, content, line, field, words):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(DataError) as info:
+        load_instructions(str(f), format="dolly")
+    msg = str(info.value)
+    assert msg.startswith(f"{f}:{line}") and words in msg and "skip_bad=True" in msg
+    assert info.value.line == line and info.value.field == field and info.value.path == str(f)
+    if field:
+        assert f"field '{field}'" in msg
+
+
+def test_invalid_utf8_names_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(GOOD.encode() + b"\n" + b'{"instruction": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(DataError, match=rf"{f}:2: invalid UTF-8 .* re-encode the file as UTF-8"):
+        load_instructions(str(f))
+
+
+def test_minillm_prompt_mismatch_names_prompt_field(tmp_path):
+    row = _raw(TEST)[0]
+    rows = [row, {**row, "prompt": row["prompt"].replace("### Response:", "### Answer:")}]
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as info:
+        load_instructions(str(f))
+    assert info.value.line == 2 and info.value.field == "prompt" and str(info.value).startswith(f"{f}:2 field 'prompt'")
+    records, report = load_instructions_with_report(str(f), skip_bad=True)
+    assert len(records) == 1 and report == {"loaded": 1, "skipped": 1, "prompt_mismatch": 1}
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "[]"])
+def test_empty_file_is_an_error(tmp_path, content):
+    f = tmp_path / "empty.json"
+    f.write_text(content)
+    with pytest.raises(DataError, match="no records; the file is empty"):
+        load_instructions(str(f))
+
+
+def test_skip_bad_counts_by_reason(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_bytes("\n".join([GOOD, "{oops", '{"instruction": "a"}', '{"instruction": "", "response": "x"}',
+                             '{"instruction": "b", "response": ""}', GOOD]).encode() + b"\n\xff\n")
+    records, report = load_instructions_with_report(str(f), format="dolly", skip_bad=True)
+    assert [r.id for r in records] == ["mixed.jsonl:1", "mixed.jsonl:6"]
+    assert report == {"loaded": 2, "skipped": 5, "malformed_json": 1, "missing_field": 1, "empty_instruction": 1,
+                      "empty_response": 1, "invalid_utf8": 1}
+    assert load_instructions(str(f), format="dolly", skip_bad=True) == records
+
+
+def test_skip_bad_with_nothing_good_still_raises(tmp_path):
+    f = tmp_path / "allbad.jsonl"
+    f.write_text('{"instruction": "a", "response": ""}\n')
+    with pytest.raises(DataError, match="every record was bad"):
+        load_instructions(str(f), format="dolly", skip_bad=True)
+
+
+def test_missing_local_file_does_not_try_the_hub(tmp_path):
+    for source in (str(tmp_path / "nope.jsonl"), "data/train.parquet", "x.csv"):
+        with pytest.raises(DataError, match="file not found"):
+            load_instructions(source)
+
+
+def test_unrecognised_schema_and_bad_arguments(tmp_path):
+    f = tmp_path / "other.jsonl"
+    f.write_text('{"question": "q", "answer": "a"}\n')
+    with pytest.raises(DataError, match=r"cannot tell the format .*'answer', 'question'"):
+        load_instructions(str(f))
+    with pytest.raises(ConfigError, match="unknown format"):
+        load_instructions(str(f), format="alpaca")
+    with pytest.raises(ConfigError, match="unknown field_map"):
+        load_instructions(str(f), question="instruction")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_instructions(str(txt))

@@ -1,0 +1,121 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from prefkd.data.prepare import dolly_splits, filter_for_training, load_corpus, plad_shards, write_splits
+from prefkd.data.records import Instruction, read_records
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DOLLY = DATA / "dolly"
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return dolly_splits(DOLLY / "databricks-dolly-15k.jsonl", DOLLY / "test-minillm-500.jsonl",
+                        DOLLY / "dev-minillm-1000.jsonl", seed=0)
+
+
+def test_dolly_splits_sizes_and_no_overlap(splits):
+    s, report = splits
+    assert len(s["test"]) == 500 and len(s["validation"]) == 1000
+    held_out = {(_norm(r.instruction), _norm(r.references[0])) for r in s["test"] + s["validation"]}
+    assert len(held_out) == 1500  # the two MiniLLM files share no record
+    assert not any((_norm(r.instruction), _norm(r.references[0])) in held_out for r in s["train"])
+    # Every held-out record occurs in the 15k file (some more than once), so at least 1,500 are removed.
+    assert report["removed"] == 1503
+    assert len(s["train"]) + report["removed"] == report["source"] == 15015
+    assert report == {"source": 15015, "removed": 1503, "train": 13512, "validation": 1000, "test": 500}
+
+
+def test_dolly_splits_shuffle_is_seeded(splits):
+    s, _ = splits
+    again, _ = dolly_splits(DOLLY / "databricks-dolly-15k.jsonl", DOLLY / "test-minillm-500.jsonl",
+                            DOLLY / "dev-minillm-1000.jsonl", seed=0)
+    other, _ = dolly_splits(DOLLY / "databricks-dolly-15k.jsonl", DOLLY / "test-minillm-500.jsonl",
+                            DOLLY / "dev-minillm-1000.jsonl", seed=1)
+    assert [r.id for r in again["train"]] == [r.id for r in s["train"]]
+    assert [r.id for r in other["train"]] != [r.id for r in s["train"]]
+    assert sorted(r.id for r in other["train"]) == sorted(r.id for r in s["train"])
+    assert [r.id for r in s["train"][:50]] != sorted(r.id for r in s["train"][:50])  # actually shuffled
+
+
+def _words(n: int) -> str:
+    return " ".join(["word"] * n)
+
+
+def test_filter_for_training_counts_first_failed_filter(tokenizer):
+    def n_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    ok = Instruction("Name a colour.", references=(_words(11),), id="ok")
+    short = Instruction("Name a colour.", references=(_words(10),), id="short")
+    none = Instruction("Name a colour.", id="none")
+    long_prompt = Instruction("Name a colour.", input=_words(60), references=(_words(12),), id="long_prompt")
+    # A long prompt with a short response counts as short_response: the first filter it fails.
+    long_and_short = Instruction("Name a colour.", input=_words(60), references=("Blue.",), id="both")
+    too_long = Instruction("Name a colour.", references=(_words(80),), id="too_long")
+    max_prompt = n_tokens(ok.prompt) + 5
+    max_length = n_tokens(ok.prompt) + n_tokens(ok.references[0]) + 1 + 10
+    assert n_tokens(long_prompt.prompt) > max_prompt
+    assert n_tokens(too_long.prompt) <= max_prompt < max_length < n_tokens(too_long.prompt) + 80
+    records = [ok, short, none, long_prompt, long_and_short, too_long]
+    kept, counts = filter_for_training(records, tokenizer, max_prompt_tokens=max_prompt, max_length=max_length)
+    assert [r.id for r in kept] == ["ok"]
+    assert counts == {"short_response": 3, "long_prompt": 1, "too_long": 1, "kept": 1}
+    # At exactly the limit a record is kept (prompt + response + EOS == max_length).
+    exact = n_tokens(ok.prompt) + n_tokens(ok.references[0]) + 1
+    kept, counts = filter_for_training([ok], tokenizer, max_prompt_tokens=n_tokens(ok.prompt), max_length=exact)
+    assert len(kept) == 1 and counts["kept"] == 1
+    kept, counts = filter_for_training([ok], tokenizer, max_length=exact - 1)
+    assert kept == [] and counts["too_long"] == 1
+
+
+def test_plad_shards_disjoint_and_deterministic():
+    train = [Instruction(f"q{i}", references=(f"a{i}",), id=str(i)) for i in range(101)]
+    d0, d = plad_shards(train, seed=3)
+    assert (len(d0), len(d)) == (50, 51)
+    assert {r.id for r in d0}.isdisjoint({r.id for r in d}) and {r.id for r in d0 + d} == {r.id for r in train}
+    assert plad_shards(train, seed=3) == (d0, d)
+    assert plad_shards(train, seed=4)[0] != d0
+    d0, d = plad_shards(train, seed=0, fraction=0.3)
+    assert (len(d0), len(d)) == (30, 71)
+    with pytest.raises(ValueError):
+        plad_shards(train, fraction=1.0)
+
+
+def test_write_splits_writes_once(tmp_path):
+    splits = {"train": [Instruction("a", references=("b",), id="1")],
+              "test": [Instruction("c", "ctx", ("d",), "open_qa", None, "2")]}
+    out = tmp_path / "splits"
+    assert write_splits(splits, out, seed=0, extra={"removed": 3}) is True
+    summary = json.loads((out / "splits.json").read_text())
+    assert summary["counts"] == {"train": 1, "test": 1} and summary["seed"] == 0 and summary["removed"] == 3
+    assert read_records(out / "test.jsonl") == splits["test"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert write_splits(splits, out, seed=0, extra={"removed": 3}) is False
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    # A different seed, or different content with the same counts, is rewritten.
+    assert write_splits(splits, out, seed=1) is True
+    changed = {**splits, "train": [Instruction("x", references=("y",), id="1")]}
+    assert write_splits(changed, out, seed=1) is True
+    assert read_records(out / "train.jsonl") == changed["train"]
+
+
+def test_load_corpus_wikitext_articles():
+    docs = load_corpus(str(DATA / "pretrain" / "wikitext-2" / "valid.txt"))
+    assert len(docs) == 60  # WikiText-2's validation split has 60 articles
+    assert docs[0].startswith("= Homarus gammarus =") and "= = Description = =" in docs[0]
+    assert all(d.startswith("= ") and d.strip() == d for d in docs)
+
+
+def test_load_corpus_blank_line_paragraphs(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("\n\nFirst para\nline two\n\n\nSecond\n  \n\t\nThird\n\n")
+    assert load_corpus(str(f)) == ["First para\nline two", "Second", "Third"]
+    shakespeare = load_corpus(str(DATA / "pretrain" / "tinyshakespeare" / "input.txt"))
+    assert len(shakespeare) > 5000 and shakespeare[0].startswith("First Citizen:")
