@@ -102,3 +102,18 @@ def test_white_box_method_refuses_different_tokenizers(tmp_path, tokenizer):
                               f"teacher.path={tmp_path / 'teacher' / 'model'}", f"data.prompts={files['train']}"])
     assert res.exit_code == 2
     assert "white-box" in res.output and "plad" in res.output
+
+
+def test_demo_compares_several_methods(tmp_path):
+    out = tmp_path / "multi"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--methods", "kd,seqkd,plad", *TINY,
+                                   "continued_sft=false", "eval.seeds=10"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["teacher", "sft", "kd", "seqkd", "plad"]
+    # kd and seqkd train on the same cached teacher samples of D's prompts: one teacher cache, one student cache.
+    assert len(list((out / "cache").glob("teacher-*.jsonl"))) == 2  # T 1.0 for kd/seqkd, T 0.7 for plad pairs
+    assert len(list((out / "cache").glob("student-*.jsonl"))) == 1
+    # The student never saw D's references: the distillation prompts file has none.
+    rows = [json.loads(line) for line in (out / "data" / "d_prompts.jsonl").read_text().splitlines()]
+    assert rows and all(r["references"] == [] for r in rows)

@@ -99,3 +99,15 @@ def test_generate_verb_writes_and_reuses_a_cache(setup, tmp_path):
     assert runner.invoke(app, args).exit_code == 0 and out.stat().st_mtime_ns == stamp  # reused as is
     res = runner.invoke(app, args[:-1] + ["sampling.temperature=1.0"])
     assert res.exit_code == 2 and "other settings" in res.output  # never clobbers a cache of other settings
+
+
+def test_lora_distillation_saves_a_merged_student(setup, tmp_path):
+    root, files, prompts = setup
+    res = _distill(root, files, prompts, "dpkd", tmp_path / "lora", extra=["lora.r=4", "lora.alpha=8"])
+    assert res.exit_code == 0, res.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged: a plain transformers model
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    res = _distill(root, files, prompts, "sft", tmp_path / "adapter",
+                   extra=[f"data.prompts={files['train']}", "lora.r=4", "lora.save=adapter"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "adapter" / "model" / "adapter_config.json").is_file()

@@ -46,7 +46,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping")
     seed: int = opt(0, "seed of initialisation, data order and sampling")
     bf16: bool = opt(False, "bf16 autocast (CPU or GPU)")
-    log_every: int = opt(10, "steps between log lines")
+    log_every: int = opt(10, "steps per log row; each row holds the means of its steps' metrics")
     save_every: int = opt(100, "steps between resumable checkpoints (0 = never)")
     max_prompt_tokens: int = opt(256, "drop examples whose prompt is longer (MiniLLM/DPKD filter)")
     max_length: int = opt(512, "drop examples whose prompt + response is longer")
@@ -139,6 +139,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     t0 = time.time()
     with progress() as bar:
         task = bar.add_task(name, total=cfg.steps, completed=start, info="")
+        window: dict[str, float] = {}  # metric sums since the last log row: each row is a mean over its steps
+        n_window = 0
         for step in range(start, cfg.steps):
             sums: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
@@ -156,9 +158,13 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            for key, v in {**sums, "grad_norm": float(grad_norm)}.items():
+                window[key] = window.get(key, 0.0) + v
+            n_window += 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                row = {"step": done, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "elapsed": round(time.time() - t0, 2), **{k: round(v, 6) for k, v in sums.items()}}
+                row = {"step": done, "lr": scheduler.get_last_lr()[0], "elapsed": round(time.time() - t0, 2),
+                       **{k: round(v / n_window, 6) for k, v in window.items()}}
+                window, n_window = {}, 0
                 logs.append(row)
                 with log_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
