@@ -34,3 +34,11 @@ def test_responses_cut_after_first_eos_and_sampling_is_seeded():
         assert 1 <= len(r) <= 12
         assert EOS not in r[:-1]
     assert any(r[-1] == EOS for r in a)
+
+
+def test_prompts_longer_than_the_context_are_cut_from_the_left():
+    model = _model()  # 64 positions
+    long = list(range(1, 40)) * 2  # 78 tokens
+    cfg = SamplingConfig(temperature=0, max_new_tokens=8, batch_size=2)
+    out = sample_responses(model, [long, [5, 6]], cfg, EOS, EOS)
+    assert out[0] == sample_responses(model, [long[-56:]], cfg, EOS, EOS)[0]

@@ -89,6 +89,17 @@ def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
     _run(go, debug)
 
 
+from prefkd.data.dolly import PrepareRun  # noqa: E402
+
+
+@app.command(epilog=_keys_help(PrepareRun))
+def prepare(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+    """Dolly splits as MiniLLM/DPKD use them (test 500, validation 1000, train = the rest), optional PLaD shards."""
+    from prefkd.data.dolly import run_prepare
+
+    _run(lambda: run_prepare(config.load(PrepareRun, config_file, overrides or [])), debug)
+
+
 @app.command(epilog=_keys_help(GenerateRun))
 def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
     """Sample one response per prompt into a keyed, resumable jsonl cache (SeqKD and PLaD consume these)."""

@@ -9,6 +9,8 @@ import torch
 from transformers import PreTrainedModel
 
 from prefkd.config import opt
+from prefkd.console import console
+from prefkd.errors import PrefkdError
 
 
 @dataclass
@@ -28,6 +30,7 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
     """Sample one response per prompt. Each response ends with EOS unless it hit `max_new_tokens`."""
     if seed is not None:
         torch.manual_seed(seed)
+    prompt_ids = _fit_context(model, prompt_ids, cfg.max_new_tokens)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -54,3 +57,18 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
             on_batch(len(idx))
     model.train(was_training)
     return out
+
+
+def _fit_context(model: PreTrainedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Cut prompts from the left so prompt + max_new_tokens fits the model's context, and say how many were cut."""
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if not ctx:
+        return prompt_ids
+    room = ctx - max_new_tokens
+    if room <= 0:
+        raise PrefkdError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a {ctx}-token context")
+    cut = sum(len(p) > room for p in prompt_ids)
+    if cut:
+        console.print(f"{cut} of {len(prompt_ids)} prompts were cut from the left to fit {ctx} positions "
+                      f"with {max_new_tokens} new tokens")
+    return [p[-room:] if len(p) > room else p for p in prompt_ids]

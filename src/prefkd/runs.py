@@ -183,6 +183,14 @@ def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction],
                     student: PreTrainedModel, teacher: PreTrainedModel | None = None) -> list[Example]:
     """What the method trains on: references, prompts, cached teacher samples or cached pairs."""
     source = cfg.data.prompts or "prompts"
+    lengths = [len(p) for p in encode_prompts(tokenizer, [r.prompt for r in prompts])]
+    kept = [r for r, n in zip(prompts, lengths, strict=True) if n <= cfg.train.max_prompt_tokens]
+    if len(kept) < len(prompts):  # as MiniLLM/DPKD: long prompts are dropped before anything is sampled for them
+        console.print(f"{source}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts over "
+                      f"{cfg.train.max_prompt_tokens} tokens")
+    if not kept:
+        raise DataError(f"no prompt is left under train.max_prompt_tokens={cfg.train.max_prompt_tokens}", source)
+    prompts = kept
     if method.data == "references":
         return reference_examples(tokenizer, prompts, cfg.train, source)
     if method.data == "prompts" and cfg.distill.dpkd.teacher_samples != "cached":
