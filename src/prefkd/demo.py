@@ -49,10 +49,11 @@ class DemoConfig:
                                     "control that separates more training from what the teacher adds")
     vocab_size: int = opt(2048, "byte-level BPE vocabulary trained on the suite")
     suite: SuiteConfig = section(SuiteConfig)
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(size="small"))
+    # mini (3x192) trained 2,400 steps beat small (4x256) trained 1,200 steps in the same time: 64.9 vs 53.2 Rouge-L.
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(size="mini"))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(size="tiny"))
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1200, batch_size=32, lr=1e-3, bf16=True, save_every=200))
+        steps=2400, batch_size=32, lr=1e-3, bf16=True, save_every=400))
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=32, lr=1e-3, save_every=500))
     distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(
