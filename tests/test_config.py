@@ -28,3 +28,15 @@ def test_describe_lists_every_key_with_default():
     lines = config.describe(DemoConfig)
     assert any(line.startswith("distill.dpkd.beta = 0.1") for line in lines)
     assert any(line.startswith("eval.sampling.top_k = 0") for line in lines)
+
+
+def test_overriding_one_key_keeps_the_sections_own_defaults():
+    default = DemoConfig()
+    cfg = config.load(DemoConfig, None, ["teacher_train.steps=7", "eval.sampling.max_new_tokens=9"])
+    assert cfg.teacher_train.steps == 7
+    assert cfg.teacher_train.lr == default.teacher_train.lr and cfg.teacher_train.bf16 == default.teacher_train.bf16
+    assert cfg.eval.sampling.max_new_tokens == 9
+    assert cfg.eval.sampling.batch_size == default.eval.sampling.batch_size
+    assert cfg.eval.seeds == default.eval.seeds
+    helped = "\n".join(config.describe(DemoConfig))
+    assert f"teacher_train.steps = {default.teacher_train.steps!r}" in helped

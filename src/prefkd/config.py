@@ -73,24 +73,36 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': expected {getattr(typ, '__name__', typ)}, got {value!r}")
 
 
-def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build `cls` from a nested dict, rejecting unknown keys (with a suggestion) and wrong types."""
+def from_dict(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T:
+    """Build `cls` from a nested dict, rejecting unknown keys (with a suggestion) and wrong types.
+
+    Keys not in `data` keep the value of `base` (an instance), else the field's own default; a nested section
+    starts from its field's default (e.g. the demo's `teacher_train`), so overriding one key keeps the others."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
-    hints, names = _hints(cls), [f.name for f in dataclasses.fields(cls)]
+    hints, fields = _hints(cls), {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{full}'{hint}")
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value or {}, f"{full}.")
+            default = getattr(base, key) if base is not None else _default(fields[key])
+            kwargs[key] = from_dict(typ, value or {}, f"{full}.", default)
         else:
             kwargs[key] = _coerce(value, typ, full)
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
     return cls(**kwargs)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
 
 
 def to_dict(cfg: Any) -> dict:
@@ -138,14 +150,13 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: `key = default  help`, for `--help`."""
+def describe(cls: type, prefix: str = "", base: Any = None) -> list[str]:
+    """One line per key: `key = default  help`, for `--help` (defaults as the verb really uses them)."""
     lines = []
     for f in dataclasses.fields(cls):
-        typ = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(typ):
-            lines += describe(typ, f"{prefix}{f.name}.")
+        default = getattr(base, f.name) if base is not None else _default(f)
+        if dataclasses.is_dataclass(_hints(cls)[f.name]):
+            lines += describe(_hints(cls)[f.name], f"{prefix}{f.name}.", default)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"{prefix}{f.name} = {default!r}  {f.metadata.get('help', '')}".rstrip())
     return lines
