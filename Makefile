@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst /,_,$(TORCH)))
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q
+
+# Benchmarks (BENCHMARKS.md): every figure is a ratio measured side by side in one run -> bench/results.json.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -54,4 +54,4 @@ def test_selective_log_softmax_equals_full():
     logits = torch.randn(5, 7, 33)
     labels = torch.randint(0, 33, (5, 7))
     full = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(selective_log_softmax(logits, labels, chunk_rows=2), full, atol=1e-6)
+    assert torch.allclose(selective_log_softmax(logits, labels, chunk_elements=2 * 33), full, atol=1e-6)

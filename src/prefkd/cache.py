@@ -175,3 +175,64 @@ def _append(path: Path, rows: list[dict]) -> None:
         f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---- teacher samples with their log-probs, filled during training ---------------------------------------------
+
+TEACHER_FORMAT = "prefkd-teacher-logp-cache-v1"
+
+
+def teacher_cache_key(model_id: str, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int,
+                      bf16: bool) -> str:
+    # bf16 is in the key: log-probs computed under autocast differ from fp32 ones in the third digit.
+    return fingerprint(TEACHER_FORMAT, model_id, prompt_ids, dataclasses.asdict(sampling), seed, bf16)
+
+
+class TeacherCache:
+    """One teacher sample y_t per prompt with the teacher's log p(y_t), written the first time the prompt is drawn.
+
+    The teacher is frozen, so both stay valid for the whole run: from the second epoch on, a DPKD step needs
+    neither teacher sampling nor a teacher forward on y_t (`distill.dpkd.teacher_samples=cached`). The file holds
+    a header, then one line per sampling event (all prompts sampled together in one step), fsynced: a killed run
+    loses at most the event being written, and whole events only, so the seeds of a resumed run match.
+    """
+
+    def __init__(self, path: str | Path, key: str, seed: int):
+        self.path, self.key, self.seed = Path(path), key, seed
+        self.rows: dict[int, tuple[list[int], float]] = {}
+        if self.path.is_file():
+            self._load()
+        else:
+            atomic.write_jsonl(self.path, [{"cache_key": key, "format": TEACHER_FORMAT}])
+
+    def _load(self) -> None:
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        complete = 0
+        for lineno, raw in enumerate(lines, start=1):
+            obj = _parse_line(raw)
+            if obj is None:
+                if lineno == len(lines):
+                    break  # a line cut by a kill: dropped below, its prompts are sampled again
+                raise DataError("malformed line in a teacher cache; delete the file to rebuild it", str(self.path),
+                                lineno)
+            complete += len(raw)
+            if lineno == 1:
+                if obj.get("cache_key") != self.key:
+                    raise PrefkdError(f"{self.path} holds teacher samples of other settings; remove it")
+                continue
+            for row in obj.get("rows", []):
+                self.rows[int(row["index"])] = (row["response_ids"], float(row["teacher_logp"]))
+        if complete < self.path.stat().st_size:
+            os.truncate(self.path, complete)
+
+    def get(self, index: int) -> tuple[list[int], float] | None:
+        return self.rows.get(index)
+
+    def sampling_seed(self, indices: list[int]) -> int:
+        """Seed of a sampling event: a prompt is sampled once, so its smallest index names the event."""
+        return batch_seed(self.seed, min(indices))
+
+    def add(self, rows: list[tuple[int, list[int], float]]) -> None:
+        _append(self.path, [{"rows": [{"index": i, "response_ids": ids, "teacher_logp": logp}
+                                      for i, ids, logp in rows]}])
+        self.rows.update((i, (ids, logp)) for i, ids, logp in rows)

@@ -1,26 +1,234 @@
 """Per-token and per-sequence log-probabilities of response tokens.
 
 Position t of the logits scores token t+1; only response tokens (the EOS included) count, never prompt or pad.
+
+Two things make this cheap (BENCHMARKS.md measures them):
+- **Packing with shared prompts.** Sequences are laid out as groups `[prompt, response 1, response 2, ...]`, several
+  groups per row, with a 4-D attention mask in which each response sees its own prompt and its own earlier tokens
+  only, and position ids restarting after the prompt. A DPKD pair therefore runs its prompt once for both responses,
+  and no compute goes to padding. Mathematically the same as one padded forward per sequence.
+- **Logits only where they are scored.** The LM head runs on the positions that predict a response token
+  (`logits_to_keep`), and the log-softmax is taken in chunks of positions: a full `[B, T, V]` log-softmax is never
+  materialised.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import PreTrainedModel
 
+from prefkd.data.collate import Example, collate
 
-def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
-    """log softmax(logits)[labels] without materialising the full [B, T, V] log-softmax at once."""
-    out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, logits.shape[0], chunk_rows):
-        rows = logits[start: start + chunk_rows].float()
-        picked = rows.gather(-1, labels[start: start + chunk_rows].unsqueeze(-1)).squeeze(-1)
-        out[start: start + chunk_rows] = picked - torch.logsumexp(rows, dim=-1)
-    return out
+# Logits per chunk of the log-softmax: 4M floats (16 MiB in fp32) bounds the extra memory at any vocabulary size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunk_positions(vocab: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(1, vocab))
+
+
+def logsumexp_rows(logits: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """logsumexp over the last dim of `[N, V]` logits, in fp32, a chunk of positions at a time."""
+    step = _chunk_positions(logits.shape[-1], chunk_elements)
+    if logits.shape[0] <= step:
+        return torch.logsumexp(logits.float(), dim=-1)
+    return torch.cat([torch.logsumexp(logits[s: s + step].float(), dim=-1) for s in range(0, logits.shape[0], step)])
+
+
+def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor,
+                          chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """log softmax(logits)[..., labels] in fp32 without materialising the full log-softmax.
+
+    Positions (all leading dims flattened) are processed in chunks of about `chunk_elements` logits, so the extra
+    memory is one chunk whatever the batch and sequence length.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    picked = flat.gather(-1, labels.reshape(-1, 1)).squeeze(-1).float()
+    return (picked - logsumexp_rows(flat, chunk_elements)).view(labels.shape)
+
+
+# ---- packing ---------------------------------------------------------------------------------------------------
+
+# A group is a prompt and the responses that continue it; every response token is scored.
+Group = tuple[list[int], list[list[int]]]
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L]
+    attention: torch.Tensor  # [R, 1, L, L] bool: query i may attend key j
+    keep: torch.Tensor  # [R, L] bool: positions whose logits are needed
+    kept_row: torch.Tensor  # [N] for each scored token, its row among the kept logits (row-major order of `keep`)
+    labels: torch.Tensor  # [N] the scored tokens
+    seq: torch.Tensor  # [N] index of the response (branch-major: branch k of group g is k * G + g)
+    pos: torch.Tensor  # [N] index of the token within its response
+
+
+def pack(groups: list[Group], pad_id: int = 0) -> Packed:
+    """Lay groups out in rows (first-fit decreasing, row length = the longest group) with a tree attention mask."""
+    n_groups = len(groups)
+    sizes = [len(p) + sum(len(r) for r in rs) for p, rs in groups]
+    width = max(max(sizes), 1)
+    rows: list[list[int]] = []  # group indices per row
+    room: list[int] = []
+    for g in sorted(range(n_groups), key=lambda i: -sizes[i]):
+        for r, free in enumerate(room):
+            if sizes[g] <= free:
+                rows[r].append(g)
+                room[r] -= sizes[g]
+                break
+        else:
+            rows.append([g])
+            room.append(width - sizes[g])
+    n_rows = len(rows)
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    group_of = torch.full((n_rows, width), -1, dtype=torch.long)  # -1 = padding
+    branch_of = torch.zeros((n_rows, width), dtype=torch.long)  # 0 = prompt, k + 1 = response k
+    keep = torch.zeros((n_rows, width), dtype=torch.bool)
+    predictor: list[tuple[int, int]] = []
+    labels: list[int] = []
+    seq: list[int] = []
+    pos: list[int] = []
+    for r, members in enumerate(rows):
+        col = 0
+        for g in members:
+            prompt, responses = groups[g]
+            n_p = len(prompt)
+            ids[r, col: col + n_p] = torch.tensor(prompt, dtype=torch.long)
+            positions[r, col: col + n_p] = torch.arange(n_p)
+            group_of[r, col: col + n_p] = g
+            last_prompt = col + n_p - 1
+            col += n_p
+            for k, resp in enumerate(responses):
+                n = len(resp)
+                ids[r, col: col + n] = torch.tensor(resp, dtype=torch.long)
+                positions[r, col: col + n] = torch.arange(n_p, n_p + n)
+                group_of[r, col: col + n] = g
+                branch_of[r, col: col + n] = k + 1
+                if n_p:  # the last prompt token predicts the first response token; a prompt-less one is unscored
+                    predictor += [(r, last_prompt)] + [(r, c) for c in range(col, col + n - 1)]
+                    labels += resp
+                    seq += [k * n_groups + g] * n
+                    pos += list(range(n))
+                elif n > 1:
+                    predictor += [(r, c) for c in range(col, col + n - 1)]
+                    labels += resp[1:]
+                    seq += [k * n_groups + g] * (n - 1)
+                    pos += list(range(1, n))
+                col += n
+    same_group = group_of[:, :, None] == group_of[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    key_branch, query_branch = branch_of[:, None, :], branch_of[:, :, None]
+    visible = same_group & causal & ((key_branch == 0) | (key_branch == query_branch))
+    visible |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+    pred = torch.tensor(predictor, dtype=torch.long).view(-1, 2)
+    keep[pred[:, 0], pred[:, 1]] = True
+    rank = keep.flatten().cumsum(0) - 1
+    return Packed(ids, positions, visible.unsqueeze(1), keep, rank[pred[:, 0] * width + pred[:, 1]],
+                  torch.tensor(labels, dtype=torch.long), torch.tensor(seq, dtype=torch.long),
+                  torch.tensor(pos, dtype=torch.long))
+
+
+def _config(model: torch.nn.Module):
+    return getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model in .module
+
+
+def packing_supported(model: torch.nn.Module) -> bool:
+    """Packing needs a custom 4-D mask, which transformers' sdpa and eager attention accept."""
+    cfg = _config(model)
+    return cfg is not None and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _kept_logits(model: torch.nn.Module, packed: Packed, device: torch.device) -> torch.Tensor:
+    mask = packed.attention.to(device)
+    if _config(model)._attn_implementation == "eager":  # eager adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    keep = packed.keep.to(device)
+    logits = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                   attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+    return logits[keep] if logits.dim() == 3 else logits  # a model that ignores a mask in logits_to_keep
+
+
+def packed_token_logps(model: torch.nn.Module, groups: list[Group], device: torch.device | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-prob, response index, position) of every response token of `groups`, from one packed forward."""
+    device = device or next(model.parameters()).device
+    packed = pack(groups)
+    if packed.labels.numel() == 0:
+        zero = next(model.parameters()).new_zeros(0, dtype=torch.float32)
+        return zero, packed.seq, packed.pos
+    logits = _kept_logits(model, packed, device)
+    rows, labels = packed.kept_row.to(device), packed.labels.to(device)
+    logps = logits[rows, labels].float() - logsumexp_rows(logits)[rows]
+    return logps, packed.seq.to(device), packed.pos.to(device)
+
+
+def group_token_logps(model: torch.nn.Module, prompts: list[list[int]], branches: list[list[list[int]]],
+                      device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs `[K * B, C]` and mask of K responses per prompt, each prompt computed once.
+
+    `branches[k][i]` is response k of prompt i; rows come branch-major (all of branch 0, then branch 1, ...), the
+    layout a concatenated `[chosen; rejected]` batch has. Models whose attention takes no custom mask fall back to
+    one padded forward per branch."""
+    b, k = len(prompts), len(branches)
+    width = max([len(r) for rs in branches for r in rs] + [1])
+    if not packing_supported(model):
+        return _padded_branch_logps(model, prompts, branches, width, device)
+    logps, seq, pos = packed_token_logps(model, [(p, [rs[i] for rs in branches]) for i, p in enumerate(prompts)],
+                                         device)
+    out = logps.new_zeros((k * b, width)).index_put((seq, pos), logps)
+    mask = torch.zeros((k * b, width), dtype=torch.float32, device=out.device)
+    for j, rs in enumerate(branches):
+        for i, r in enumerate(rs):
+            mask[j * b + i, : len(r)] = 1
+    return out, mask
+
+
+def _padded_branch_logps(model, prompts, branches, width, device):
+    examples = [Example(p, r) for rs in branches for p, r in zip(prompts, rs, strict=True)]
+    batch = {key: v.to(device or next(model.parameters()).device) for key, v in collate(examples, 0).items()}
+    tok, mask = _padded_response_token_logps(model, batch)
+    out = tok.new_zeros((len(examples), width))
+    out_mask = torch.zeros_like(out)
+    for i, e in enumerate(examples):
+        start = len(e.prompt_ids) - 1
+        out[i, : len(e.response_ids)] = tok[i, start: start + len(e.response_ids)]
+        out_mask[i, : len(e.response_ids)] = mask[i, start: start + len(e.response_ids)]
+    return out, out_mask
+
+
+def _batch_groups(batch: dict[str, torch.Tensor]) -> list[Group] | None:
+    """Each row of a collated batch as (prompt, [response]); None when a row's response is not its tail."""
+    groups = []
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    for ids, resp, n in zip(batch["input_ids"].tolist(), batch["response_mask"].tolist(), lengths, strict=True):
+        first = resp.index(1) if 1 in resp else n
+        if any(resp[:first]) or not all(resp[first:n]) or any(resp[n:]):
+            return None
+        first = max(first, 1)  # position 0 has nothing before it: never scored
+        groups.append((ids[:first], [ids[first:n]]))
+    return groups
 
 
 def response_token_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token log-probs [B, T-1], mask [B, T-1]) of the response tokens of a collated batch."""
+    mask = batch["response_mask"][:, 1:].to(torch.float32)
+    groups = _batch_groups(batch) if packing_supported(model) else None
+    if groups is None:
+        return _padded_response_token_logps(model, batch)
+    logps, seq, pos = packed_token_logps(model, groups, batch["input_ids"].device)
+    offsets = torch.tensor([len(p) - 1 for p, _ in groups], dtype=torch.long, device=seq.device)
+    out = logps.new_zeros(mask.shape).index_put((seq, pos + offsets[seq]), logps)
+    return out, mask.to(out.device)
+
+
+def _padded_response_token_logps(model, batch):
+    """The reference computation: one padded forward, logits on every position."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["input_ids"][:, 1:]
     mask = batch["response_mask"][:, 1:].to(torch.float32)

@@ -22,11 +22,19 @@ import torch
 from transformers import PreTrainedModel
 
 from prefkd import losses
+from prefkd.cache import TeacherCache
 from prefkd.config import opt
 from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
 from prefkd.generation import SamplingConfig, sample_responses
-from prefkd.logprobs import response_token_logps, selective_log_softmax, token_mean_nll
+from prefkd.logprobs import (
+    group_token_logps,
+    packed_token_logps,
+    packing_supported,
+    response_token_logps,
+    selective_log_softmax,
+    token_mean_nll,
+)
 
 
 @dataclass
@@ -61,7 +69,9 @@ class DPKDConfig:
     beta: float = opt(0.1, "dpkd, dpkd-token: temperature of the implicit reward beta/|y| log q/p")
     length_normalize: bool = opt(True, "dpkd: divide rewards by response length (Eq. 9); false = Eq. 8 ablation")
     teacher_samples: str = opt("fresh", "dpkd family: 'fresh' samples y_t every batch (Algorithm 1); 'cached' "
-                                        "reuses one cached teacher sample per prompt")
+                                        "samples y_t once per prompt (the first time it is drawn) and keeps it with "
+                                        "its teacher log-prob: later epochs run neither teacher sampling nor a "
+                                        "teacher forward on y_t")
 
 
 @dataclass
@@ -114,6 +124,7 @@ class StepInputs:
     pad_id: int
     eos_id: int
     device: torch.device
+    teacher_cache: TeacherCache | None = None  # dpkd family, teacher_samples=cached
 
 
 @dataclass
@@ -215,38 +226,88 @@ def sampled_pairs(pair_loss: PairLoss):
     def step(inp: StepInputs) -> MethodOutput:
         prompts = [e.prompt_ids for e in inp.examples]
         if inp.cfg.dpkd.teacher_samples == "cached":
-            y_t = [e.response_ids for e in inp.examples]
+            y_t, known = _cached_teacher_samples(inp)
         else:
-            y_t = _sample(inp.teacher, inp.examples, inp)
+            y_t, known = _sample(inp.teacher, inp.examples, inp), [None] * len(prompts)
         y_s = _sample(inp.student_sampler, inp.examples, inp)
-        pairs = [Example(p, r) for p, r in zip(prompts + prompts, y_t + y_s, strict=True)]
-        batch = _to(collate(pairs, inp.pad_id), inp.device)  # one forward per model for chosen and rejected
-        q_tok, mask = response_token_logps(inp.student, batch)
-        b = len(prompts)
-        q, n = q_tok.sum(-1), mask.sum(-1)
-        metrics: dict[str, float] = {}
+        p_t = p_s = None
         if inp.teacher is not None:
-            with torch.no_grad():
-                p = response_token_logps(inp.teacher, batch)[0].sum(-1)
-            n_s = n[b:].clamp(min=1)
-            # The teacher's per-token log-prob of the student's samples: rises as the student learns what p knows.
-            metrics["teacher_logp_student"] = (p[b:] / n_s).mean().item()
-            metrics["seq_rkl"] = ((q[b:].detach() - p[b:]) / n_s).mean().item()
-        else:
-            p = torch.zeros_like(q)
-        loss, r_t, r_s = pair_loss(q[:b], q[b:], p[:b], p[b:], n[:b], n[b:], inp.cfg)
-        anchor = token_mean_nll(q_tok[:b], mask[:b])
-        metrics.update({
-            "pref_loss": loss.item(), "reward_chosen": r_t.mean().item(), "reward_rejected": r_s.mean().item(),
-            "margin": (r_t - r_s).mean().item(), "pref_accuracy": (r_t > r_s).float().mean().item(),
-            "len_teacher": n[:b].mean().item(), "len_student": n[b:].mean().item(),
-        })
-        return MethodOutput(loss, anchor, metrics)
+            p_t, p_s = teacher_logps(inp.teacher, prompts, y_t, y_s, known, inp.device)
+        if inp.teacher_cache is not None:
+            new = [(e.index, y, lp) for e, y, k, lp in zip(inp.examples, y_t, known, p_t.tolist(), strict=True)
+                   if k is None]
+            if new:
+                inp.teacher_cache.add(new)
+        return pair_step(inp, y_t, y_s, pair_loss, p_t, p_s)
 
     return step
 
 
-def _dpkd(qt, qs, pt, ps, nt, ns, c: MethodConfig):
+def _cached_teacher_samples(inp: StepInputs) -> tuple[list[list[int]], list[float | None]]:
+    """y_t and log p(y_t) from the teacher cache; prompts drawn for the first time are sampled now.
+
+    Their sampling is seeded by the cache (not by the global generator), so the student's samples, and a resumed
+    run that finds some of these prompts already cached, see the same random stream."""
+    cache = inp.teacher_cache
+    if cache is None or inp.teacher is None:
+        raise ConfigError("distill.dpkd.teacher_samples=cached needs a teacher and its cache (prefkd distill "
+                          "builds it under distill.cache_dir)")
+    hits = [cache.get(e.index) for e in inp.examples]
+    missing = [e for e, h in zip(inp.examples, hits, strict=True) if h is None]
+    sampled: dict[int, list[int]] = {}
+    if missing:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cache.sampling_seed([e.index for e in missing]))
+            sampled = dict(zip([e.index for e in missing], _sample(inp.teacher, missing, inp), strict=True))
+    y_t = [h[0] if h else sampled[e.index] for e, h in zip(inp.examples, hits, strict=True)]
+    return y_t, [h[1] if h else None for h in hits]
+
+
+def teacher_logps(teacher: PreTrainedModel, prompts: list[list[int]], y_t: list[list[int]], y_s: list[list[int]],
+                  known_t: list[float | None], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(y_t), log p(y_s)) under the frozen teacher; y_t is scored only where `known_t` has no value."""
+    b = len(prompts)
+    with torch.no_grad():
+        if not packing_supported(teacher) or all(k is None for k in known_t):
+            p = group_token_logps(teacher, prompts, [y_t, y_s], device)[0].sum(-1)
+            return p[:b], p[b:]
+        # y_s is branch 0 of every prompt, y_t branch 1 where it is still unknown: one packed forward.
+        groups = [(pr, [s] if k is not None else [s, t]) for pr, t, s, k in zip(prompts, y_t, y_s, known_t,
+                                                                               strict=True)]
+        logps, seq, _ = packed_token_logps(teacher, groups, device)
+        sums = torch.zeros(2 * b, dtype=torch.float32, device=logps.device).index_add(0, seq, logps)
+        cached = torch.tensor([float("nan") if k is None else k for k in known_t], device=sums.device)
+        return torch.where(torch.isnan(cached), sums[b:], cached), sums[:b]
+
+
+def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[int]], pair_loss: PairLoss,
+              p_t: torch.Tensor | None = None, p_s: torch.Tensor | None = None) -> MethodOutput:
+    """The DPKD family's loss on given pairs with the teacher's log-probs `p_t`, `p_s` (None: no teacher).
+
+    The student scores y_t and y_s in one packed forward that runs each prompt once for both responses."""
+    prompts = [e.prompt_ids for e in inp.examples]
+    b = len(prompts)
+    q_tok, mask = group_token_logps(inp.student, prompts, [y_t, y_s], inp.device)
+    q, n = q_tok.sum(-1), mask.sum(-1)
+    metrics: dict[str, float] = {}
+    if p_t is not None and p_s is not None:
+        n_s = n[b:].clamp(min=1)
+        # The teacher's per-token log-prob of the student's samples: rises as the student learns what p knows.
+        metrics["teacher_logp_student"] = (p_s / n_s).mean().item()
+        metrics["seq_rkl"] = ((q[b:].detach() - p_s) / n_s).mean().item()
+    else:
+        p_t = p_s = torch.zeros_like(q[:b])
+    loss, r_t, r_s = pair_loss(q[:b], q[b:], p_t, p_s, n[:b], n[b:], inp.cfg)
+    anchor = token_mean_nll(q_tok[:b], mask[:b])
+    metrics.update({
+        "pref_loss": loss.item(), "reward_chosen": r_t.mean().item(), "reward_rejected": r_s.mean().item(),
+        "margin": (r_t - r_s).mean().item(), "pref_accuracy": (r_t > r_s).float().mean().item(),
+        "len_teacher": n[:b].mean().item(), "len_student": n[b:].mean().item(),
+    })
+    return MethodOutput(loss, anchor, metrics)
+
+
+def dpkd_pair_loss(qt, qs, pt, ps, nt, ns, c: MethodConfig):
     return losses.dpkd_loss(qt, qs, pt, ps, nt, ns, c.dpkd.beta, c.dpkd.length_normalize)
 
 
@@ -255,11 +316,10 @@ def _dpkd(qt, qs, pt, ps, nt, ns, c: MethodConfig):
 
 def plad_step(margin_form: bool):
     def step(inp: StepInputs) -> MethodOutput:
-        chosen = [Example(e.prompt_ids, e.response_ids) for e in inp.examples]
-        rejected = [Example(e.prompt_ids, e.rejected_ids) for e in inp.examples]
-        batch = _to(collate(chosen + rejected, inp.pad_id), inp.device)
-        q_tok, mask = response_token_logps(inp.student, batch)
-        b = len(chosen)
+        q_tok, mask = group_token_logps(inp.student, [e.prompt_ids for e in inp.examples],
+                                        [[e.response_ids for e in inp.examples],
+                                         [e.rejected_ids for e in inp.examples]], inp.device)
+        b = len(inp.examples)
         q = q_tok.sum(-1)
         if margin_form:
             s_pos = torch.tensor([e.chosen_score for e in inp.examples], device=inp.device)
@@ -300,7 +360,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            teacher_forced(lambda s, t, m, c: losses.skew_reverse_kl(s, t, m, c.skew.alpha)), "skew.alpha 0.1"),
     Method("dpkd", "DPKD paper form: teacher sample preferred over student sample by the implicit reward "
            "beta/|y| log q/p, both sampled every batch", "DPKD (2406.19774) Eq. 9, Alg. 1", "prompts", True,
-           sampled_pairs(_dpkd), "dpkd.beta 0.1, lm_weight, kappa"),
+           sampled_pairs(dpkd_pair_loss), "dpkd.beta 0.1, lm_weight, kappa"),
     Method("dpkd-token", "DPKD as released (LMOps): token-level argmax preference on the sequences, no sampling",
            "DPKD released code", "sequences", True,
            teacher_forced(lambda s, t, m, c: losses.dpkd_token_loss(s, t, m, c.dpkd.beta)), "dpkd.beta 0.1, kappa 0.5"),

@@ -14,13 +14,13 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefkd import atomic, config
-from prefkd.cache import cache_key, generate_cached, model_identity
+from prefkd.cache import TeacherCache, cache_key, generate_cached, model_identity, teacher_cache_key
 from prefkd.config import opt, section
 from prefkd.console import console
 from prefkd.data.collate import Example, encode_examples, encode_prompts
 from prefkd.data.corpus import token_blocks
 from prefkd.data.records import Instruction, read_records
-from prefkd.errors import DataError, PrefkdError
+from prefkd.errors import ConfigError, DataError, PrefkdError
 from prefkd.evaluate import EvalConfig, evaluate
 from prefkd.generation import SamplingConfig
 from prefkd.lora import LoRAConfig, apply_lora, save_trained
@@ -117,8 +117,8 @@ def reference_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruc
 
 
 def prompt_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruction], cfg: TrainConfig) -> list[Example]:
-    return [Example(p, []) for p in encode_prompts(tokenizer, [r.prompt for r in records])
-            if len(p) <= cfg.max_prompt_tokens]
+    kept = [p for p in encode_prompts(tokenizer, [r.prompt for r in records]) if len(p) <= cfg.max_prompt_tokens]
+    return [Example(p, [], index=i) for i, p in enumerate(kept)]
 
 
 def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
@@ -149,6 +149,9 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                 corpus: list[str] | None = None, name: str | None = None) -> list[dict]:
     out = Path(cfg.out)
     method = get_method(cfg.method)
+    if cfg.distill.dpkd.teacher_samples not in ("fresh", "cached"):
+        raise ConfigError(f"distill.dpkd.teacher_samples must be 'fresh' or 'cached', not "
+                          f"'{cfg.distill.dpkd.teacher_samples}'")
     write_run_config(out, cfg)
     student_path = _need(cfg.student.path, "student.path")
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
@@ -171,6 +174,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                    replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
                    corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None)
+    if method.data == "prompts" and cfg.distill.dpkd.teacher_samples == "cached":
+        data.teacher_cache = teacher_cache(cfg, examples)
     d = cfg.distill
     console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
@@ -193,7 +198,7 @@ def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction],
     prompts = kept
     if method.data == "references":
         return reference_examples(tokenizer, prompts, cfg.train, source)
-    if method.data == "prompts" and cfg.distill.dpkd.teacher_samples != "cached":
+    if method.data == "prompts":  # dpkd family: y_t sampled in training (teacher_samples=cached keeps it)
         return prompt_examples(tokenizer, prompts, cfg.train)
     if (method.data == "sequences" and cfg.distill.responses == "auto" and all(r.references for r in prompts)):
         return reference_examples(tokenizer, prompts, cfg.train, source)
@@ -215,6 +220,14 @@ def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction],
     if same:
         console.print(f"{same} of {len(out)} pairs have identical responses (no ranking gradient from them)")
     return out
+
+
+def teacher_cache(cfg: DistillRun, examples: list[Example]) -> TeacherCache:
+    """The run's cache of teacher samples and log-probs, keyed by teacher, prompts, sampling, seed and precision."""
+    key = teacher_cache_key(model_identity(cfg.teacher.path), [e.prompt_ids for e in examples], cfg.sampling,
+                            cfg.train.seed, cfg.train.bf16)
+    cache_dir = Path(cfg.distill.cache_dir or Path(cfg.out) / "cache")
+    return TeacherCache(cache_dir / f"teacher-logp-{key}.jsonl", key, cfg.train.seed)
 
 
 def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Instruction], sampling: SamplingConfig,

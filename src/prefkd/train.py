@@ -22,6 +22,7 @@ from accelerate.state import AcceleratorState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from prefkd import atomic, stages
+from prefkd.cache import TeacherCache
 from prefkd.config import opt
 from prefkd.console import console, progress
 from prefkd.data.collate import Example, collate
@@ -81,6 +82,7 @@ class RunData:
     examples: list[Example]  # the method's data: references (sft) or prompts (distillation)
     replay: list[Example] | None = None  # labelled examples replayed with cross-entropy
     corpus: torch.Tensor | None = None  # [N, block] pretraining token blocks for the LM loss
+    teacher_cache: TeacherCache | None = None  # teacher samples + log-probs (dpkd family, teacher_samples=cached)
 
 
 def _split(batch_size: int, replay: float, has_replay: bool) -> tuple[int, int]:
@@ -180,7 +182,8 @@ def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData,
                 k: int, mcfg: MethodConfig, sampling: SamplingConfig, pad: int, eos: int, n_replay: int,
                 use_lm: bool) -> tuple[torch.Tensor, dict[str, float]]:
     examples = [data.examples[i] for i in streams["method"].batch(k)]
-    inp = StepInputs(model, acc.unwrap_model(model), teacher, examples, sampling, mcfg, pad, eos, acc.device)
+    inp = StepInputs(model, acc.unwrap_model(model), teacher, examples, sampling, mcfg, pad, eos, acc.device,
+                     data.teacher_cache)
     res = method.step(inp)
     metrics = dict(res.metrics)
     loss = res.loss

@@ -20,6 +20,7 @@ class Example:
     rejected_ids: list[int] = field(default_factory=list)
     chosen_score: float = 0.0
     rejected_score: float = 0.0
+    index: int = -1  # position in the run's prompt list (keys the teacher cache of dpkd's cached mode)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:

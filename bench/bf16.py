@@ -1,0 +1,65 @@
+"""Benchmark 6: bf16 autocast vs fp32 for 50 DPKD steps from the same seed (CPU).
+
+`prefkd distill --method dpkd` (through `run_distill`) with the demo's distillation settings (16 examples per
+step: 8 D prompts sampled by teacher and student + 8 replayed D0 references, LM loss on the corpus, up to 160 new
+tokens) on the demo's model sizes, `train.bf16=false` vs `true`, same seed. Speed: wall time of the 50 steps
+(from the training log), runs alternating fp32, bf16, ...; loss: the last log row (mean of steps 41-50).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench import common, fixtures
+from prefkd.data.records import read_records
+from prefkd.generation import SamplingConfig
+from prefkd.methods import MethodConfig
+from prefkd.models import ModelConfig
+from prefkd.runs import DataConfig, DistillRun, run_distill
+from prefkd.train import TrainConfig
+
+STEPS = 50
+
+
+def _run(out: Path, bf16: bool) -> tuple[float, float]:
+    t_path, s_path = fixtures.models()
+    d = fixtures.data_dir()
+    cfg = DistillRun(out=str(out), method="dpkd", student=ModelConfig(path=str(s_path)),
+                     teacher=ModelConfig(path=str(t_path)),
+                     data=DataConfig(prompts=str(d / "d_prompts.jsonl"), replay=str(d / "d0.jsonl"),
+                                     corpus=str(d / "corpus.txt")),
+                     train=TrainConfig(steps=STEPS, batch_size=16, lr=5e-4, log_every=10, save_every=0, seed=0,
+                                       bf16=bf16),
+                     distill=MethodConfig(), sampling=SamplingConfig(max_new_tokens=160))
+    logs = run_distill(cfg)
+    return logs[-1]["elapsed"], logs[-1]["loss"]
+
+
+def run(quick: bool) -> dict:
+    rounds = 1 if quick else 2
+    read_records(fixtures.data_dir() / "d_prompts.jsonl")  # builds the data if needed
+    runs: dict[str, list[tuple[float, float]]] = {"fp32": [], "bf16": []}
+    load_before = common.load_avg()
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name in ("fp32", "bf16"):
+                runs[name].append(_run(Path(tmp) / f"{name}{r}", name == "bf16"))
+    wall = {k: common.median([t for t, _ in v]) for k, v in runs.items()}
+    loss = {k: v[0][1] for k, v in runs.items()}  # same seed: every run of a precision gives the same loss
+    figures = {"bf16_speedup": round(wall["fp32"] / wall["bf16"], 2),
+               "bf16_loss_rel_diff": round(abs(loss["bf16"] - loss["fp32"]) / abs(loss["fp32"]), 4)}
+    settings = {"method": "dpkd", "steps": STEPS, "batch": 16, "replay": 0.5, "lm_weight": 0.1,
+                "max_new_tokens": 160, "student": "gpt2 tiny (2x128)", "teacher": "gpt2 mini (3x192)",
+                "seed": 0, "runs_per_precision": rounds, "threads": torch.get_num_threads()}
+    details = {"wall_s": {k: round(v, 1) for k, v in wall.items()}, "final_loss": loss,
+               "load_avg_start": load_before, "load_avg_end": common.load_avg()}
+    common.save("bf16", figures, settings, details)
+    common.table("6. 50 DPKD steps, bf16 autocast vs fp32 (same seed, CPU)", [
+        ("speed bf16 / fp32", f"{figures['bf16_speedup']}x", ">= 1.6x"),
+        ("final loss |bf16 - fp32| / fp32", f"{figures['bf16_loss_rel_diff']:.2%}", "<= 5%"),
+        ("wall s fp32, bf16", f"{details['wall_s']['fp32']}, {details['wall_s']['bf16']}", ""),
+    ])
+    return figures

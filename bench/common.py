@@ -1,0 +1,130 @@
+"""What every benchmark shares: side-by-side timing, peak memory of child processes, the results file, tables.
+
+The machine is noisy (2 cores shared with other jobs), so a figure is always a ratio of two things measured in the
+same run: timings alternate between the two sides after a warm-up and are summarised by their median; peak
+memory (per process) is read from child processes launched alternately by the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from prefkd import atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results.json"
+console = Console()
+
+
+def set_threads() -> int:
+    """`BENCH_THREADS=n` pins torch's intra-op threads (children inherit it); default: torch's own choice."""
+    n = int(os.environ.get("BENCH_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function: `warmup` untimed calls each, then `reps` rounds calling them in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            out[name].append(timed(fn))
+    return out
+
+
+# ---- peak memory, one child process per measurement -----------------------------------------------------------
+
+
+def rss_kb(field: str = "VmRSS") -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1))
+
+
+def reset_peak() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0); returns that RSS in kB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_kb()
+
+
+def child_report(**extra: object) -> None:
+    """Last stdout line of a child: its peak RSS since the last `reset_peak`, as JSON."""
+    print(json.dumps({"peak_kb": rss_kb("VmHWM"), **extra}), flush=True)
+
+
+def run_children(commands: dict[str, list[str]], rounds: int, timeout: int = 600) -> dict[str, list[dict]]:
+    """Run each command `rounds` times, alternating between them; each returns its child's last JSON line."""
+    out: dict[str, list[dict]] = {name: [] for name in commands}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for _ in range(rounds):
+        for name, cmd in commands.items():
+            proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT, env=env,
+                                  timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"benchmark child {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            out[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# ---- results and tables ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        m = re.search(r"model name\s*:\s*(.+)", info.read_text())
+        cpu = m.group(1).strip() if m else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def save(bench: str, figures: dict[str, float], settings: dict, details: dict | None = None) -> None:
+    """Merge one benchmark's figures (top-level keys), settings and raw details into bench/results.json."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    data.update(figures)
+    data.setdefault("settings", {})[bench] = settings
+    data.setdefault("details", {})[bench] = details or {}
+    data["machine"] = machine()
+    data.setdefault("measured_at", {})[bench] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    atomic.write_json(RESULTS, data)
+
+
+def table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    """Rows of (figure, value, target)."""
+    t = Table(title=title)
+    for col in ("figure", "value", "target"):
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 2)

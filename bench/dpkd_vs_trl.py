@@ -1,0 +1,191 @@
+"""Benchmark 1: prefkd's DPKD step vs TRL's DPOTrainer step with the teacher as ref_model.
+
+Same tiny GPT-2 student and teacher (the demo's sizes, briefly trained), the same pre-sampled pairs (token for
+token: prefkd trains on the ids TRL's own tokenisation produced), the same batch (16 pairs, sequential order),
+AdamW at the same learning rate, clipping at 1.0, fp32, CPU. Both compute the four sequence log-probs
+(student with grad on y_t and y_s, teacher without); the losses differ only in DPKD's length normalisation.
+
+Throughput: one TRL `train()` whose callback times each TRL step (from `on_step_begin` to `on_step_end`: forward,
+backward, clip, optimizer and scheduler step) and then runs and times one prefkd step on the same batch, so the
+two alternate step by step. prefkd runs its step twice: with the teacher scoring y_t and y_s as TRL does, and with
+log p(y_t) already known (what `teacher_samples=cached` gives from the second epoch on).
+Peak memory: separate child processes, alternated; the peak RSS of the training steps (reset after loading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench import common, fixtures
+from prefkd.generation import SamplingConfig
+from prefkd.methods import MethodConfig, StepInputs, dpkd_pair_loss, pair_step, teacher_logps
+from prefkd.models import load_model, load_tokenizer
+
+BATCH = 16
+LR = 5e-5
+
+
+def _texts(tokenizer, pairs) -> list[dict]:
+    eos = tokenizer.eos_token_id
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids[:-1] if ids and ids[-1] == eos else ids)
+
+    return [{"prompt": tokenizer.decode(e.prompt_ids), "chosen": text(e.response_ids),
+             "rejected": text(e.rejected_ids)} for e in pairs]
+
+
+def trl_trainer(student, teacher, tokenizer, rows: list[dict], steps: int, out_dir: str, callbacks=()):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+                     lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, beta=0.1, bf16=False,
+                     use_cpu=True, logging_steps=10_000, save_strategy="no", report_to="none", seed=0,
+                     train_sampling_strategy="sequential", dataloader_num_workers=0, disable_dropout=True)
+    return DPOTrainer(model=student, ref_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=tokenizer, callbacks=list(callbacks))
+
+
+class PrefkdStep:
+    """prefkd's DPKD step on given pairs (the method's step after sampling) plus backward, clip and AdamW."""
+
+    def __init__(self, student, teacher, tokenizer, batches: list[dict]):
+        self.student, self.teacher, self.batches = student, teacher, batches
+        self.opt = torch.optim.AdamW(student.parameters(), lr=LR)
+        self.cfg = MethodConfig(kappa=1.0, replay=0.0)  # the paper's loss alone, as TRL's step has no anchor
+        self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.cpu = torch.device("cpu")
+        self.p_t = []  # log p(y_t) per batch, as the teacher cache would hold it
+        for b in batches:
+            p_t, _ = teacher_logps(teacher, b["prompt"], b["chosen"], b["rejected"], [None] * len(b["prompt"]),
+                                   self.cpu)
+            self.p_t.append(p_t.tolist())
+
+    def step(self, k: int, cached: bool = False) -> float:
+        from prefkd.data.collate import Example
+
+        b = self.batches[k % len(self.batches)]
+        examples = [Example(p, []) for p in b["prompt"]]
+        inp = StepInputs(self.student, self.student, self.teacher, examples, SamplingConfig(), self.cfg, self.pad,
+                         self.eos, self.cpu)
+        known = self.p_t[k % len(self.batches)] if cached else [None] * len(examples)
+        p_t, p_s = teacher_logps(self.teacher, b["prompt"], b["chosen"], b["rejected"], known, self.cpu)
+        out = pair_step(inp, b["chosen"], b["rejected"], dpkd_pair_loss, p_t, p_s)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+
+def _batches(ids: list[dict]) -> list[dict]:
+    """TRL's tokenised rows (prompt_ids, chosen_ids, rejected_ids) as prefkd batches of BATCH pairs, in order."""
+    out = []
+    for s in range(0, len(ids) - BATCH + 1, BATCH):
+        rows = ids[s: s + BATCH]
+        out.append({k: [r[f"{k}_ids"] for r in rows] for k in ("prompt", "chosen", "rejected")})
+    return out
+
+
+def _ids_path() -> Path:
+    return fixtures.CACHE / "dpkd-vs-trl-ids.json"
+
+
+def _setup():
+    t_path, s_path = fixtures.models()
+    tokenizer = load_tokenizer(str(s_path))
+    return t_path, s_path, tokenizer, _texts(tokenizer, fixtures.pairs())
+
+
+def run(quick: bool) -> dict:
+    from transformers import TrainerCallback
+
+    steps, warmup, rounds = (14, 2, 2) if quick else (34, 2, 3)
+    t_path, s_path, tokenizer, rows = _setup()
+    teacher_trl, teacher_pk = (load_model(str(t_path)).eval().requires_grad_(False) for _ in range(2))
+    student_trl, student_pk = load_model(str(s_path)), load_model(str(s_path))
+    times: dict[str, list[float]] = {"trl": [], "prefkd": [], "prefkd_cached": []}
+    holder: dict = {}
+
+    class Alternate(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            holder["t0"] = common.time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times["trl"].append(common.time.perf_counter() - holder["t0"])
+            k = state.global_step - 1  # the batch TRL just trained on (sequential sampler)
+            times["prefkd"].append(common.timed(lambda: holder["prefkd"].step(k)))
+            times["prefkd_cached"].append(common.timed(lambda: holder["prefkd"].step(k, cached=True)))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = trl_trainer(student_trl, teacher_trl, tokenizer, rows, steps, tmp, [Alternate()])
+        ids = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]
+        _ids_path().write_text(json.dumps(ids))
+        batches = _batches(ids)
+        holder["prefkd"] = PrefkdStep(student_pk, teacher_pk, tokenizer, batches)
+        load_before = common.load_avg()
+        trainer.train()
+    med = {k: common.median(v[warmup:]) for k, v in times.items()}
+    mem = common.run_children({name: ["-m", "bench.dpkd_vs_trl", "--child", name]
+                               for name in ("prefkd", "trl")}, rounds)
+    peak = {k: common.median([r["peak_kb"] for r in v]) for k, v in mem.items()}
+    extra = {k: common.median([r["peak_kb"] - r["base_kb"] for r in v]) for k, v in mem.items()}
+    tokens = [sum(len(p) + len(c) + len(p) + len(r) for p, c, r in zip(b["prompt"], b["chosen"], b["rejected"],
+                                                                        strict=True)) for b in batches]
+    figures = {
+        "dpkd_step_vs_trl_dpo": round(med["trl"] / med["prefkd"], 2),
+        "dpkd_step_cached_teacher_vs_trl_dpo": round(med["trl"] / med["prefkd_cached"], 2),
+        "dpkd_step_peak_rss_vs_trl_dpo": round(peak["prefkd"] / peak["trl"], 3),
+        "dpkd_step_peak_rss_extra_vs_trl_dpo": round(extra["prefkd"] / extra["trl"], 3),
+    }
+    settings = {"student": "gpt2 tiny (2x128), SFT 300 steps", "teacher": "gpt2 mini (3x192), SFT 300 steps",
+                "vocab": len(tokenizer), "batch_pairs": BATCH, "pairs": len(ids), "lr": LR, "precision": "fp32",
+                "timed_steps": steps - warmup, "warmup_steps": warmup, "memory_children_per_side": rounds,
+                "memory_steps_per_child": 8, "threads": torch.get_num_threads(),
+                "mean_tokens_per_batch_both_sequences": round(sum(tokens) / len(tokens)),
+                "trl_version": __import__("trl").__version__}
+    details = {"median_step_s": {k: round(v, 4) for k, v in med.items()},
+               "pairs_per_s": {k: round(BATCH / v, 1) for k, v in med.items()},
+               "peak_rss_mb": {k: round(v / 1024, 1) for k, v in peak.items()},
+               "peak_rss_extra_mb": {k: round(v / 1024, 1) for k, v in extra.items()},
+               "load_avg_start": load_before, "load_avg_end": common.load_avg()}
+    common.save("dpkd_vs_trl", figures, settings, details)
+    common.table("1. DPKD step vs TRL DPOTrainer step (same models, pairs, batch; CPU fp32)", [
+        ("median step time TRL / prefkd", f"{figures['dpkd_step_vs_trl_dpo']}x", ">= 1.5x"),
+        ("same, teacher log p(y_t) cached", f"{figures['dpkd_step_cached_teacher_vs_trl_dpo']}x", "report"),
+        ("peak RSS prefkd / TRL", f"{figures['dpkd_step_peak_rss_vs_trl_dpo']}x", "<= 1.0x"),
+        ("peak RSS above baseline prefkd / TRL", f"{figures['dpkd_step_peak_rss_extra_vs_trl_dpo']}x", "report"),
+        ("pairs/s prefkd, TRL", f"{details['pairs_per_s']['prefkd']}, {details['pairs_per_s']['trl']}", ""),
+        ("peak RSS MB prefkd, TRL", f"{details['peak_rss_mb']['prefkd']}, {details['peak_rss_mb']['trl']}", ""),
+    ])
+    return figures
+
+
+def child(side: str, steps: int = 8) -> None:
+    """One side's training steps in a fresh process; prints its peak RSS over the steps."""
+    common.set_threads()
+    t_path, s_path, tokenizer, rows = _setup()
+    student, teacher = load_model(str(s_path)), load_model(str(t_path)).eval().requires_grad_(False)
+    if side == "trl":
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = trl_trainer(student, teacher, tokenizer, rows, steps, tmp)
+            base = common.reset_peak()
+            trainer.train()
+    else:
+        prefkd = PrefkdStep(student, teacher, tokenizer, _batches(json.loads(_ids_path().read_text())))
+        base = common.reset_peak()
+        for k in range(steps):
+            prefkd.step(k)
+    common.child_report(base_kb=base)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", choices=["prefkd", "trl"], required=True)
+    child(parser.parse_args().child)

@@ -1,0 +1,93 @@
+"""What the benchmarks run on: the demo's suite and tokenizer, a briefly trained teacher and student, sampled pairs.
+
+Built once through the library (`prepare_data`, `run_sft`, `sample_responses`) and kept under `bench/.cache`,
+keyed by their settings, so every benchmark of a run (and the next run) sees the same models and data.
+Trained (not random) models matter: their samples end at EOS with varied lengths, as in real training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prefkd import atomic, stages
+from prefkd.data.collate import Example, encode_prompts
+from prefkd.data.records import Instruction, read_records
+from prefkd.demo import DemoConfig, prepare_data
+from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.models import ModelConfig, load_model, load_tokenizer
+from prefkd.runs import DataConfig, SFTRun, run_sft
+from prefkd.train import TrainConfig
+
+CACHE = Path(__file__).parent / ".cache"
+
+
+@dataclass(frozen=True)
+class Fixture:
+    teacher_size: str = "mini"  # the demo's teacher (3x192) and student (2x128)
+    student_size: str = "tiny"
+    teacher_steps: int = 300
+    student_steps: int = 300
+    n_pairs: int = 64
+    max_new_tokens: int = 128
+
+
+def data_dir() -> Path:
+    d = CACHE / "data"
+    prepare_data(DemoConfig(), d)
+    return d
+
+
+def models(fx: Fixture = Fixture()) -> tuple[Path, Path]:
+    """Paths of the trained teacher and student (SFT on D0 + D and on D0, as the demo, with fewer steps)."""
+    d = data_dir()
+    tokenizer = load_tokenizer(str(d / "tokenizer"))
+    paths = []
+    for name, size, steps, files in (("teacher", fx.teacher_size, fx.teacher_steps, ["d0", "d"]),
+                                     ("student", fx.student_size, fx.student_steps, ["d0"])):
+        key = stages.fingerprint(name, size, steps, files)
+        out = CACHE / f"{name}-{key}"
+        if not stages.is_done(out, key):
+            records = [r for f in files for r in read_records(d / f"{f}.jsonl", require_references=True)]
+            tcfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, bf16=True, save_every=0, log_every=50)
+            run_sft(SFTRun(str(out), ModelConfig(size=size), str(d / "tokenizer"), DataConfig(), tcfg), records,
+                    tokenizer, f"bench {name}")
+            stages.mark_done(out, key)
+        paths.append(out / "model")
+    return paths[0], paths[1]
+
+
+def balanced(records: list[Instruction], n: int) -> list[Instruction]:
+    """`n` records taken round-robin over the categories: short QA answers and long profiles alike."""
+    by_cat: dict[str, list[Instruction]] = {}
+    for r in records:
+        by_cat.setdefault(r.category, []).append(r)
+    queues = [iter(v) for _, v in sorted(by_cat.items())]
+    out: list[Instruction] = []
+    while len(out) < n:
+        for q in queues:
+            r = next(q, None)
+            if r is not None and len(out) < n:
+                out.append(r)
+    return out
+
+
+def pairs(fx: Fixture = Fixture()) -> list[Example]:
+    """`n_pairs` D prompts (balanced over categories) with a teacher sample (response_ids) and a student sample
+    (rejected_ids)."""
+    teacher_path, student_path = models(fx)
+    key = stages.fingerprint(asdict(fx))
+    path = CACHE / f"pairs-{key}.json"
+    if not path.is_file():
+        tokenizer = load_tokenizer(str(teacher_path))
+        records = balanced(read_records(data_dir() / "d.jsonl"), fx.n_pairs)
+        prompts = encode_prompts(tokenizer, [r.prompt for r in records])
+        sampling = SamplingConfig(max_new_tokens=fx.max_new_tokens)
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        y_t = sample_responses(load_model(str(teacher_path)), prompts, sampling, pad, eos, seed=1)
+        y_s = sample_responses(load_model(str(student_path)), prompts, sampling, pad, eos, seed=2)
+        atomic.write_json(path, [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(prompts, y_t, y_s,
+                                                                                                strict=True)])
+    rows = json.loads(path.read_text())
+    return [Example(r["prompt"], r["chosen"], r["rejected"]) for r in rows]

@@ -1,0 +1,99 @@
+"""Benchmark 5: model FLOP utilisation of an SFT step on the 6-layer d384 GPT-2 in fp32.
+
+Achieved FLOP/s of prefkd's SFT step (the `sft` method's step, backward, clipping, AdamW) on batches of 16 D0
+examples of the demo suite, divided by the peak fp32 matmul FLOP/s of the same process (a 3072 x 3072
+`torch.matmul`), the two alternating. Model FLOPs per step follow the usual convention: 6 x parameters x tokens
+(forward + backward; parameters without the position table, the tied embedding counted once as the LM head) plus
+attention, 12 x layers x width x T^2 per sequence of T tokens; tokens are the real (unpadded) tokens. The padded
+reference (one padded forward, logits on every position: what prefkd did before packing) is timed alongside.
+Measured at torch's default thread count and at one thread: on a shared machine the two differ a lot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench import common, fixtures
+from prefkd.data.collate import collate, encode_examples
+from prefkd.data.records import read_records
+from prefkd.generation import SamplingConfig
+from prefkd.logprobs import _padded_response_token_logps, token_mean_nll
+from prefkd.methods import MethodConfig, StepInputs, get_method
+from prefkd.models import SIZES, build_model, load_tokenizer
+from prefkd.train import BatchStream
+
+SIZE = "base"
+BATCH = 16
+MATMUL = 3072
+
+
+def model_flops(examples, layers: int, width: int, params: int) -> float:
+    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
+    return 6 * params * sum(lengths) + sum(12 * layers * width * t * t for t in lengths)
+
+
+def run(quick: bool) -> dict:
+    reps = 4 if quick else 10
+    d = fixtures.data_dir()
+    tokenizer = load_tokenizer(str(d / "tokenizer"))
+    records = read_records(d / "d0.jsonl", require_references=True)
+    examples, _ = encode_examples(tokenizer, [r.prompt for r in records], [r.references[0] for r in records])
+    model = build_model("gpt2", SIZE, tokenizer, seed=0)
+    layers, width, _ = SIZES[SIZE]
+    params = sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    stream = BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in examples], BATCH, seed=0)
+    sft = get_method("sft")
+    cpu = torch.device("cpu")
+    a, b = torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL)
+    default_threads = torch.get_num_threads()
+    results = {}
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        k = 0
+        achieved, padded, peak = [], [], []
+        for rep in range(reps + 1):  # the first round warms up
+            batch = [examples[i] for i in stream.batch(k)]
+            k += 1
+            flops = model_flops(batch, layers, width, params)
+
+            inp = StepInputs(model, model, None, batch, SamplingConfig(), MethodConfig(), tokenizer.pad_token_id,
+                             tokenizer.eos_token_id, cpu)
+            padded_batch = collate(batch, 0)
+            t_packed = common.timed(lambda i=inp: _finish(model, opt, sft.step(i).loss))
+            t_mm = common.timed(lambda: torch.matmul(a, b))
+            t_padded = common.timed(lambda pb=padded_batch: _finish(
+                model, opt, token_mean_nll(*_padded_response_token_logps(model, pb))))
+            if rep:
+                achieved.append(flops / t_packed)
+                padded.append(flops / t_padded)
+                peak.append(2 * MATMUL**3 / t_mm)
+        results[threads] = {"achieved_gflops": common.median(achieved) / 1e9,
+                            "padded_gflops": common.median(padded) / 1e9, "peak_gflops": common.median(peak) / 1e9}
+    torch.set_num_threads(default_threads)
+    for r in results.values():
+        r["mfu"] = r["achieved_gflops"] / r["peak_gflops"]
+        r["mfu_padded"] = r["padded_gflops"] / r["peak_gflops"]
+    main = results[default_threads]
+    one = results[1]
+    figures = {"train_mfu_fp32": round(main["mfu"], 3), "train_mfu_fp32_1thread": round(one["mfu"], 3)}
+    settings = {"model": f"gpt2 {SIZE} (6x384)", "params_counted": params, "vocab": len(tokenizer),
+                "batch": BATCH, "data": "demo suite D0 references", "matmul": MATMUL, "reps": reps,
+                "threads_default": default_threads, "flops": "6 x params x real tokens + 12 x layers x width x T^2"}
+    details = {str(t): {k: round(v, 3) for k, v in r.items()} for t, r in results.items()}
+    common.save("train_mfu", figures, settings, details)
+    rows = []
+    for t, r in sorted(results.items(), reverse=True):
+        rows += [(f"MFU, {t} thread(s)", f"{r['mfu']:.3f}", ">= 0.40"),
+                 (f"  achieved / peak GFLOP/s, {t} thread(s)", f"{r['achieved_gflops']:.1f} / {r['peak_gflops']:.1f}",
+                  ""),
+                 (f"  padded reference MFU, {t} thread(s)", f"{r['mfu_padded']:.3f}", "before")]
+    common.table("5. SFT step on GPT-2 6x384, fp32: model FLOP/s / peak matmul FLOP/s", rows)
+    return figures
+
+
+def _finish(model, opt, loss) -> None:
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
