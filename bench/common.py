@@ -30,8 +30,13 @@ console = Console()
 
 
 def set_threads() -> int:
-    """`BENCH_THREADS=n` pins torch's intra-op threads (children inherit it); default: torch's own choice."""
-    n = int(os.environ.get("BENCH_THREADS", "0") or 0)
+    """torch intra-op threads for the run (children inherit `BENCH_THREADS`): 1 unless `BENCH_THREADS` says
+    otherwise (0 = torch's default, one per core).
+
+    One thread because the benchmark machine is shared: with other jobs on its two cores, two threads wait on
+    each other at every small op and run 2-4x slower than one. Both sides of every comparison use the same count;
+    the MFU benchmark measures both counts."""
+    n = int(os.environ.setdefault("BENCH_THREADS", "1") or 0)
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()

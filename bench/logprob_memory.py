@@ -36,7 +36,16 @@ def run(quick: bool) -> dict:
                                for name in ("chunked", "full")}, rounds)
     extra = {k: common.median([r["peak_kb"] - r["base_kb"] for r in v]) for k, v in mem.items()}
     logits, labels = _inputs()
-    diff = (selective_log_softmax(logits, labels) - full(logits, labels)).abs().max().item()
+    chunked_out, full_out = selective_log_softmax(logits, labels), full(logits, labels)
+    diff = (chunked_out - full_out).abs().max().item()
+    # Accuracy against float64 on two rows, and the autograd form (logit - logsumexp) against both.
+    few, few_labels = logits[:2], labels[:2]
+    exact = torch.log_softmax(few.double(), -1).gather(-1, few_labels.unsqueeze(-1)).squeeze(-1)
+    grad_form = selective_log_softmax(few.clone().requires_grad_(True), few_labels).detach()
+    accuracy = {"full_vs_float64": (full_out[:2].double() - exact).abs().max().item(),
+                "chunked_vs_float64": (chunked_out[:2].double() - exact).abs().max().item(),
+                "autograd_form_vs_float64": (grad_form.double() - exact).abs().max().item(),
+                "autograd_form_vs_full": (grad_form - full_out[:2]).abs().max().item()}
     times = common.alternate({"chunked": lambda: selective_log_softmax(logits, labels),
                               "full": lambda: full(logits, labels)}, reps=3 if quick else 5)
     med = {k: common.median(v) for k, v in times.items()}
@@ -47,7 +56,8 @@ def run(quick: bool) -> dict:
                 "children_per_side": rounds, "threads": torch.get_num_threads()}
     details = {"peak_extra_mb": {k: round(v / 1024, 1) for k, v in extra.items()},
                "logits_mb": round(logits_mb, 1), "median_s": {k: round(v, 3) for k, v in med.items()},
-               "chunked_speed_vs_full": round(med["full"] / med["chunked"], 2)}
+               "chunked_speed_vs_full": round(med["full"] / med["chunked"], 2),
+               "max_abs_error": {k: float(f"{v:.3g}") for k, v in accuracy.items()}}
     common.save("logprob_memory", figures, settings, details)
     common.table("2. Per-token log-probs of [8, 512] x 50,257 (fp32): chunked vs full log_softmax + gather", [
         ("peak extra memory chunked / full", f"{figures['logprob_chunked_memory_ratio']}x", "<= 0.25x"),

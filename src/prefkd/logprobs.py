@@ -37,6 +37,25 @@ def logsumexp_rows(logits: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -
     return torch.cat([torch.logsumexp(logits[s: s + step].float(), dim=-1) for s in range(0, logits.shape[0], step)])
 
 
+def log_softmax_at(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """`log_softmax(logits[rows])[labels]` in fp32 for `[K, V]` logits, a chunk of rows at a time (rows may repeat).
+
+    Without autograd each chunk goes through `torch.log_softmax`, the same kernel row by row as one full call, so
+    the values equal the full computation exactly. With autograd it is `logit - logsumexp`, whose backward keeps
+    no `[K, V]` log-softmax (only the logits, which exist anyway); it is as exact (closer to float64, in fact).
+    """
+    if logits.requires_grad and torch.is_grad_enabled():
+        return logits[rows, labels].float() - logsumexp_rows(logits, chunk_elements)[rows]
+    step = _chunk_positions(logits.shape[-1], chunk_elements)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
+    for s in range(0, logits.shape[0], step):
+        sel = (rows >= s) & (rows < s + step)
+        if sel.any():
+            out[sel] = torch.log_softmax(logits[s: s + step].float(), dim=-1)[rows[sel] - s, labels[sel]]
+    return out
+
+
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor,
                           chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """log softmax(logits)[..., labels] in fp32 without materialising the full log-softmax.
@@ -45,8 +64,8 @@ def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor,
     memory is one chunk whatever the batch and sequence length.
     """
     flat = logits.reshape(-1, logits.shape[-1])
-    picked = flat.gather(-1, labels.reshape(-1, 1)).squeeze(-1).float()
-    return (picked - logsumexp_rows(flat, chunk_elements)).view(labels.shape)
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    return log_softmax_at(flat, rows, labels.reshape(-1), chunk_elements).view(labels.shape)
 
 
 # ---- packing ---------------------------------------------------------------------------------------------------
@@ -163,8 +182,7 @@ def packed_token_logps(model: torch.nn.Module, groups: list[Group], device: torc
         zero = next(model.parameters()).new_zeros(0, dtype=torch.float32)
         return zero, packed.seq, packed.pos
     logits = _kept_logits(model, packed, device)
-    rows, labels = packed.kept_row.to(device), packed.labels.to(device)
-    logps = logits[rows, labels].float() - logsumexp_rows(logits)[rows]
+    logps = log_softmax_at(logits, packed.kept_row.to(device), packed.labels.to(device))
     return logps, packed.seq.to(device), packed.pos.to(device)
 
 

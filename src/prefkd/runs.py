@@ -227,7 +227,7 @@ def teacher_cache(cfg: DistillRun, examples: list[Example]) -> TeacherCache:
     key = teacher_cache_key(model_identity(cfg.teacher.path), [e.prompt_ids for e in examples], cfg.sampling,
                             cfg.train.seed, cfg.train.bf16)
     cache_dir = Path(cfg.distill.cache_dir or Path(cfg.out) / "cache")
-    return TeacherCache(cache_dir / f"teacher-logp-{key}.jsonl", key, cfg.train.seed)
+    return TeacherCache(cache_dir / f"dpkd-teacher-{key}.jsonl", key, cfg.train.seed)
 
 
 def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Instruction], sampling: SamplingConfig,

@@ -1,0 +1,148 @@
+"""The fast log-prob paths equal the plain computation: chunked log-softmax, packing with shared prompts."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import prefkd.logprobs as lp
+from prefkd.data.collate import Example, collate
+from prefkd.logprobs import group_token_logps, pack, response_token_logps, selective_log_softmax
+
+VOCAB = 97
+
+
+def _model(arch: str, attn: str):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_layer=2, n_embd=32, n_head=4, n_positions=64, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, bos_token_id=0,
+                          eos_token_id=0, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+    model.config._attn_implementation = attn
+    return model
+
+
+def _examples(n: int, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(1, VOCAB, (int(torch.randint(lo, hi, (), generator=g)),), generator=g).tolist()
+
+    return [Example(ids(1, 14), ids(1, 10)) for _ in range(n)]
+
+
+def _padded(model, examples):
+    return lp._padded_response_token_logps(model, collate(examples, 0))
+
+
+def _grads(model, value):
+    return torch.autograd.grad(value, [p for p in model.parameters()])
+
+
+def test_chunked_log_softmax_equals_full_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 37, 1000, generator=g) * 3
+    labels = torch.randint(0, 1000, (4, 37), generator=g)
+    full = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    small_chunks = 3 * 1000  # 3 positions per chunk: 50 chunks
+    assert torch.equal(selective_log_softmax(logits, labels, small_chunks), full)  # same kernel row by row
+    # With autograd the memory-lean form (logit - logsumexp) is used: as exact, and its gradient is the same.
+    x = logits.clone().requires_grad_(True)
+    chunked = selective_log_softmax(x, labels, small_chunks)
+    assert (chunked - full).abs().max() <= 1e-5 and (chunked.double() - exact).abs().max() <= 1e-5
+    y = logits.clone().requires_grad_(True)
+    reference = torch.log_softmax(y, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    weights = torch.randn(4, 37, generator=g)
+    (gx,) = torch.autograd.grad((chunked * weights).sum(), x)
+    (gy,) = torch.autograd.grad((reference * weights).sum(), y)
+    assert (gx - gy).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_response_logps_equal_padded_forward(arch, attn):
+    model = _model(arch, attn)
+    examples = _examples(7)
+    batch = collate(examples, 0)
+    packed, mask = response_token_logps(model, batch)
+    padded, padded_mask = _padded(model, examples)
+    assert torch.equal(mask, padded_mask) and packed.shape == padded.shape
+    assert (packed - padded).abs().max() <= 1e-5
+    weights = torch.randn(padded.shape)
+    for a, b in zip(_grads(model, (packed * weights).sum()), _grads(model, (padded * weights).sum()), strict=True):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shared_prompt_pairs_equal_one_padded_forward_per_response(arch):
+    model = _model(arch, "sdpa")
+    examples = _examples(6, seed=1)
+    prompts = [e.prompt_ids for e in examples]
+    chosen = [e.response_ids for e in examples]
+    rejected = [list(reversed(e.response_ids))[:4] for e in examples]
+    tok, mask = group_token_logps(model, prompts, [chosen, rejected])
+    for k, responses in enumerate((chosen, rejected)):
+        ref, _ = _padded(model, [Example(p, r) for p, r in zip(prompts, responses, strict=True)])
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            row = tok[k * len(prompts) + i]
+            assert mask[k * len(prompts) + i].sum() == len(r)
+            assert (row[: len(r)] - ref[i, len(p) - 1: len(p) - 1 + len(r)]).abs().max() <= 1e-5
+            assert (row[len(r):] == 0).all()
+
+
+def test_lm_blocks_score_every_token_but_the_first():
+    model = _model("gpt2", "sdpa")
+    blocks = torch.randint(1, VOCAB, (3, 16), generator=torch.Generator().manual_seed(2))
+    ones = torch.ones_like(blocks)
+    batch = {"input_ids": blocks, "attention_mask": ones, "response_mask": ones}
+    packed, mask = response_token_logps(model, batch)
+    padded, _ = lp._padded_response_token_logps(model, batch)
+    assert mask.sum() == 3 * 15 and (packed - padded).abs().max() <= 1e-5
+
+
+def test_pack_shares_the_prompt_and_hides_one_response_from_the_other():
+    p = pack([([5, 6, 7], [[8, 9], [10]]), ([11], [[12, 13, 14]])])
+    # Width = the longest group (3 + 2 + 1); the second group (4 tokens) does not fit beside it: two rows.
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 0, 0]]  # response 2 restarts after the prompt
+    att = p.attention[:, 0]
+    assert att[0, 5].tolist() == [True, True, True, False, False, True]  # 10 sees the prompt and itself, not 8, 9
+    assert att[0, 4].tolist() == [True, True, True, True, True, False]
+    assert not att[1, :4, 4:].any()  # real tokens never see padding
+    # Logits are kept only where a response token is predicted; the last prompt token predicts 8 and 10.
+    assert p.keep.nonzero().tolist() == [[0, 2], [0, 3], [1, 0], [1, 1], [1, 2]]
+    assert p.labels.tolist() == [8, 9, 10, 12, 13, 14]
+    assert p.kept_row.tolist() == [0, 1, 0, 2, 3, 4]
+    assert p.seq.tolist() == [0, 0, 2, 1, 1, 1]  # branch-major: branch k of group g is k * 2 + g
+    assert p.pos.tolist() == [0, 1, 0, 0, 1, 2]
+
+
+def test_pack_puts_small_groups_side_by_side_without_seeing_each_other():
+    p = pack([([1, 2], [[3]]), ([4], [[5]]), ([6, 7, 8, 9], [[1]])])
+    assert p.input_ids.tolist() == [[6, 7, 8, 9, 1], [1, 2, 3, 4, 5]]
+    assert p.position_ids[1].tolist() == [0, 1, 2, 0, 1]
+    assert not p.attention[1, 0, 3:, :3].any() and p.attention[1, 0, 4, 3]
+
+
+def test_logits_are_computed_only_for_scored_positions():
+    model = _model("gpt2", "sdpa")
+    examples = _examples(5, seed=3)
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    response_token_logps(model, collate(examples, 0))
+    handle.remove()
+    assert rows == [sum(len(e.response_ids) for e in examples)]
+
+
+def test_models_without_custom_masks_fall_back_to_the_padded_forward(monkeypatch):
+    model = _model("gpt2", "sdpa")
+    examples = _examples(4, seed=4)
+    packed = group_token_logps(model, [e.prompt_ids for e in examples], [[e.response_ids for e in examples]])
+    monkeypatch.setattr(lp, "packing_supported", lambda m: False)
+    padded = group_token_logps(model, [e.prompt_ids for e in examples], [[e.response_ids for e in examples]])
+    assert torch.equal(packed[1], padded[1]) and (packed[0] - padded[0]).abs().max() <= 1e-5
