@@ -1,7 +1,8 @@
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.generation import SamplingConfig, _decode, sample_responses
 
 EOS = 0
 
@@ -42,3 +43,46 @@ def test_prompts_longer_than_the_context_are_cut_from_the_left():
     cfg = SamplingConfig(temperature=0, max_new_tokens=8, batch_size=2)
     out = sample_responses(model, [long, [5, 6]], cfg, EOS, EOS)
     assert out[0] == sample_responses(model, [long[-56:]], cfg, EOS, EOS)[0]
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=32, max_position_embeddings=64))
+
+
+UNREACHABLE = 999  # an EOS that is never sampled, so no row leaves early and generate's random stream is matched
+
+
+@pytest.mark.parametrize("make", [_model, _llama])
+@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=0, max_new_tokens=10),
+                                 SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, max_new_tokens=10,
+                                                no_repeat_ngram_size=2),
+                                 SamplingConfig(max_new_tokens=10)])
+def test_decoding_samples_exactly_what_generate_samples(make, cfg):
+    model = make().eval()
+    ids = torch.tensor([[EOS, EOS, 5, 6, 7], [EOS, 8, 9, 10, 11], [1, 2, 3, 4, 5]])
+    attn = (torch.arange(5)[None] >= torch.tensor([[2], [1], [0]])).long()
+    torch.manual_seed(1)
+    ours = _decode(model, ids, attn, cfg, UNREACHABLE)
+    torch.manual_seed(1)
+    mode = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) \
+        if cfg.temperature > 0 else dict(do_sample=False)
+    theirs = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=10, pad_token_id=EOS,
+                            eos_token_id=UNREACHABLE, no_repeat_ngram_size=cfg.no_repeat_ngram_size, **mode)
+    assert ours == theirs[:, 5:].tolist()
+
+
+def test_a_row_leaves_the_batch_at_its_eos():
+    model = _model()
+    with torch.no_grad():
+        model.lm_head.weight[EOS] += 3.0
+    sizes = []
+    model.transformer.wte.register_forward_hook(lambda m, args, out: sizes.append(out.shape[0]))
+    out = sample_responses(model, [[5, 6], [7, 8, 9], [10], [11, 12]], SamplingConfig(max_new_tokens=12, batch_size=4),
+                           EOS, EOS, seed=0)
+    lengths = sorted(len(r) for r in out)
+    # One prefill of 4 rows, then per step only the rows still running.
+    assert sizes[0] == 4 and sizes[1:] == [sum(n > t for n in lengths) for t in range(1, max(lengths))]

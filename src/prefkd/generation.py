@@ -1,4 +1,4 @@
-"""Batched sampling with KV cache: prompts grouped by length, left-padded, responses cut at the first EOS."""
+"""Batched sampling with KV cache: prompts grouped by length, left-padded, each row leaving the batch at its EOS."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import (
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from prefkd.config import opt
 from prefkd.console import console
@@ -36,8 +43,6 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # less padding per batch
     out: list[list[int]] = [[] for _ in prompt_ids]
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) \
-        if cfg.temperature > 0 else dict(do_sample=False)
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start: start + cfg.batch_size]
         width = max(len(prompt_ids[i]) for i in idx)
@@ -47,15 +52,60 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
             n = len(prompt_ids[i])
             ids[row, width - n:] = torch.tensor(prompt_ids[i])
             attn[row, width - n:] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                             max_new_tokens=cfg.max_new_tokens, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-                             pad_token_id=pad_id, eos_token_id=eos_id, **sampling)
-        for row, i in enumerate(idx):
-            new = gen[row, width:].tolist()
-            out[i] = new[: new.index(eos_id) + 1] if eos_id in new else new
+        for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id), strict=True):
+            out[row] = response
         if on_batch:
             on_batch(len(idx))
     model.train(was_training)
+    return out
+
+
+def _processors(cfg: SamplingConfig) -> LogitsProcessorList:
+    """transformers' own processors and warpers, in the order `generate` applies them."""
+    procs = LogitsProcessorList()
+    if cfg.no_repeat_ngram_size > 0:
+        procs.append(NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
+    if cfg.temperature > 0:
+        if cfg.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k > 0:
+            procs.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            procs.append(TopPLogitsWarper(cfg.top_p))
+    return procs
+
+
+def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: SamplingConfig,
+            eos_id: int) -> list[list[int]]:
+    """Sample continuations of a left-padded batch with a KV cache; a row leaves the batch at its EOS.
+
+    What `generate` does, except that finished rows stop costing anything: with short and long responses in one
+    batch, `generate` keeps computing every row until the longest one ends. Each row still samples from exactly
+    the same distribution (transformers' processors, positions from the attention mask as `generate` sets them).
+    """
+    procs = _processors(cfg)
+    out: list[list[int]] = [[] for _ in range(len(ids))]
+    rows = torch.arange(len(ids), device=ids.device)  # batch row -> output row
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    step = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
+    past, seqs = step.past_key_values, ids
+    for t in range(cfg.max_new_tokens):
+        scores = procs(seqs, step.logits[:, -1].float())
+        nxt = scores.argmax(-1) if cfg.temperature <= 0 else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        for r, token in zip(rows.tolist(), nxt.tolist(), strict=True):
+            out[r].append(token)
+        alive = nxt != eos_id
+        if t == cfg.max_new_tokens - 1 or not alive.any():
+            break
+        if not alive.all():
+            keep = alive.nonzero().squeeze(1)
+            past.batch_select_indices(keep)
+            rows, attn, positions, seqs, nxt = rows[keep], attn[keep], positions[keep], seqs[keep], nxt[keep]
+        attn = torch.cat([attn, attn.new_ones((len(attn), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        step = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=positions, past_key_values=past,
+                     use_cache=True)
     return out
 
 
