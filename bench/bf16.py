@@ -47,6 +47,7 @@ def run(quick: bool) -> dict:
         for r in range(rounds):
             for name in ("fp32", "bf16"):
                 runs[name].append(_run(Path(tmp) / f"{name}{r}", name == "bf16"))
+    base = _base_sft_speedup(reps=3 if quick else 6)
     wall = {k: common.median([t for t, _ in v]) for k, v in runs.items()}
     loss = {k: v[0][1] for k, v in runs.items()}  # same seed: every run of a precision gives the same loss
     figures = {"bf16_speedup": round(wall["fp32"] / wall["bf16"], 2),
@@ -55,11 +56,45 @@ def run(quick: bool) -> dict:
                 "max_new_tokens": 160, "student": "gpt2 tiny (2x128)", "teacher": "gpt2 mini (3x192)",
                 "seed": 0, "runs_per_precision": rounds, "threads": torch.get_num_threads()}
     details = {"wall_s": {k: round(v, 1) for k, v in wall.items()}, "final_loss": loss,
+               "sft_step_base_model_bf16_speedup": round(base, 2),
                "load_avg_start": load_before, "load_avg_end": common.load_avg()}
     common.save("bf16", figures, settings, details)
     common.table("6. 50 DPKD steps, bf16 autocast vs fp32 (same seed, CPU)", [
         ("speed bf16 / fp32", f"{figures['bf16_speedup']}x", ">= 1.6x"),
         ("final loss |bf16 - fp32| / fp32", f"{figures['bf16_loss_rel_diff']:.2%}", "<= 5%"),
         ("wall s fp32, bf16", f"{details['wall_s']['fp32']}, {details['wall_s']['bf16']}", ""),
+        ("compute-bound reference: SFT step, GPT-2 6x384, bf16 / fp32", f"{base:.2f}x", "report"),
     ])
     return figures
+
+
+def _base_sft_speedup(reps: int) -> float:
+    """Speed of bf16 autocast vs fp32 on the MFU benchmark's SFT step (6x384 GPT-2), alternating: where matmuls
+    dominate, which the demo's tiny models are far from."""
+    from bench.train_mfu import BATCH, SIZE, _finish
+    from prefkd.data.collate import encode_examples
+    from prefkd.methods import StepInputs, get_method
+    from prefkd.models import build_model, load_tokenizer
+    from prefkd.train import BatchStream
+
+    d = fixtures.data_dir()
+    tokenizer = load_tokenizer(str(d / "tokenizer"))
+    records = read_records(d / "d0.jsonl", require_references=True)
+    examples, _ = encode_examples(tokenizer, [r.prompt for r in records], [r.references[0] for r in records])
+    model = build_model("gpt2", SIZE, tokenizer, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    stream = BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in examples], BATCH, seed=0)
+    sft, cpu = get_method("sft"), torch.device("cpu")
+    state = {"k": 0}
+
+    def step(bf16: bool) -> None:
+        batch = [examples[i] for i in stream.batch(state["k"] // 2)]  # both precisions see the same batches
+        state["k"] += 1
+        inp = StepInputs(model, model, None, batch, SamplingConfig(), MethodConfig(), tokenizer.pad_token_id,
+                         tokenizer.eos_token_id, cpu)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = sft.step(inp).loss
+        _finish(model, opt, loss)
+
+    times = common.alternate({"fp32": lambda: step(False), "bf16": lambda: step(True)}, reps=reps)
+    return common.median(times["fp32"]) / common.median(times["bf16"])

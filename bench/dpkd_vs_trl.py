@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,14 +42,18 @@ def _texts(tokenizer, pairs) -> list[dict]:
 
 
 def trl_trainer(student, teacher, tokenizer, rows: list[dict], steps: int, out_dir: str, callbacks=()):
-    from datasets import Dataset
+    import datasets
     from trl import DPOConfig, DPOTrainer
+
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed gradient-checkpointing names
 
     args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
                      lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, beta=0.1, bf16=False,
                      use_cpu=True, logging_steps=10_000, save_strategy="no", report_to="none", seed=0,
-                     train_sampling_strategy="sequential", dataloader_num_workers=0, disable_dropout=True)
-    return DPOTrainer(model=student, ref_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+                     train_sampling_strategy="sequential", dataloader_num_workers=0, disable_dropout=True,
+                     disable_tqdm=True)
+    return DPOTrainer(model=student, ref_model=teacher, args=args, train_dataset=datasets.Dataset.from_list(rows),
                       processing_class=tokenizer, callbacks=list(callbacks))
 
 

@@ -14,10 +14,12 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import DynamicLayer
 
 from prefkd.config import opt
 from prefkd.console import console
 from prefkd.errors import PrefkdError
+from prefkd.logprobs import pack, packed_forward, packing_supported
 
 
 @dataclass
@@ -52,7 +54,9 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
             n = len(prompt_ids[i])
             ids[row, width - n:] = torch.tensor(prompt_ids[i])
             attn[row, width - n:] = 1
-        for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id), strict=True):
+        prompts = [prompt_ids[i] for i in idx]
+        for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id, prompts),
+                                  strict=True):
             out[row] = response
         if on_batch:
             on_batch(len(idx))
@@ -75,22 +79,57 @@ def _processors(cfg: SamplingConfig) -> LogitsProcessorList:
     return procs
 
 
+def _prefill(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, prompts: list[list[int]] | None):
+    """(logits of each prompt's last token [B, V], KV cache of the left-padded batch, next positions [B, 1]).
+
+    With `prompts` and a model that takes packed rows, the prompts run packed (no padding computed) and their
+    keys and values are then laid out left-padded, as one padded forward would have left them."""
+    if prompts is not None and packing_supported(model):
+        packed = pack([(p, []) for p in prompts])
+        last = packed.starts[:, 0] * packed.input_ids.shape[1] + packed.starts[:, 1] + torch.tensor(
+            [len(p) - 1 for p in prompts])
+        keep = torch.zeros(packed.input_ids.numel(), dtype=torch.bool)
+        keep[last] = True
+        out = packed_forward(model, packed, keep.view(packed.input_ids.shape), ids.device, use_cache=True)
+        layers = getattr(out.past_key_values, "layers", None)
+        if layers and all(type(layer) is DynamicLayer for layer in layers):  # plain per-token keys and values
+            width = ids.shape[1]
+            for layer in layers:
+                layer.keys, layer.values = (_left_padded(t, packed.starts, prompts, width)
+                                            for t in (layer.keys, layer.values))
+            rank = keep.cumsum(0) - 1
+            lengths = torch.tensor([[len(p)] for p in prompts], device=ids.device)
+            return out.logits[rank[last].to(ids.device)], out.past_key_values, lengths
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values, positions[:, -1:] + 1
+
+
+def _left_padded(packed_kv: torch.Tensor, starts: torch.Tensor, prompts: list[list[int]],
+                 width: int) -> torch.Tensor:
+    """[rows, heads, L, d] keys or values of packed prompts -> [prompts, heads, width, d], each prompt at the right."""
+    out = packed_kv.new_zeros((len(prompts), packed_kv.shape[1], width, packed_kv.shape[3]))
+    for g, ((row, col), p) in enumerate(zip(starts.tolist(), prompts, strict=True)):
+        out[g, :, width - len(p):] = packed_kv[row, :, col: col + len(p)]
+    return out
+
+
 def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: SamplingConfig,
-            eos_id: int) -> list[list[int]]:
+            eos_id: int, prompts: list[list[int]] | None = None) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; a row leaves the batch at its EOS.
 
-    What `generate` does, except that finished rows stop costing anything: with short and long responses in one
-    batch, `generate` keeps computing every row until the longest one ends. Each row still samples from exactly
-    the same distribution (transformers' processors, positions from the attention mask as `generate` sets them).
+    What `generate` does, except that padding and finished rows cost nothing: with short and long responses in
+    one batch, `generate` keeps computing every row until the longest one ends. Each row still samples from
+    exactly the same distribution (transformers' processors, positions from the attention mask as `generate` sets
+    them); `prompts` (the unpadded rows of `ids`) lets the prompts run packed.
     """
     procs = _processors(cfg)
     out: list[list[int]] = [[] for _ in range(len(ids))]
     rows = torch.arange(len(ids), device=ids.device)  # batch row -> output row
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    step = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
-    past, seqs = step.past_key_values, ids
+    logits, past, positions = _prefill(model, ids, attn, prompts)
+    seqs = ids
     for t in range(cfg.max_new_tokens):
-        scores = procs(seqs, step.logits[:, -1].float())
+        scores = procs(seqs, logits.float())
         nxt = scores.argmax(-1) if cfg.temperature <= 0 else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
         for r, token in zip(rows.tolist(), nxt.tolist(), strict=True):
             out[r].append(token)
@@ -102,10 +141,10 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
             past.batch_select_indices(keep)
             rows, attn, positions, seqs, nxt = rows[keep], attn[keep], positions[keep], seqs[keep], nxt[keep]
         attn = torch.cat([attn, attn.new_ones((len(attn), 1))], dim=1)
-        positions = positions[:, -1:] + 1
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-        step = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=positions, past_key_values=past,
-                     use_cache=True)
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=positions, past_key_values=past,
+                       use_cache=True).logits[:, -1]
+        positions = positions + 1
     return out
 
 

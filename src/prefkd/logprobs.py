@@ -84,6 +84,7 @@ class Packed:
     labels: torch.Tensor  # [N] the scored tokens
     seq: torch.Tensor  # [N] index of the response (branch-major: branch k of group g is k * G + g)
     pos: torch.Tensor  # [N] index of the token within its response
+    starts: torch.Tensor  # [G, 2] row and column where each group begins
 
 
 def pack(groups: list[Group], pad_id: int = 0) -> Packed:
@@ -108,6 +109,7 @@ def pack(groups: list[Group], pad_id: int = 0) -> Packed:
     group_of = torch.full((n_rows, width), -1, dtype=torch.long)  # -1 = padding
     branch_of = torch.zeros((n_rows, width), dtype=torch.long)  # 0 = prompt, k + 1 = response k
     keep = torch.zeros((n_rows, width), dtype=torch.bool)
+    starts = torch.zeros((n_groups, 2), dtype=torch.long)
     predictor: list[tuple[int, int]] = []
     labels: list[int] = []
     seq: list[int] = []
@@ -117,6 +119,7 @@ def pack(groups: list[Group], pad_id: int = 0) -> Packed:
         for g in members:
             prompt, responses = groups[g]
             n_p = len(prompt)
+            starts[g] = torch.tensor([r, col])
             ids[r, col: col + n_p] = torch.tensor(prompt, dtype=torch.long)
             positions[r, col: col + n_p] = torch.arange(n_p)
             group_of[r, col: col + n_p] = g
@@ -149,7 +152,7 @@ def pack(groups: list[Group], pad_id: int = 0) -> Packed:
     rank = keep.flatten().cumsum(0) - 1
     return Packed(ids, positions, visible.unsqueeze(1), keep, rank[pred[:, 0] * width + pred[:, 1]],
                   torch.tensor(labels, dtype=torch.long), torch.tensor(seq, dtype=torch.long),
-                  torch.tensor(pos, dtype=torch.long))
+                  torch.tensor(pos, dtype=torch.long), starts)
 
 
 def _config(model: torch.nn.Module):
@@ -162,15 +165,19 @@ def packing_supported(model: torch.nn.Module) -> bool:
     return cfg is not None and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
 
 
-def _kept_logits(model: torch.nn.Module, packed: Packed, device: torch.device) -> torch.Tensor:
+def packed_forward(model: torch.nn.Module, packed: Packed, keep: torch.Tensor, device: torch.device,
+                   use_cache: bool = False):
+    """The model on packed rows, logits only at the `keep` positions ([K, V], row-major order of `keep`)."""
     mask = packed.attention.to(device)
     if _config(model)._attn_implementation == "eager":  # eager adds the mask to the scores
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-    keep = packed.keep.to(device)
-    logits = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                   attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
-    return logits[keep] if logits.dim() == 3 else logits  # a model that ignores a mask in logits_to_keep
+    keep = keep.to(device)
+    out = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                attention_mask=mask, logits_to_keep=keep, use_cache=use_cache)
+    if out.logits.dim() == 3:  # a model that ignores a mask in logits_to_keep
+        out.logits = out.logits[keep]
+    return out
 
 
 def packed_token_logps(model: torch.nn.Module, groups: list[Group], device: torch.device | None = None
@@ -181,7 +188,7 @@ def packed_token_logps(model: torch.nn.Module, groups: list[Group], device: torc
     if packed.labels.numel() == 0:
         zero = next(model.parameters()).new_zeros(0, dtype=torch.float32)
         return zero, packed.seq, packed.pos
-    logits = _kept_logits(model, packed, device)
+    logits = packed_forward(model, packed, packed.keep, device).logits
     logps = log_softmax_at(logits, packed.kept_row.to(device), packed.labels.to(device))
     return logps, packed.seq.to(device), packed.pos.to(device)
 
