@@ -50,6 +50,7 @@ class SFTRun:
     data: DataConfig = section(DataConfig)
     train: TrainConfig = section(TrainConfig)
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
+    block_size: int = opt(256, "pretraining (data.corpus without data.train): tokens per corpus block")
 
 
 @dataclass
@@ -127,17 +128,27 @@ def prompt_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instructio
 
 
 def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-            name: str = "sft") -> list[dict]:
+            name: str = "sft", corpus: list[str] | None = None) -> list[dict]:
+    """SFT on reference responses; with a corpus instead (`data.corpus`, no `data.train`), LM pretraining on its
+    token blocks (every token scored)."""
     out = Path(cfg.out)
     write_run_config(out, cfg)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
-    records = records or read_records(_need(cfg.data.train, "data.train"), require_references=True)
+    if corpus is None and not records and cfg.data.corpus and not cfg.data.train:
+        corpus = _read_corpus(cfg.data.corpus)
     model = model_from_config(cfg.model, tokenizer, cfg.train.seed)
-    console.print(f"[bold]{name}[/]: {cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, "
-                  f"{n_params(model) / 1e6:.2f}M parameters, SFT on {len(records)} records")
-    examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
+    what = f"{cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, {n_params(model) / 1e6:.2f}M parameters"
+    if corpus is not None:
+        examples = [Example([], block) for block in token_blocks(tokenizer, corpus, cfg.block_size).tolist()]
+        console.print(f"[bold]{name}[/]: {what}, pretraining on {len(examples)} blocks of {cfg.block_size} tokens")
+        stage = "pretraining"
+    else:
+        records = records or read_records(_need(cfg.data.train, "data.train"), require_references=True)
+        console.print(f"[bold]{name}[/]: {what}, SFT on {len(records)} records")
+        examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
+        stage = "SFT"
     return train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
-                 MethodConfig(), SamplingConfig(), out, name=f"{name} SFT",
+                 MethodConfig(), SamplingConfig(), out, name=f"{name} {stage}",
                  save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora))
 
 
@@ -264,9 +275,11 @@ def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, nam
     out = Path(cfg.out) if cfg.out else Path(model_path) / "eval"
     records = records or read_records(_need(cfg.data, "data"), require_references=True)
     tokenizer = load_tokenizer(model_path)
-    scores, preds = evaluate(load_model(model_path), tokenizer, records, cfg.eval, name)
+    scores, preds, per_prompt = evaluate(load_model(model_path), tokenizer, records, cfg.eval, name)
     write_run_config(out, cfg)
     atomic.write_json(out / "scores.json", scores)
+    atomic.write_json(out / "prompt_scores.json", {"ids": [r.id for r in records], "seeds": list(preds),
+                                                   **per_prompt})
     atomic.write_json(out / "predictions.json",
                       {str(s): [{"id": r.id, "prediction": p} for r, p in zip(records, ps, strict=True)]
                        for s, ps in preds.items()})
