@@ -14,7 +14,7 @@ from pathlib import Path
 from prefkd import atomic, stages
 from prefkd.data.collate import Example, encode_prompts
 from prefkd.data.records import Instruction, read_records
-from prefkd.demo import DemoConfig, prepare_data
+from prefkd.experiment_data import ExperimentDataConfig, prepare_data
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.models import ModelConfig, load_model, load_tokenizer
 from prefkd.runs import DataConfig, SFTRun, run_sft
@@ -35,7 +35,7 @@ class Fixture:
 
 def data_dir() -> Path:
     d = CACHE / "data"
-    prepare_data(DemoConfig(), d)
+    prepare_data(ExperimentDataConfig(), d)
     return d
 
 
