@@ -69,32 +69,16 @@ def run(quick: bool) -> dict:
 
 
 def _base_sft_speedup(reps: int) -> float:
-    """Speed of bf16 autocast vs fp32 on the MFU benchmark's SFT step (6x384 GPT-2), alternating: where matmuls
-    dominate, which the demo's tiny models are far from."""
-    from bench.train_mfu import BATCH, SIZE, _finish
-    from prefkd.data.collate import encode_examples
-    from prefkd.methods import StepInputs, get_method
-    from prefkd.models import build_model, load_tokenizer
-    from prefkd.train import BatchStream
+    """Speed of bf16 autocast vs fp32 on the MFU benchmark's SFT step (6x384 GPT-2), alternating on the same
+    batches: where matmuls dominate, which the demo's tiny models are far from."""
+    from bench.train_mfu import SFTBench
 
-    d = fixtures.data_dir()
-    tokenizer = load_tokenizer(str(d / "tokenizer"))
-    records = read_records(d / "d0.jsonl", require_references=True)
-    examples, _ = encode_examples(tokenizer, [r.prompt for r in records], [r.references[0] for r in records])
-    model = build_model("gpt2", SIZE, tokenizer, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stream = BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in examples], BATCH, seed=0)
-    sft, cpu = get_method("sft"), torch.device("cpu")
+    bench = SFTBench()
     state = {"k": 0}
 
     def step(bf16: bool) -> None:
-        batch = [examples[i] for i in stream.batch(state["k"] // 2)]  # both precisions see the same batches
+        bench.step(bench.batch(state["k"] // 2), bf16)  # both precisions see the same batches
         state["k"] += 1
-        inp = StepInputs(model, model, None, batch, SamplingConfig(), MethodConfig(), tokenizer.pad_token_id,
-                         tokenizer.eos_token_id, cpu)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = sft.step(inp).loss
-        _finish(model, opt, loss)
 
     times = common.alternate({"fp32": lambda: step(False), "bf16": lambda: step(True)}, reps=reps)
     return common.median(times["fp32"]) / common.median(times["bf16"])

@@ -7,8 +7,9 @@ AdamW at the same learning rate, clipping at 1.0, fp32, CPU. Both compute the fo
 
 Throughput: one TRL `train()` whose callback times each TRL step (from `on_step_begin` to `on_step_end`: forward,
 backward, clip, optimizer and scheduler step) and then runs and times one prefkd step on the same batch, so the
-two alternate step by step. prefkd runs its step twice: with the teacher scoring y_t and y_s as TRL does, and with
-log p(y_t) already known (what `teacher_samples=cached` gives from the second epoch on).
+two alternate step by step. prefkd runs its step three times: with the teacher scoring y_t and y_s as TRL does,
+with log p(y_t) already known (what `teacher_samples=cached` gives from the second epoch on), and the way prefkd
+computed it before this work (padded batches, logits on every position), for reference.
 Peak memory: separate child processes, alternated; the peak RSS of the training steps (reset after loading).
 """
 
@@ -23,7 +24,9 @@ from pathlib import Path
 import torch
 
 from bench import common, fixtures
+from prefkd.data.collate import Example, collate
 from prefkd.generation import SamplingConfig
+from prefkd.logprobs import _padded_response_token_logps
 from prefkd.methods import MethodConfig, StepInputs, dpkd_pair_loss, pair_step, teacher_logps
 from prefkd.models import load_model, load_tokenizer
 
@@ -72,21 +75,33 @@ class PrefkdStep:
                                    self.cpu)
             self.p_t.append(p_t.tolist())
 
-    def step(self, k: int, cached: bool = False) -> float:
-        from prefkd.data.collate import Example
-
+    def step(self, k: int, cached: bool = False, padded: bool = False) -> float:
         b = self.batches[k % len(self.batches)]
-        examples = [Example(p, []) for p in b["prompt"]]
-        inp = StepInputs(self.student, self.student, self.teacher, examples, SamplingConfig(), self.cfg, self.pad,
-                         self.eos, self.cpu)
-        known = self.p_t[k % len(self.batches)] if cached else [None] * len(examples)
-        p_t, p_s = teacher_logps(self.teacher, b["prompt"], b["chosen"], b["rejected"], known, self.cpu)
-        out = pair_step(inp, b["chosen"], b["rejected"], dpkd_pair_loss, p_t, p_s)
-        out.loss.backward()
+        if padded:
+            loss = self._padded_loss(b)
+        else:
+            examples = [Example(p, []) for p in b["prompt"]]
+            inp = StepInputs(self.student, self.student, self.teacher, examples, SamplingConfig(), self.cfg,
+                             self.pad, self.eos, self.cpu)
+            known = self.p_t[k % len(self.batches)] if cached else [None] * len(examples)
+            p_t, p_s = teacher_logps(self.teacher, b["prompt"], b["chosen"], b["rejected"], known, self.cpu)
+            loss = pair_step(inp, b["chosen"], b["rejected"], dpkd_pair_loss, p_t, p_s).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return out.loss.item()
+        return loss.item()
+
+    def _padded_loss(self, b: dict) -> torch.Tensor:
+        """The same loss the way prefkd computed it before this work: one padded [y_t; y_s] batch per model,
+        logits on every position."""
+        pairs = [Example(p, r) for p, r in zip(b["prompt"] * 2, b["chosen"] + b["rejected"], strict=True)]
+        batch = collate(pairs, self.pad)
+        q_tok, mask = _padded_response_token_logps(self.student, batch)
+        with torch.no_grad():
+            p = _padded_response_token_logps(self.teacher, batch)[0].sum(-1)
+        q, n, h = q_tok.sum(-1), mask.sum(-1), len(b["prompt"])
+        return dpkd_pair_loss(q[:h], q[h:], p[:h], p[h:], n[:h], n[h:], self.cfg)[0]
 
 
 def _batches(ids: list[dict]) -> list[dict]:
@@ -115,7 +130,7 @@ def run(quick: bool) -> dict:
     t_path, s_path, tokenizer, rows = _setup()
     teacher_trl, teacher_pk = (load_model(str(t_path)).eval().requires_grad_(False) for _ in range(2))
     student_trl, student_pk = load_model(str(s_path)), load_model(str(s_path))
-    times: dict[str, list[float]] = {"trl": [], "prefkd": [], "prefkd_cached": []}
+    times: dict[str, list[float]] = {"trl": [], "prefkd": [], "prefkd_cached": [], "prefkd_padded": []}
     holder: dict = {}
 
     class Alternate(TrainerCallback):
@@ -127,6 +142,7 @@ def run(quick: bool) -> dict:
             k = state.global_step - 1  # the batch TRL just trained on (sequential sampler)
             times["prefkd"].append(common.timed(lambda: holder["prefkd"].step(k)))
             times["prefkd_cached"].append(common.timed(lambda: holder["prefkd"].step(k, cached=True)))
+            times["prefkd_padded"].append(common.timed(lambda: holder["prefkd"].step(k, padded=True)))
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trl_trainer(student_trl, teacher_trl, tokenizer, rows, steps, tmp, [Alternate()])
@@ -149,6 +165,7 @@ def run(quick: bool) -> dict:
         "dpkd_step_peak_rss_vs_trl_dpo": round(peak["prefkd"] / peak["trl"], 3),
         "dpkd_step_peak_rss_extra_vs_trl_dpo": round(extra["prefkd"] / extra["trl"], 3),
     }
+    before = round(med["prefkd_padded"] / med["prefkd"], 2)
     settings = {"student": "gpt2 tiny (2x128), SFT 300 steps", "teacher": "gpt2 mini (3x192), SFT 300 steps",
                 "vocab": len(tokenizer), "batch_pairs": BATCH, "pairs": len(ids), "lr": LR, "precision": "fp32",
                 "timed_steps": steps - warmup, "warmup_steps": warmup, "memory_children_per_side": rounds,
@@ -157,6 +174,7 @@ def run(quick: bool) -> dict:
                 "trl_version": __import__("trl").__version__}
     details = {"median_step_s": {k: round(v, 4) for k, v in med.items()},
                "pairs_per_s": {k: round(BATCH / v, 1) for k, v in med.items()},
+               "previous_implementation_vs_prefkd": before,
                "peak_rss_mb": {k: round(v / 1024, 1) for k, v in peak.items()},
                "peak_rss_extra_mb": {k: round(v / 1024, 1) for k, v in extra.items()},
                "load_avg_start": load_before, "load_avg_end": common.load_avg()}
@@ -167,6 +185,7 @@ def run(quick: bool) -> dict:
         ("peak RSS prefkd / TRL", f"{figures['dpkd_step_peak_rss_vs_trl_dpo']}x", "<= 1.0x"),
         ("peak RSS above baseline prefkd / TRL", f"{figures['dpkd_step_peak_rss_extra_vs_trl_dpo']}x", "report"),
         ("pairs/s prefkd, TRL", f"{details['pairs_per_s']['prefkd']}, {details['pairs_per_s']['trl']}", ""),
+        ("before this work (padded, all logits) / prefkd", f"{before}x", "report"),
         ("peak RSS MB prefkd, TRL", f"{details['peak_rss_mb']['prefkd']}, {details['peak_rss_mb']['trl']}", ""),
     ])
     return figures

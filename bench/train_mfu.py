@@ -35,19 +35,47 @@ def model_flops(examples, layers: int, width: int, params: int) -> float:
     return 6 * params * sum(lengths) + sum(12 * layers * width * t * t for t in lengths)
 
 
+class SFTBench:
+    """prefkd's SFT step (the `sft` method's step, backward, clipping, AdamW) on a fresh GPT-2 of `size`, with batches
+    of D0 references in the loop's length-grouped order."""
+
+    def __init__(self, size: str = SIZE):
+        d = fixtures.data_dir()
+        self.tokenizer = load_tokenizer(str(d / "tokenizer"))
+        records = read_records(d / "d0.jsonl", require_references=True)
+        self.examples, _ = encode_examples(self.tokenizer, [r.prompt for r in records],
+                                           [r.references[0] for r in records])
+        self.model = build_model("gpt2", size, self.tokenizer, seed=0)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.stream = BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in self.examples], BATCH, seed=0)
+        self.sft = get_method("sft")
+
+    def batch(self, k: int) -> list:
+        return [self.examples[i] for i in self.stream.batch(k)]
+
+    def step(self, batch: list, bf16: bool = False) -> None:
+        inp = StepInputs(self.model, self.model, None, batch, SamplingConfig(), MethodConfig(),
+                         self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, torch.device("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = self.sft.step(inp).loss
+        self._finish(loss)
+
+    def padded_step(self, batch: list) -> None:
+        """The same loss the way prefkd computed it before this work: one padded forward, logits everywhere."""
+        self._finish(token_mean_nll(*_padded_response_token_logps(self.model, collate(batch, 0))))
+
+    def _finish(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def run(quick: bool) -> dict:
     reps = 4 if quick else 10
-    d = fixtures.data_dir()
-    tokenizer = load_tokenizer(str(d / "tokenizer"))
-    records = read_records(d / "d0.jsonl", require_references=True)
-    examples, _ = encode_examples(tokenizer, [r.prompt for r in records], [r.references[0] for r in records])
-    model = build_model("gpt2", SIZE, tokenizer, seed=0)
+    bench = SFTBench()
     layers, width, _ = SIZES[SIZE]
-    params = sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stream = BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in examples], BATCH, seed=0)
-    sft = get_method("sft")
-    cpu = torch.device("cpu")
+    params = sum(p.numel() for n, p in bench.model.named_parameters() if "wpe" not in n)
     a, b = torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL)
     run_threads = torch.get_num_threads()
     all_cores = os.cpu_count() or 1
@@ -57,17 +85,12 @@ def run(quick: bool) -> dict:
         k = 0
         achieved, padded, peak = [], [], []
         for rep in range(reps + 1):  # the first round warms up
-            batch = [examples[i] for i in stream.batch(k)]
+            batch = bench.batch(k)
             k += 1
             flops = model_flops(batch, layers, width, params)
-
-            inp = StepInputs(model, model, None, batch, SamplingConfig(), MethodConfig(), tokenizer.pad_token_id,
-                             tokenizer.eos_token_id, cpu)
-            padded_batch = collate(batch, 0)
-            t_packed = common.timed(lambda i=inp: _finish(model, opt, sft.step(i).loss))
+            t_packed = common.timed(lambda bt=batch: bench.step(bt))
             t_mm = common.timed(lambda: torch.matmul(a, b))
-            t_padded = common.timed(lambda pb=padded_batch: _finish(
-                model, opt, token_mean_nll(*_padded_response_token_logps(model, pb))))
+            t_padded = common.timed(lambda bt=batch: bench.padded_step(bt))
             if rep:
                 achieved.append(flops / t_packed)
                 padded.append(flops / t_padded)
@@ -80,7 +103,7 @@ def run(quick: bool) -> dict:
         r["mfu_padded"] = r["padded_gflops"] / r["peak_gflops"]
     figures = {"train_mfu_fp32": round(results[run_threads]["mfu"], 3),
                f"train_mfu_fp32_{all_cores}threads": round(results[all_cores]["mfu"], 3)}
-    settings = {"model": f"gpt2 {SIZE} (6x384)", "params_counted": params, "vocab": len(tokenizer),
+    settings = {"model": f"gpt2 {SIZE} (6x384)", "params_counted": params, "vocab": len(bench.tokenizer),
                 "batch": BATCH, "data": "demo suite D0 references", "matmul": MATMUL, "reps": reps,
                 "threads": run_threads,
                 "threads_also_measured": all_cores, "flops": "6 x params x real tokens + 12 x layers x width x T^2"}
@@ -95,9 +118,3 @@ def run(quick: bool) -> dict:
     common.table("5. SFT step on GPT-2 6x384, fp32: model FLOP/s / peak matmul FLOP/s", rows)
     return figures
 
-
-def _finish(model, opt, loss) -> None:
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
