@@ -9,7 +9,7 @@ import typer
 
 from prefkd import config
 from prefkd.console import console
-from prefkd.errors import PrefkdError
+from prefkd.errors import ConfigError, PrefkdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Preference-based knowledge distillation of causal language models.")
@@ -17,6 +17,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 Overrides = Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides", show_default=False)]
 ConfigFile = Annotated[str | None, typer.Option("--config", help="YAML config file")]
 Debug = Annotated[bool, typer.Option("--debug", help="show Python tracebacks")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue the run of the same settings already in the output")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="discard what a previous run left in the output")]
+
+
+def _existing(resume: bool, overwrite: bool) -> str:
+    """What a verb does with an output that already holds a run (prefkd.rundir): refuse unless told."""
+    if resume and overwrite:
+        raise ConfigError("pass --resume or --overwrite, not both")
+    return "resume" if resume else "overwrite" if overwrite else "refuse"
 
 
 def _keys_help(cls: type) -> str:
@@ -63,13 +72,14 @@ from prefkd.runs import DistillRun, EvaluateRun, GenerateRun, SFTRun  # noqa: E4
 
 
 @app.command(epilog=_keys_help(SFTRun))
-def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False, resume: Resume = False,
+        overwrite: Overwrite = False) -> None:
     """Supervised fine-tuning on records with references (teacher, or the student's initialisation)."""
     from prefkd.runs import run_sft
 
     def go():
         cfg = config.load(SFTRun, config_file, overrides or [])
-        run_sft(cfg)
+        run_sft(cfg, existing=_existing(resume, overwrite))
         console.print(f"wrote {cfg.out}/model")
 
     _run(go, debug)
@@ -77,13 +87,14 @@ def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debu
 
 @app.command(epilog=_keys_help(DistillRun))
 def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
-            method: Annotated[str | None, typer.Option("--method", help="same as method=...")] = None) -> None:
+            method: Annotated[str | None, typer.Option("--method", help="same as method=...")] = None,
+            resume: Resume = False, overwrite: Overwrite = False) -> None:
     """Distil a teacher into a student with one method (see `prefkd methods`)."""
     from prefkd.runs import run_distill
 
     def go():
         cfg = config.load(DistillRun, config_file, (overrides or []) + ([f"method={method}"] if method else []))
-        run_distill(cfg)
+        run_distill(cfg, existing=_existing(resume, overwrite))
         console.print(f"wrote {cfg.out}/model")
 
     _run(go, debug)
@@ -101,13 +112,14 @@ def prepare(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
 
 
 @app.command(epilog=_keys_help(GenerateRun))
-def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+             resume: Resume = False, overwrite: Overwrite = False) -> None:
     """Sample one response per prompt into a keyed, resumable jsonl cache (SeqKD and PLaD consume these)."""
     from prefkd.runs import run_generate
 
     def go():
         cfg = config.load(GenerateRun, config_file, overrides or [])
-        rows = run_generate(cfg)
+        rows = run_generate(cfg, existing=_existing(resume, overwrite))
         console.print(f"{cfg.out}: {len(rows)} responses, {sum(r['finished'] for r in rows)} ended with EOS")
 
     _run(go, debug)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from prefkd import atomic, stages
+from prefkd import atomic, rundir, stages
 from prefkd.config import opt, section
 from prefkd.data.records import read_records, write_records
 from prefkd.data.synthetic import SuiteConfig, build_suite
@@ -107,7 +107,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             logs = run_sft(run, read_records(data / "d0.jsonl", require_references=True), tokenizer, name)
             stages.mark_done(out / name, keys[name], {"final": logs[-1] if logs else {}})
 
-    cache_dir = cfg.distill.cache_dir or str(out / "cache")  # teacher samples shared by the methods
+    # Teacher samples shared by the methods: one absolute directory inside the demo's own --out.
+    cache_dir = str(rundir.inside(out, cfg.distill.cache_dir or "cache", "distill.cache_dir").resolve())
     for name in cfg.methods:
         keys[name] = stages.fingerprint(keys["teacher"], keys["sft"], name, asdict(cfg.distill),
                                         asdict(cfg.distill_train), asdict(cfg.sampling))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     AutoModelForCausalLM,
@@ -50,6 +51,8 @@ class ModelConfig:
     size: str = opt("tiny", f"size of a built model: {', '.join(SIZES)}")
     max_positions: int = opt(512, "context length of a built model")
     trust_remote_code: bool = opt(False, "allow a hub model's own code to run (off unless you trust it)")
+    dtype: str = opt("float32", "dtype of the loaded weights: float32, bfloat16, float16 or auto (the checkpoint's); "
+                                "a trained student stays float32, a frozen teacher may be bfloat16")
 
 
 def build_model(arch: str, size: str, tokenizer: PreTrainedTokenizerBase, max_positions: int = 512,
@@ -94,16 +97,24 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
-def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> PreTrainedModel:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise PrefkdError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     try:
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise PrefkdError(f"cannot load a causal LM from '{path}': {e}") from None
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weight file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrefkdError(f"cannot load a causal LM from '{path}': {first}") from None
 
 
 def model_from_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
     if cfg.path:
-        return load_model(cfg.path, cfg.trust_remote_code)
+        return load_model(cfg.path, cfg.trust_remote_code, cfg.dtype)
     return build_model(cfg.arch, cfg.size, tokenizer, cfg.max_positions, seed)
 
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
+from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefkd import atomic, config
-from prefkd.cache import cache_key, generate_cached, model_identity
+from prefkd import atomic, config, rundir
+from prefkd.cache import cache_key, generate_cached, model_identity, read_cache
 from prefkd.config import opt, section
 from prefkd.console import console
 from prefkd.data.collate import Example, encode_examples, encode_prompts
@@ -72,12 +73,26 @@ class GenerateRun:
     sampling: SamplingConfig = section(SamplingConfig)
 
 
-def run_generate(cfg: GenerateRun) -> list[dict]:
+def run_generate(cfg: GenerateRun, existing: str = "auto") -> list[dict]:
+    """`existing` (see rundir.py) says what to do with a file already at `out`: the CLI refuses unless told."""
     model_path, out = _need(cfg.model, "model"), _need(cfg.out, "out")
     records = read_records(_need(cfg.data, "data"))
     key = cache_key(model_identity(model_path), records, cfg.sampling, cfg.seed)
+    if existing == "refuse" and Path(out).exists():
+        raise rundir.RunDirError(f"{out} already holds {_describe_cache(Path(out), key)}; pass --resume to complete "
+                                 f"or reuse it, or --overwrite to sample it afresh")
     return generate_cached(load_model(model_path), load_tokenizer(model_path), records, cfg.sampling, out, key,
-                           cfg.seed, overwrite=cfg.overwrite)
+                           cfg.seed, overwrite=cfg.overwrite or existing == "overwrite")
+
+
+def _describe_cache(path: Path, key: str) -> str:
+    try:
+        header, rows = read_cache(path)
+    except PrefkdError as e:
+        return f"a file that is not a readable sample cache ({e})"
+    if header.get("cache_key") != key:
+        return "samples of other settings (model, prompts, sampling or seed)"
+    return f"{len(rows)} of {header['n']} samples of these settings"
 
 
 @dataclass
@@ -86,6 +101,18 @@ class EvaluateRun:
     data: str = opt("", "jsonl records with references")
     out: str = opt("", "directory for scores.json and predictions.json; default: MODEL/eval")
     eval: EvalConfig = section(EvalConfig)
+
+
+def start_run(out: Path, cfg: object, existing: str) -> None:
+    """Check `out` on every process (rundir.claim), then the main process clears it if asked and writes the config."""
+    state = PartialState()
+    clear = rundir.claim(out, config.to_dict(cfg), existing)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if clear:
+            rundir.clear(out)
+        write_run_config(out, cfg)
+    state.wait_for_everyone()
 
 
 def write_run_config(out: Path, cfg: object) -> None:
@@ -122,9 +149,10 @@ def prompt_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instructio
 
 
 def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-            name: str = "sft") -> list[dict]:
+            name: str = "sft", existing: str = "auto") -> list[dict]:
+    """`existing`: what to do with a run already in `cfg.out` (rundir.py); "auto" resumes the same settings."""
     out = Path(cfg.out)
-    write_run_config(out, cfg)
+    start_run(out, cfg, existing)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
     records = records or read_records(_need(cfg.data.train, "data.train"), require_references=True)
     model = model_from_config(cfg.model, tokenizer, cfg.train.seed)
@@ -133,7 +161,8 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
     return train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
                  MethodConfig(), SamplingConfig(), out, name=f"{name} SFT",
-                 save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora))
+                 save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora), strict_resume=existing == "resume",
+                 identity=model_identity(cfg.model.path) if cfg.model.path else None)
 
 
 def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,
@@ -146,18 +175,20 @@ def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: Pre
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
-                corpus: list[str] | None = None, name: str | None = None) -> list[dict]:
+                corpus: list[str] | None = None, name: str | None = None, existing: str = "auto") -> list[dict]:
+    """`existing`: what to do with a run already in `cfg.out` (rundir.py); "auto" resumes the same settings."""
     out = Path(cfg.out)
     method = get_method(cfg.method)
-    write_run_config(out, cfg)
+    rundir.inside(out, cfg.distill.cache_dir or "cache", "distill.cache_dir")  # fail before any work
+    start_run(out, cfg, existing)
     student_path = _need(cfg.student.path, "student.path")
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
-    student = load_model(student_path, cfg.student.trust_remote_code)
+    student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
     teacher = None
     if method.needs_teacher:
         teacher_path = _need(cfg.teacher.path, "teacher.path")
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
-        teacher = load_model(teacher_path, cfg.teacher.trust_remote_code)
+        teacher = load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
     prompts = prompts or read_records(_need(cfg.data.prompts, "data.prompts"),
                                       require_references=method.data == "references")
     if replay is None and cfg.data.replay and cfg.distill.replay > 0:
@@ -166,7 +197,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         corpus = _read_corpus(cfg.data.corpus)
     if cfg.distill.replay > 0 and not replay:
         console.print("no replay data (data.replay): running without replay")
-    examples = method_examples(method, cfg, prompts, tokenizer, student, teacher)
+    with PartialState().main_process_first():  # the main process samples the caches, the others then read them
+        examples = method_examples(method, cfg, prompts, tokenizer, student, teacher)
     data = RunData(examples,
                    replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
@@ -175,8 +207,10 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
     model = apply_lora(student, cfg.lora)
+    identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
     return train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
-                 name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora))
+                 name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
+                 strict_resume=existing == "resume", identity=identity)
 
 
 def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction], tokenizer: PreTrainedTokenizerBase,
@@ -225,11 +259,13 @@ def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Inst
     The response text is re-tokenised with the student's tokenizer, so this works when the teacher's differs
     (black-box methods)."""
     key = cache_key(model_identity(model_path), prompts, sampling, cfg.train.seed)
-    cache_dir = Path(cfg.distill.cache_dir or Path(cfg.out) / "cache")
-    path = cache_dir / f"{role}-{key}.jsonl"
-    model = model if model is not None else load_model(model_path)  # a loaded teacher is not loaded twice
-    rows = generate_cached(model, load_tokenizer(model_path), prompts, sampling, path, key, cfg.train.seed,
-                           name=f"{role} samples")
+    # A relative cache_dir lies inside the run directory; an absolute one (shared by runs) is the user's choice.
+    path = rundir.inside(cfg.out, cfg.distill.cache_dir or "cache", "distill.cache_dir") / f"{role}-{key}.jsonl"
+    spec = cfg.teacher if role == "teacher" else cfg.student
+    # A loaded teacher is not loaded twice.
+    model = model if model is not None else load_model(model_path, spec.trust_remote_code, spec.dtype)
+    rows = generate_cached(model, load_tokenizer(model_path, spec.trust_remote_code), prompts, sampling, path, key,
+                           cfg.train.seed, name=f"{role} samples")
     prompt_ids = encode_prompts(student_tokenizer, [r.prompt for r in prompts])
     eos = student_tokenizer.eos_token_id
     return [(p, encode_prompts(student_tokenizer, [row["response"]])[0] + ([eos] if row["finished"] else []),
