@@ -15,9 +15,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 
+from prefkd.console import console
 from prefkd.errors import ConfigError, PrefkdError
 
 SEED_STRIDE = 1_000_003  # process r samples with seed + r * SEED_STRIDE: distinct streams, rank 0 = single-process
@@ -25,6 +26,15 @@ SEED_STRIDE = 1_000_003  # process r samples with seed + r * SEED_STRIDE: distin
 
 class TrainingDiverged(PrefkdError):
     """A non-finite loss term or gradient: the step is not applied and the last good checkpoint is kept."""
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch (a single process when not launched). `cpu` must be said on a machine
+    without GPUs: without it Accelerate falls back to one process even under `accelerate launch`."""
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes > 1 and not state.is_main_process:
+        console.quiet = True  # one copy of every message and progress bar: the main process's
+    return state
 
 
 def shard(indices: list[int], acc: Accelerator) -> list[int]:

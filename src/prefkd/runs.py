@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
-from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefkd import atomic, config, rundir
@@ -21,6 +20,7 @@ from prefkd.console import console
 from prefkd.data.collate import Example, encode_examples, encode_prompts
 from prefkd.data.corpus import token_blocks
 from prefkd.data.records import Instruction, read_records
+from prefkd.distributed import process_state
 from prefkd.errors import DataError, PrefkdError
 from prefkd.evaluate import EvalConfig, evaluate
 from prefkd.generation import SamplingConfig
@@ -105,7 +105,7 @@ class EvaluateRun:
 
 def start_run(out: Path, cfg: object, existing: str) -> None:
     """Check `out` on every process (rundir.claim), then the main process clears it if asked and writes the config."""
-    state = PartialState()
+    state = process_state()
     clear = rundir.claim(out, config.to_dict(cfg), existing)
     state.wait_for_everyone()
     if state.is_main_process:
@@ -197,7 +197,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         corpus = _read_corpus(cfg.data.corpus)
     if cfg.distill.replay > 0 and not replay:
         console.print("no replay data (data.replay): running without replay")
-    with PartialState().main_process_first():  # the main process samples the caches, the others then read them
+    with process_state().main_process_first():  # the main process samples the caches, the others then read them
         examples = method_examples(method, cfg, prompts, tokenizer, student, teacher)
     data = RunData(examples,
                    replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
