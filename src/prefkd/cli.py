@@ -39,7 +39,7 @@ def _run(fn, debug: bool):
     except PrefkdError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {e}", soft_wrap=True)  # one line, whatever the terminal's width
         sys.exit(2)
 
 
@@ -88,14 +88,18 @@ def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debu
 @app.command(epilog=_keys_help(DistillRun))
 def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
             method: Annotated[str | None, typer.Option("--method", help="same as method=...")] = None,
-            resume: Resume = False, overwrite: Overwrite = False) -> None:
+            resume: Resume = False, overwrite: Overwrite = False,
+            samples_only: Annotated[bool, typer.Option("--samples-only", help="build the sample caches and stop "
+                                                                          "(e.g. with vLLM, before a multi-GPU "
+                                                                          "launch)")] = False) -> None:
     """Distil a teacher into a student with one method (see `prefkd methods`)."""
     from prefkd.runs import run_distill
 
     def go():
         cfg = config.load(DistillRun, config_file, (overrides or []) + ([f"method={method}"] if method else []))
-        run_distill(cfg, existing=_existing(resume, overwrite))
-        console.print(f"wrote {cfg.out}/model")
+        run_distill(cfg, existing=_existing(resume, overwrite), samples_only=samples_only)
+        if not samples_only:
+            console.print(f"wrote {cfg.out}/model")
 
     _run(go, debug)
 

@@ -98,7 +98,8 @@ def check_finite(step: int, values: dict[str, float], kept: str) -> None:
     if bad:
         also = f" (also non-finite: {', '.join(bad[1:])})" if len(bad) > 1 else ""
         raise TrainingDiverged(f"step {step}: {bad[0]} = {values[bad[0]]} is not finite{also}; the update was not "
-                               f"applied and {kept}. Lower train.lr or check the data, then rerun with --resume")
+                               f"applied and {kept} (for inspection). Lower train.lr or check the data and start "
+                               f"afresh with --overwrite")
 
 
 def place_teacher(acc: Accelerator, teacher: torch.nn.Module) -> torch.nn.Module:

@@ -29,6 +29,7 @@ from prefkd.methods import Method, MethodConfig, get_method
 from prefkd.models import ModelConfig, load_model, load_tokenizer, model_from_config, n_params
 from prefkd.scoring import embedding_f1
 from prefkd.train import RunData, TrainConfig, train
+from prefkd.vllm_backend import VLLMConfig, VLLMSampler
 
 
 @dataclass
@@ -61,6 +62,7 @@ class DistillRun:
     distill: MethodConfig = section(MethodConfig)
     sampling: SamplingConfig = section(SamplingConfig, "sampling of teacher/student responses during training")
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
+    vllm: VLLMConfig = section(VLLMConfig, "vLLM for the sample caches built before training (GPU only)")
 
 
 @dataclass
@@ -71,18 +73,25 @@ class GenerateRun:
     seed: int = opt(0, "sampling seed (each batch is seeded from it and its first index)")
     overwrite: bool = opt(False, "replace a cache file written with other settings")
     sampling: SamplingConfig = section(SamplingConfig)
+    vllm: VLLMConfig = section(VLLMConfig, "sample with vLLM on GPUs instead of transformers")
 
 
 def run_generate(cfg: GenerateRun, existing: str = "auto") -> list[dict]:
     """`existing` (see rundir.py) says what to do with a file already at `out`: the CLI refuses unless told."""
     model_path, out = _need(cfg.model, "model"), _need(cfg.out, "out")
     records = read_records(_need(cfg.data, "data"))
-    key = cache_key(model_identity(model_path), records, cfg.sampling, cfg.seed)
+    key = cache_key(model_identity(model_path), records, cfg.sampling, cfg.seed, _backend(cfg.vllm))
     if existing == "refuse" and Path(out).exists():
         raise rundir.RunDirError(f"{out} already holds {_describe_cache(Path(out), key)}; pass --resume to complete "
                                  f"or reuse it, or --overwrite to sample it afresh")
-    return generate_cached(load_model(model_path), load_tokenizer(model_path), records, cfg.sampling, out, key,
-                           cfg.seed, overwrite=cfg.overwrite or existing == "overwrite")
+    sampler = VLLMSampler(model_path, cfg.vllm) if cfg.vllm.enabled else None
+    return generate_cached(None if sampler else load_model(model_path), load_tokenizer(model_path), records,
+                           cfg.sampling, out, key, cfg.seed, overwrite=cfg.overwrite or existing == "overwrite",
+                           sampler=sampler)
+
+
+def _backend(cfg: VLLMConfig) -> str:
+    return "vllm" if cfg.enabled else "hf"
 
 
 def _describe_cache(path: Path, key: str) -> str:
@@ -175,12 +184,15 @@ def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: Pre
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
-                corpus: list[str] | None = None, name: str | None = None, existing: str = "auto") -> list[dict]:
-    """`existing`: what to do with a run already in `cfg.out` (rundir.py); "auto" resumes the same settings."""
+                corpus: list[str] | None = None, name: str | None = None, existing: str = "auto",
+                samples_only: bool = False) -> list[dict]:
+    """`existing`: what to do with a run already in `cfg.out` (rundir.py); "auto" resumes the same settings.
+    `samples_only`: build the method's sample caches and stop (e.g. with vLLM, before a multi-GPU launch)."""
     out = Path(cfg.out)
     method = get_method(cfg.method)
     rundir.inside(out, cfg.distill.cache_dir or "cache", "distill.cache_dir")  # fail before any work
-    start_run(out, cfg, existing)
+    if not samples_only:  # the caches are keyed files under cache_dir; they do not make `out` hold a run
+        start_run(out, cfg, existing)
     student_path = _need(cfg.student.path, "student.path")
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
     student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
@@ -188,7 +200,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     if method.needs_teacher:
         teacher_path = _need(cfg.teacher.path, "teacher.path")
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
-        teacher = load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+        if not (samples_only and cfg.vllm.enabled):  # vLLM loads its own copy; a 13B teacher is not loaded twice
+            teacher = load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
     prompts = prompts or read_records(_need(cfg.data.prompts, "data.prompts"),
                                       require_references=method.data == "references")
     if replay is None and cfg.data.replay and cfg.distill.replay > 0:
@@ -199,6 +212,10 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         console.print("no replay data (data.replay): running without replay")
     with process_state().main_process_first():  # the main process samples the caches, the others then read them
         examples = method_examples(method, cfg, prompts, tokenizer, student, teacher)
+    if samples_only:
+        console.print(f"{cfg.method}: sample caches ready for {len(examples)} prompts under "
+                      f"{rundir.inside(out, cfg.distill.cache_dir or 'cache', 'distill.cache_dir')}")
+        return []
     data = RunData(examples,
                    replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
@@ -258,14 +275,17 @@ def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Inst
 
     The response text is re-tokenised with the student's tokenizer, so this works when the teacher's differs
     (black-box methods)."""
-    key = cache_key(model_identity(model_path), prompts, sampling, cfg.train.seed)
+    key = cache_key(model_identity(model_path), prompts, sampling, cfg.train.seed, _backend(cfg.vllm))
     # A relative cache_dir lies inside the run directory; an absolute one (shared by runs) is the user's choice.
     path = rundir.inside(cfg.out, cfg.distill.cache_dir or "cache", "distill.cache_dir") / f"{role}-{key}.jsonl"
     spec = cfg.teacher if role == "teacher" else cfg.student
-    # A loaded teacher is not loaded twice.
-    model = model if model is not None else load_model(model_path, spec.trust_remote_code, spec.dtype)
+    sampler = VLLMSampler(model_path, cfg.vllm, spec.trust_remote_code) if cfg.vllm.enabled else None
+    if sampler is None and model is None:  # a loaded teacher is not loaded twice
+        model = load_model(model_path, spec.trust_remote_code, spec.dtype)
     rows = generate_cached(model, load_tokenizer(model_path, spec.trust_remote_code), prompts, sampling, path, key,
-                           cfg.train.seed, name=f"{role} samples")
+                           cfg.train.seed, name=f"{role} samples", sampler=sampler)
+    if sampler is not None:
+        sampler.close()
     prompt_ids = encode_prompts(student_tokenizer, [r.prompt for r in prompts])
     eos = student_tokenizer.eos_token_id
     return [(p, encode_prompts(student_tokenizer, [row["response"]])[0] + ([eos] if row["finished"] else []),
