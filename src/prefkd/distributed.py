@@ -102,6 +102,26 @@ def check_finite(step: int, values: dict[str, float], kept: str) -> None:
                                f"afresh with --overwrite")
 
 
+def configure(acc: Accelerator, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:
+    """DeepSpeed takes the micro-batch and clipping from its own config, and no dataloader tells it here."""
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if grad_accum != 1:
+        raise ConfigError("under DeepSpeed keep train.grad_accum=1 (DeepSpeed accumulates by its own count); raise "
+                          "train.batch_size instead")
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = max(1, batch_size // acc.num_processes)
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * acc.num_processes
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = max_grad_norm
+
+
+def clip_grad_norm(acc: Accelerator, model: torch.nn.Module, max_norm: float) -> float | None:
+    """The global gradient norm before clipping; None under DeepSpeed, which clips inside its step."""
+    norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+    return None if norm is None else float(norm)
+
+
 def place_teacher(acc: Accelerator, teacher: torch.nn.Module) -> torch.nn.Module:
     """The frozen teacher, for forward passes and sampling: a full copy on each device (one process, DDP); under
     DeepSpeed ZeRO-3 sharded like the student (`offload_param` puts its shards in CPU memory), under FSDP2 sharded

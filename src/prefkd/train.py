@@ -120,6 +120,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
         if main:
             console.print(f"{name}: {out} already holds this finished run; nothing to do")
         return _read_log(log_path)
+    distributed.configure(acc, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     model, optimizer, scheduler = acc.prepare(student, optimizer, scheduler)
     if teacher is not None:
         teacher = distributed.place_teacher(acc, teacher)
@@ -159,13 +160,14 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                 acc.backward(loss / cfg.grad_accum)
                 for key, v in metrics.items():
                     sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            distributed.check_finite(step + 1, {"gradient norm": float(grad_norm)}, _kept(ckpt_root))
+            grad_norm = distributed.clip_grad_norm(acc, model, cfg.max_grad_norm)
+            if grad_norm is not None:
+                distributed.check_finite(step + 1, {"gradient norm": grad_norm}, _kept(ckpt_root))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            for key, v in {**sums, "grad_norm": float(grad_norm)}.items():
+            for key, v in {**sums, **({"grad_norm": grad_norm} if grad_norm is not None else {})}.items():
                 window[key] = window.get(key, 0.0) + v
             n_window += 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -182,7 +184,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     final = distributed.gathered_copy(acc, model) if distributed.sharded(acc) else acc.unwrap_model(model)
     if main:
         save(final, tokenizer, out / "model")
-        atomic.write_json(state_path, {"finished": True, "step": cfg.steps, "run_key": run_key})
+        atomic.write_json(state_path, {"finished": True, "step": cfg.steps, "run_key": run_key,
+                                       "processes": acc.num_processes})
         rundir.remove(ckpt_root)
     acc.wait_for_everyone()
     return logs
