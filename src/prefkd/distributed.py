@@ -21,6 +21,8 @@ from accelerate.utils import DistributedType
 from prefkd.console import console
 from prefkd.errors import ConfigError, PrefkdError
 
+# The loss terms the methods and the loop log (methods.py, train.py); reported before diagnostics derived from them.
+LOSS_TERMS = ("pref_loss", "plad_loss", "divergence", "nll", "anchor_nll", "replay_nll", "lm_loss")
 SEED_STRIDE = 1_000_003  # process r samples with seed + r * SEED_STRIDE: distinct streams, rank 0 = single-process
 
 
@@ -94,7 +96,8 @@ def check_finite(step: int, values: dict[str, float], kept: str) -> None:
     """Stop before a non-finite loss term or gradient reaches the weights; name the first one (the total last).
 
     `kept` says which checkpoint survives, e.g. "the last good checkpoint (step 40) is kept in OUT/checkpoint"."""
-    bad = [k for k in sorted(values, key=lambda k: k == "loss") if not math.isfinite(values[k])]
+    order = sorted(values, key=lambda k: (k == "loss", k not in LOSS_TERMS))  # the cause first, the total last
+    bad = [k for k in order if not math.isfinite(values[k])]
     if bad:
         also = f" (also non-finite: {', '.join(bad[1:])})" if len(bad) > 1 else ""
         raise TrainingDiverged(f"step {step}: {bad[0]} = {values[bad[0]]} is not finite{also}; the update was not "

@@ -84,10 +84,11 @@ def run_generate(cfg: GenerateRun, existing: str = "auto") -> list[dict]:
     if existing == "refuse" and Path(out).exists():
         raise rundir.RunDirError(f"{out} already holds {_describe_cache(Path(out), key)}; pass --resume to complete "
                                  f"or reuse it, or --overwrite to sample it afresh")
+    if existing == "overwrite":
+        rundir.remove(Path(out))  # even a readable cache of these settings: --overwrite samples afresh
     sampler = VLLMSampler(model_path, cfg.vllm) if cfg.vllm.enabled else None
     return generate_cached(None if sampler else load_model(model_path), load_tokenizer(model_path), records,
-                           cfg.sampling, out, key, cfg.seed, overwrite=cfg.overwrite or existing == "overwrite",
-                           sampler=sampler)
+                           cfg.sampling, out, key, cfg.seed, overwrite=cfg.overwrite, sampler=sampler)
 
 
 def _backend(cfg: VLLMConfig) -> str:
@@ -148,7 +149,8 @@ def reference_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruc
         console.print(f"{source}: dropped {dropped} of {len(records)} examples over the length limits "
                       f"(prompt > {cfg.max_prompt_tokens} or total > {cfg.max_length} tokens)")
     if not ex:
-        raise DataError("no example is left after the length filters; raise train.max_length", source)
+        raise DataError("no example is left after the length filters; raise train.max_prompt_tokens or "
+                        "train.max_length", source)
     return ex
 
 
