@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
-from tests_support import cli_env, tiny_models
+from tests_support import cli_env, one_thread, tiny_models
 from typer.testing import CliRunner
 
 from prefkd.cli import app
@@ -25,18 +24,6 @@ STEPS, SAVE_EVERY = 24, 3
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer):
     return tiny_models(tmp_path_factory.mktemp("kill"), tokenizer)
-
-
-@contextmanager
-def one_thread():
-    """The subprocesses run with OMP_NUM_THREADS=1; an in-process reference must use the same thread count, or float
-    reductions may be ordered differently."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _distill_args(files, out):

@@ -1,4 +1,6 @@
-"""Small record files for CLI tests."""
+"""Small record files, models and subprocess settings for CLI tests."""
+
+from contextlib import contextmanager
 
 from prefkd.data.records import write_records
 from prefkd.data.synthetic import SuiteConfig, build_suite
@@ -39,3 +41,17 @@ def cli_env() -> dict:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextmanager
+def one_thread():
+    """Subprocesses run with OMP_NUM_THREADS=1 (cli_env); an in-process run compared with them bit for bit must use
+    the same thread count, or float reductions may be ordered differently."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
