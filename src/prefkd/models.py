@@ -6,6 +6,7 @@ stock `AutoModelForCausalLM.from_pretrained(path)`, exactly like `gpt2-xl` would
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,14 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: str | torch.dt
         dtype = DTYPES[dtype]
     try:
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors in a .bin file
+        raise PrefkdError(f"cannot load a causal LM from '{path}': its .bin weight file holds Python objects, not "
+                          f"just tensors, and was refused unread; use safetensors weights from a source you trust") \
+            from None
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weight file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "trust_remote_code" in str(e):  # the model needs its own Python code: run it only when told to
+            first += " It runs only with trust_remote_code=true for this model (e.g. teacher.trust_remote_code=true)."
         raise PrefkdError(f"cannot load a causal LM from '{path}': {first}") from None
 
 
