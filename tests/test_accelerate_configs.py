@@ -65,3 +65,20 @@ def test_deepspeed_configs_resolve_to_zero3(name, offload):
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == offload
     assert ds["gradient_accumulation_steps"] == 1
+
+
+def test_memory_plan_counts_the_opt_parameters_and_names_real_configs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_plan", CONFIGS / "memory_plan.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    # The published sizes: OPT-13B has 12.85B parameters, OPT-1.3B 1.3B.
+    assert round(plan.OPT_13B.params / 1e9, 2) == 12.85 and round(plan.OPT_1_3B.params / 1e9, 1) == 1.3
+    rows = plan.plan(plan.OPT_13B, plan.OPT_1_3B, gpus=8, batch=8, max_length=512, new_tokens=256)
+    for row in rows:
+        for name in row["layout"].replace("/", " ").split():
+            if name.endswith(".yaml"):
+                assert (CONFIGS / name).is_file(), name
+    sharded = next(r for r in rows if r["layout"].startswith("deepspeed-zero3.yaml"))
+    assert sharded["teacher"] == plan.OPT_13B.params * 2 / 8

@@ -111,6 +111,8 @@ def test_model_code_runs_only_with_trust_remote_code(tmp_path, files):
     cfg.update(model_type="customgpt", auto_map={"AutoConfig": "custom_code.CustomConfig",
                                                  "AutoModelForCausalLM": "custom_code.CustomModel"})
     (evil / "config.json").write_text(json.dumps(cfg))
+    for f in files["student"].glob("tokenizer*"):  # a usable tokenizer: only the model's code stands in the way
+        (evil / f.name).write_bytes(f.read_bytes())
     (evil / "custom_code.py").write_text(
         f"open({str(marker)!r}, 'w').close()\n"
         "from transformers import GPT2Config, GPT2LMHeadModel\n"

@@ -67,26 +67,41 @@ def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "per_seed": xs}
 
 
-def score(records: list[Instruction], predictions_per_seed: dict[int, list[str]]) -> dict:
-    """Rouge-L and exact match overall, by kind and by length bucket: mean and std over seeds."""
-    groups: dict[str, list[int]] = {"all": list(range(len(records)))}
+def prompt_scores(records: list[Instruction],
+                  predictions_per_seed: dict[int, list[str]]) -> dict[str, list[list[float]]]:
+    """{"rougeL": [seed][prompt], "exact_match": [seed][prompt]}: every prediction's score, for any breakdown or
+    paired comparison later."""
+    return {"rougeL": [[rouge_l(p, r.references) for p, r in zip(preds, records, strict=True)]
+                       for preds in predictions_per_seed.values()],
+            "exact_match": [[exact_match(p, r.references) for p, r in zip(preds, records, strict=True)]
+                            for preds in predictions_per_seed.values()]}
+
+
+def groups(records: list[Instruction]) -> dict[str, list[int]]:
+    """Prompt indices of "all", each record kind ("kind:D", ...) and each reference-length bucket."""
+    out: dict[str, list[int]] = {"all": list(range(len(records)))}
     for i, r in enumerate(records):
         if r.kind:
-            groups.setdefault(f"kind:{r.kind}", []).append(i)
-        groups.setdefault(f"bucket:{length_bucket(r.references[0])}", []).append(i)
+            out.setdefault(f"kind:{r.kind}", []).append(i)
+        out.setdefault(f"bucket:{length_bucket(r.references[0])}", []).append(i)
+    return out
+
+
+def score(records: list[Instruction], predictions_per_seed: dict[int, list[str]],
+          per_prompt: dict[str, list[list[float]]] | None = None) -> dict:
+    """Rouge-L and exact match overall, by kind and by length bucket: mean and std over seeds."""
+    per_prompt = per_prompt or prompt_scores(records, predictions_per_seed)
     out: dict = {}
-    for group, idx in groups.items():
-        rl, em = [], []
-        for preds in predictions_per_seed.values():
-            rl.append(statistics.fmean(rouge_l(preds[i], records[i].references) for i in idx))
-            em.append(statistics.fmean(exact_match(preds[i], records[i].references) for i in idx))
-        out[group] = {"n": len(idx), "rougeL": _mean_std(rl), "exact_match": _mean_std(em)}
+    for group, idx in groups(records).items():
+        out[group] = {"n": len(idx), **{metric: _mean_std([statistics.fmean(row[i] for i in idx) for row in rows])
+                                        for metric, rows in per_prompt.items()}}
     return out
 
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
-             cfg: EvalConfig, name: str = "eval") -> tuple[dict, dict[int, list[str]]]:
-    """(scores, predictions per seed) of `model` on `records` with sampled generation."""
+             cfg: EvalConfig, name: str = "eval") -> tuple[dict, dict[int, list[str]], dict[str, list[list[float]]]]:
+    """(scores, predictions per seed, per-prompt scores) of `model` on `records` with sampled generation."""
     preds = {seed: generate(model, tokenizer, records, cfg.sampling, seed, f"{name} seed {seed}")
              for seed in cfg.seeds}
-    return score(records, preds), preds
+    per_prompt = prompt_scores(records, preds)
+    return score(records, preds, per_prompt), preds, per_prompt

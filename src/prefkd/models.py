@@ -90,7 +90,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise PrefkdError(f"cannot load a tokenizer from '{path}': {e}") from None
+        raise _cannot_load("a tokenizer", path, e) from None
     if tok.eos_token_id is None:
         raise PrefkdError(f"tokenizer at '{path}' has no EOS token; responses need one to end")
     if tok.pad_token_id is None:
@@ -113,10 +113,15 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: str | torch.dt
                           f"just tensors, and was refused unread; use safetensors weights from a source you trust") \
             from None
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weight file
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "trust_remote_code" in str(e):  # the model needs its own Python code: run it only when told to
-            first += " It runs only with trust_remote_code=true for this model (e.g. teacher.trust_remote_code=true)."
-        raise PrefkdError(f"cannot load a causal LM from '{path}': {first}") from None
+        raise _cannot_load("a causal LM", path, e) from None
+
+
+def _cannot_load(what: str, path: str, e: Exception) -> PrefkdError:
+    """The library's reason on one line (its first), plus what to do when the model wants to run its own code."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        first += " It runs only with trust_remote_code=true for this model (e.g. teacher.trust_remote_code=true)."
+    return PrefkdError(f"cannot load {what} from '{path}': {first}")
 
 
 def model_from_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:

@@ -29,7 +29,7 @@ from prefkd.errors import ConfigError, PrefkdError
 MODES = ("refuse", "resume", "overwrite", "auto")
 # What a training run writes besides config.yaml; --overwrite removes exactly these (a keyed sample cache under
 # OUT/cache is kept: it is only ever reused for the same model, prompts and sampling settings).
-OUTPUTS = ("model", "checkpoint", "train_log.jsonl", "train_state.json")
+OUTPUTS = ("model", "checkpoint", "train_log.jsonl", "train_state.json", "diagnostics.jsonl", "tensorboard")
 IGNORED_KEYS = ("out", "_git_commit")
 
 

@@ -20,6 +20,7 @@ from prefkd.console import console
 from prefkd.data.collate import Example, encode_examples, encode_prompts
 from prefkd.data.corpus import token_blocks
 from prefkd.data.records import Instruction, read_records
+from prefkd.diagnostics import DiagnosticsConfig, HeldOutDiagnostics
 from prefkd.distributed import process_state
 from prefkd.errors import DataError, PrefkdError
 from prefkd.evaluate import EvalConfig, evaluate
@@ -39,6 +40,8 @@ class DataConfig:
                            "unless the method needs them)")
     replay: str = opt("", "jsonl records with references replayed with cross-entropy (distill.replay share)")
     corpus: str = opt("", "plain-text pretraining corpus for the LM loss; documents separated by blank lines")
+    heldout: str = opt("", "distillation: jsonl records whose prompts form the fixed diagnostics batch (e.g. the "
+                           "validation split); default: the first distillation prompts")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class SFTRun:
     data: DataConfig = section(DataConfig)
     train: TrainConfig = section(TrainConfig)
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
+    block_size: int = opt(256, "pretraining (data.corpus without data.train): tokens per corpus block")
 
 
 @dataclass
@@ -62,6 +66,8 @@ class DistillRun:
     distill: MethodConfig = section(MethodConfig)
     sampling: SamplingConfig = section(SamplingConfig, "sampling of teacher/student responses during training")
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
+    diagnostics: DiagnosticsConfig = section(DiagnosticsConfig, "implicit reward and KL to the teacher on a fixed "
+                                                                "held-out batch during training")
     vllm: VLLMConfig = section(VLLMConfig, "vLLM for the sample caches built before training (GPU only)")
 
 
@@ -160,18 +166,28 @@ def prompt_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instructio
 
 
 def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-            name: str = "sft", existing: str = "auto") -> list[dict]:
-    """`existing`: what to do with a run already in `cfg.out` (rundir.py); "auto" resumes the same settings."""
+            name: str = "sft", corpus: list[str] | None = None, existing: str = "auto") -> list[dict]:
+    """SFT on reference responses; with a corpus instead (`data.corpus`, no `data.train`), LM pretraining on its
+    token blocks (every token scored). `existing`: what to do with a run already in `cfg.out` (rundir.py); "auto"
+    resumes the same settings."""
     out = Path(cfg.out)
     start_run(out, cfg, existing)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
-    records = records or read_records(_need(cfg.data.train, "data.train"), require_references=True)
+    if corpus is None and not records and cfg.data.corpus and not cfg.data.train:
+        corpus = _read_corpus(cfg.data.corpus)
     model = model_from_config(cfg.model, tokenizer, cfg.train.seed)
-    console.print(f"[bold]{name}[/]: {cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, "
-                  f"{n_params(model) / 1e6:.2f}M parameters, SFT on {len(records)} records")
-    examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
+    what = f"{cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, {n_params(model) / 1e6:.2f}M parameters"
+    if corpus is not None:
+        examples = [Example([], block) for block in token_blocks(tokenizer, corpus, cfg.block_size).tolist()]
+        console.print(f"[bold]{name}[/]: {what}, pretraining on {len(examples)} blocks of {cfg.block_size} tokens")
+        stage = "pretraining"
+    else:
+        records = records or read_records(_need(cfg.data.train, "data.train"), require_references=True)
+        console.print(f"[bold]{name}[/]: {what}, SFT on {len(records)} records")
+        examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
+        stage = "SFT"
     return train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
-                 MethodConfig(), SamplingConfig(), out, name=f"{name} SFT",
+                 MethodConfig(), SamplingConfig(), out, name=f"{name} {stage}",
                  save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora), strict_resume=existing == "resume",
                  identity=model_identity(cfg.model.path) if cfg.model.path else None)
 
@@ -204,6 +220,12 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
         if not (samples_only and cfg.vllm.enabled):  # vLLM loads its own copy; a 13B teacher is not loaded twice
             teacher = load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+    elif cfg.diagnostics.every and cfg.teacher.path and not samples_only:  # black-box: only for diagnostics
+        teacher_tok = load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code)
+        if teacher_tok.get_vocab() == tokenizer.get_vocab():
+            teacher = load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+        else:
+            console.print("diagnostics off: they score the student's tokens with the teacher, whose tokenizer differs")
     prompts = prompts or read_records(_need(cfg.data.prompts, "data.prompts"),
                                       require_references=method.data == "references")
     if replay is None and cfg.data.replay and cfg.distill.replay > 0:
@@ -225,11 +247,23 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     d = cfg.distill
     console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
+    diagnostics = held_out_diagnostics(cfg, teacher, tokenizer, prompts)
     model = apply_lora(student, cfg.lora)
     identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
     return train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
-                 strict_resume=existing == "resume", identity=identity)
+                 diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
+                 identity=identity)
+
+
+def held_out_diagnostics(cfg: DistillRun, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
+                         prompts: list[Instruction]) -> HeldOutDiagnostics | None:
+    if not cfg.diagnostics.every or teacher is None:
+        return None
+    records = read_records(cfg.data.heldout) if cfg.data.heldout else prompts
+    ids = [p for p in encode_prompts(tokenizer, [r.prompt for r in records]) if len(p) <= cfg.train.max_prompt_tokens]
+    return HeldOutDiagnostics(teacher, ids[: cfg.diagnostics.prompts], cfg.sampling, cfg.distill.dpkd.beta,
+                              tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.diagnostics.seed)
 
 
 def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction], tokenizer: PreTrainedTokenizerBase,
@@ -299,9 +333,11 @@ def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, nam
     out = Path(cfg.out) if cfg.out else Path(model_path) / "eval"
     records = records or read_records(_need(cfg.data, "data"), require_references=True)
     tokenizer = load_tokenizer(model_path)
-    scores, preds = evaluate(load_model(model_path), tokenizer, records, cfg.eval, name)
+    scores, preds, per_prompt = evaluate(load_model(model_path), tokenizer, records, cfg.eval, name)
     write_run_config(out, cfg)
     atomic.write_json(out / "scores.json", scores)
+    atomic.write_json(out / "prompt_scores.json", {"ids": [r.id for r in records], "seeds": list(preds),
+                                                   **per_prompt})
     atomic.write_json(out / "predictions.json",
                       {str(s): [{"id": r.id, "prediction": p} for r, p in zip(records, ps, strict=True)]
                        for s, ps in preds.items()})

@@ -94,8 +94,13 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
           cfg: TrainConfig, method_cfg: MethodConfig, sampling: SamplingConfig, out_dir: str | Path,
           teacher: PreTrainedModel | None = None, name: str = "train",
           save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None] = save_pretrained,
-          strict_resume: bool = False, identity: object = None) -> list[dict]:
+          diagnostics: Callable[[PreTrainedModel], dict[str, float]] | None = None,
+          diagnostics_every: int = 0, strict_resume: bool = False, identity: object = None) -> list[dict]:
     """Train `student` in place with `method`; write logs, checkpoints and the final model under `out_dir`.
+
+    `diagnostics(student)` (e.g. `prefkd.diagnostics.HeldOutDiagnostics`) runs before the first step, every
+    `diagnostics_every` steps and after the last; its rows go to `diagnostics.jsonl`. Every row of both logs also
+    goes to TensorBoard under `out_dir/tensorboard`.
 
     Resumes from a checkpoint of the same run key (settings, data, `identity` of the models); a checkpoint of
     another key is discarded, or an error with `strict_resume` (the CLI's --resume). Under `accelerate launch`
@@ -139,13 +144,28 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
 
     start, window, n_window = _restore(acc, ckpt_root, state_path, run_key, strict_resume, name)
     logs = [r for r in _read_log(log_path) if r["step"] <= start]
-    if main:
+    diag_path = out / "diagnostics.jsonl"
+    board = None
+    if main:  # logs, diagnostics and TensorBoard are written by the main process only
         atomic.write_jsonl(log_path, logs)
+        atomic.write_jsonl(diag_path, [r for r in _read_log(diag_path) if r["step"] <= start])
+        board = _board(out / "tensorboard")
     acc.wait_for_everyone()
+    per_epoch = max(1, len(data.examples) // max(1, n_method))
+
+    def diagnose(done: int) -> None:
+        if diagnostics is None:
+            return
+        # Every process computes them (a sharded model needs all of them for a forward); the main one writes.
+        row = {"step": done, "epoch": round(done / per_epoch, 4), **diagnostics(acc.unwrap_model(model))}
+        if main:
+            _append(diag_path, row, board, "diagnostics")
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     model.train()
     t0 = time.time()
+    if start == 0:
+        diagnose(0)
     with progress(disable=not main) as bar:
         task = bar.add_task(name, total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
@@ -176,8 +196,9 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                 window, n_window = {}, 0
                 logs.append(row)
                 if main:
-                    with log_path.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
+                    _append(log_path, row, board, "train")
+            if diagnostics_every and (done % diagnostics_every == 0 or done == cfg.steps):
+                diagnose(done)
             bar.update(task, advance=1, info=f"loss {sums['loss']:.3f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                 checkpoints.save(acc, ckpt_root, done, {"run_key": run_key, "window": window, "n_window": n_window})
@@ -187,6 +208,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
         atomic.write_json(state_path, {"finished": True, "step": cfg.steps, "run_key": run_key,
                                        "processes": acc.num_processes})
         rundir.remove(ckpt_root)
+        if board is not None:
+            board.close()
     acc.wait_for_everyone()
     return logs
 
@@ -276,6 +299,25 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _board(path: Path):
+    """A TensorBoard writer, or None where the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _append(path: Path, row: dict, board, group: str) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if board is not None:
+        for key, v in row.items():
+            if key != "step" and isinstance(v, (int, float)):
+                board.add_scalar(f"{group}/{key}", v, row["step"])
+        board.flush()
 
 
 def _read_log(path: Path) -> list[dict]:
