@@ -60,7 +60,7 @@ def test_bad_record_names_file_line_and_field(files, tmp_path, case, line, needl
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(json.dumps(GOOD).encode() + b"\n" + line + b"\n")
     _error(_sft(files, tmp_path / "out", f"data.train={bad}"), *needles)
-    assert not (tmp_path / "out" / "model").exists()
+    assert not (tmp_path / "out").exists()  # nothing written: a fixed rerun needs no --overwrite
 
 
 def test_empty_and_missing_files(files, tmp_path):
@@ -74,6 +74,18 @@ def test_empty_and_missing_files(files, tmp_path):
     res = runner.invoke(app, ["distill", f"out={tmp_path / 'd'}", f"student.path={files['student']}",
                               f"teacher.path={tmp_path / 'no-teacher'}", f"data.prompts={files['prompts']}"])
     _error(res, "no-teacher")
+
+
+def test_white_box_method_names_both_vocabularies(files, tmp_path):
+    from prefkd.models import build_model, save_pretrained, train_tokenizer
+
+    other = train_tokenizer(["a completely different corpus " * 40], vocab_size=300)
+    save_pretrained(build_model("gpt2", "nano", other), other, tmp_path / "other")
+    res = runner.invoke(app, ["distill", "--method", "kd", f"out={tmp_path / 'x'}", f"student.path={files['student']}",
+                              f"teacher.path={tmp_path / 'other'}", f"data.prompts={files['prompts']}"])
+    _error(res, "method 'kd' is white-box", f"student '{files['student']}': 400 tokens",
+           f"teacher '{tmp_path / 'other'}': ", "black-box method such as seqkd or plad")
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_method_and_misspelt_key_suggest_the_closest(files, tmp_path):

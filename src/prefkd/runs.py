@@ -119,10 +119,15 @@ class EvaluateRun:
     eval: EvalConfig = section(EvalConfig)
 
 
-def start_run(out: Path, cfg: object, existing: str) -> None:
-    """Check `out` on every process (rundir.claim), then the main process clears it if asked and writes the config."""
+def check_run(out: Path, cfg: object, existing: str) -> bool:
+    """Before any work: may this run use `out` (rundir.claim, on every process)? Returns whether to clear it."""
+    return rundir.claim(out, config.to_dict(cfg), existing)
+
+
+def begin_run(out: Path, cfg: object, clear: bool) -> None:
+    """Once the inputs are read and checked: the main process clears `out` if asked and writes the config, so a
+    run that fails on bad input leaves nothing behind."""
     state = process_state()
-    clear = rundir.claim(out, config.to_dict(cfg), existing)
     state.wait_for_everyone()
     if state.is_main_process:
         if clear:
@@ -171,7 +176,7 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     token blocks (every token scored). `existing`: what to do with a run already in `cfg.out` (rundir.py); "auto"
     resumes the same settings."""
     out = Path(cfg.out)
-    start_run(out, cfg, existing)
+    clear = check_run(out, cfg, existing)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
     if corpus is None and not records and cfg.data.corpus and not cfg.data.train:
         corpus = _read_corpus(cfg.data.corpus)
@@ -186,6 +191,7 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
         console.print(f"[bold]{name}[/]: {what}, SFT on {len(records)} records")
         examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
         stage = "SFT"
+    begin_run(out, cfg, clear)
     return train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
                  MethodConfig(), SamplingConfig(), out, name=f"{name} {stage}",
                  save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora), strict_resume=existing == "resume",
@@ -196,9 +202,9 @@ def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: Pre
                           method: str) -> None:
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise PrefkdError(f"method '{method}' is white-box: it scores the same token ids with teacher and student, "
-                          f"but their tokenizers differ (student vocabulary {len(student_tok)}, teacher "
-                          f"{len(teacher_tok)}). Use a teacher with the student's tokenizer, or a black-box "
-                          f"method such as seqkd or plad.")
+                          f"but their tokenizers differ (student '{student_tok.name_or_path}': {len(student_tok)} "
+                          f"tokens; teacher '{teacher_tok.name_or_path}': {len(teacher_tok)} tokens). Use a teacher "
+                          f"with the student's tokenizer, or a black-box method such as seqkd or plad.")
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
@@ -209,8 +215,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     out = Path(cfg.out)
     method = get_method(cfg.method)
     rundir.inside(out, cfg.distill.cache_dir or "cache", "distill.cache_dir")  # fail before any work
-    if not samples_only:  # the caches are keyed files under cache_dir; they do not make `out` hold a run
-        start_run(out, cfg, existing)
+    # With samples_only, `out` is not claimed: the caches are keyed files under cache_dir, not a run.
+    clear = check_run(out, cfg, existing) if not samples_only else False
     student_path = _need(cfg.student.path, "student.path")
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
     student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
@@ -249,6 +255,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
     diagnostics = held_out_diagnostics(cfg, teacher, tokenizer, prompts)
     model = apply_lora(student, cfg.lora)
+    begin_run(out, cfg, clear)
     identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
     return train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
