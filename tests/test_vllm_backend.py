@@ -115,3 +115,27 @@ def test_sampler_feeds_the_resumable_cache(monkeypatch, tokenizer, tiny_suite, t
     assert generate_cached(None, tokenizer, records, sampling, path, key, 3, sampler=sampler) == rows
     assert len(stand_in.requests) == 3
     assert [json.loads(line)["index"] for line in path.read_text().splitlines()[1:]] == list(range(5))
+
+
+def test_samples_only_then_training_reuses_the_vllm_cache(monkeypatch, tmp_path, tokenizer):
+    """The two-step flow of a large-teacher run: sample the teacher once (here with the stand-in), then train
+    without starting an engine. --samples-only does not claim the run directory."""
+    from tests_support import tiny_models
+
+    files = tiny_models(tmp_path / "files", tokenizer)
+    stand_in = StandIn(max_model_len=400)
+    monkeypatch.setitem(sys.modules, "vllm", stand_in.module)
+    out = tmp_path / "run"
+    args = ["distill", "--method", "seqkd", f"out={out}", f"student.path={files['student']}",
+            f"teacher.path={files['teacher']}", f"data.prompts={files['prompts']}", "vllm.enabled=true",
+            "sampling.max_new_tokens=4", "train.steps=2", "train.batch_size=4"]
+    res = CliRunner().invoke(app, [*args, "--samples-only"])
+    assert res.exit_code == 0, res.output
+    caches = list((out / "cache").glob("teacher-*.jsonl"))
+    assert len(caches) == 1 and len(stand_in.engines) == 1 and not (out / "config.yaml").exists()
+    stamp, n_requests = caches[0].stat().st_mtime_ns, len(stand_in.requests)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "model" / "model.safetensors").is_file()
+    assert caches[0].stat().st_mtime_ns == stamp and len(stand_in.requests) == n_requests  # nothing resampled
+    assert len(stand_in.engines) == 1  # and no engine started
