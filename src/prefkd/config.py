@@ -66,7 +66,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if typ is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
         try:
             return float(value)
         except ValueError:
