@@ -12,6 +12,7 @@ the whole global batch, exactly what one process computes on the whole batch. Lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,16 +93,16 @@ def combine(acc: Accelerator, terms: list[Term], metrics: dict[str, float], metr
     return loss, logged
 
 
-def check_finite(step: int, values: dict[str, float], kept: str) -> None:
+def check_finite(step: int, values: dict[str, float], kept: Callable[[], str]) -> None:
     """Stop before a non-finite loss term or gradient reaches the weights; name the first one (the total last).
 
-    `kept` says which checkpoint survives, e.g. "the last good checkpoint (step 40) is kept in OUT/checkpoint"."""
+    `kept()` says which checkpoint survives, e.g. "the last good checkpoint (step 40) is kept in OUT/checkpoint"."""
     order = sorted(values, key=lambda k: (k == "loss", k not in LOSS_TERMS))  # the cause first, the total last
     bad = [k for k in order if not math.isfinite(values[k])]
     if bad:
         also = f" (also non-finite: {', '.join(bad[1:])})" if len(bad) > 1 else ""
         raise TrainingDiverged(f"step {step}: {bad[0]} = {values[bad[0]]} is not finite{also}; the update was not "
-                               f"applied and {kept} (for inspection). Lower train.lr or check the data and start "
+                               f"applied and {kept()} (for inspection). Lower train.lr or check the data and start "
                                f"afresh with --overwrite")
 
 

@@ -176,13 +176,13 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                     loss, metrics = _micro_step(method, model, acc, teacher, data, streams, k, method_cfg, sampling,
                                                 pad, eos, (n_method, n_replay), use_lm, cfg.seed)
                 # Every process holds the same global values, so all of them stop together.
-                distributed.check_finite(step + 1, metrics, _kept(ckpt_root))
+                distributed.check_finite(step + 1, metrics, lambda: _kept(ckpt_root))
                 acc.backward(loss / cfg.grad_accum)
                 for key, v in metrics.items():
                     sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
             grad_norm = distributed.clip_grad_norm(acc, model, cfg.max_grad_norm)
             if grad_norm is not None:
-                distributed.check_finite(step + 1, {"gradient norm": grad_norm}, _kept(ckpt_root))
+                distributed.check_finite(step + 1, {"gradient norm": grad_norm}, lambda: _kept(ckpt_root))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
