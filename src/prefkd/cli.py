@@ -9,7 +9,7 @@ import typer
 
 from prefkd import config
 from prefkd.console import console
-from prefkd.errors import PrefkdError
+from prefkd.errors import ConfigError, PrefkdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Preference-based knowledge distillation of causal language models.")
@@ -17,6 +17,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 Overrides = Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides", show_default=False)]
 ConfigFile = Annotated[str | None, typer.Option("--config", help="YAML config file")]
 Debug = Annotated[bool, typer.Option("--debug", help="show Python tracebacks")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue the run of the same settings already in the output")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="discard what a previous run left in the output")]
+
+
+def _existing(resume: bool, overwrite: bool) -> str:
+    """What a verb does with an output that already holds a run (prefkd.rundir): refuse unless told."""
+    if resume and overwrite:
+        raise ConfigError("pass --resume or --overwrite, not both")
+    return "resume" if resume else "overwrite" if overwrite else "refuse"
 
 
 def _keys_help(cls: type) -> str:
@@ -30,7 +39,7 @@ def _run(fn, debug: bool):
     except PrefkdError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {e}", soft_wrap=True)  # one line, whatever the terminal's width
         sys.exit(2)
 
 
@@ -91,13 +100,14 @@ from prefkd.runs import DistillRun, EvaluateRun, GenerateRun, SFTRun  # noqa: E4
 
 
 @app.command(epilog=_keys_help(SFTRun))
-def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False, resume: Resume = False,
+        overwrite: Overwrite = False) -> None:
     """Supervised fine-tuning on records with references (teacher, or the student's initialisation)."""
     from prefkd.runs import run_sft
 
     def go():
         cfg = config.load(SFTRun, config_file, overrides or [])
-        run_sft(cfg)
+        run_sft(cfg, existing=_existing(resume, overwrite))
         console.print(f"wrote {cfg.out}/model")
 
     _run(go, debug)
@@ -105,14 +115,19 @@ def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debu
 
 @app.command(epilog=_keys_help(DistillRun))
 def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
-            method: Annotated[str | None, typer.Option("--method", help="same as method=...")] = None) -> None:
+            method: Annotated[str | None, typer.Option("--method", help="same as method=...")] = None,
+            resume: Resume = False, overwrite: Overwrite = False,
+            samples_only: Annotated[bool, typer.Option("--samples-only", help="build the sample caches and stop "
+                                                                          "(e.g. with vLLM, before a multi-GPU "
+                                                                          "launch)")] = False) -> None:
     """Distil a teacher into a student with one method (see `prefkd methods`)."""
     from prefkd.runs import run_distill
 
     def go():
         cfg = config.load(DistillRun, config_file, (overrides or []) + ([f"method={method}"] if method else []))
-        run_distill(cfg)
-        console.print(f"wrote {cfg.out}/model")
+        run_distill(cfg, existing=_existing(resume, overwrite), samples_only=samples_only)
+        if not samples_only:
+            console.print(f"wrote {cfg.out}/model")
 
     _run(go, debug)
 
@@ -129,13 +144,14 @@ def prepare(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
 
 
 @app.command(epilog=_keys_help(GenerateRun))
-def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+             resume: Resume = False, overwrite: Overwrite = False) -> None:
     """Sample one response per prompt into a keyed, resumable jsonl cache (SeqKD and PLaD consume these)."""
     from prefkd.runs import run_generate
 
     def go():
         cfg = config.load(GenerateRun, config_file, overrides or [])
-        rows = run_generate(cfg)
+        rows = run_generate(cfg, existing=_existing(resume, overwrite))
         console.print(f"{cfg.out}: {len(rows)} responses, {sum(r['finished'] for r in rows)} ended with EOS")
 
     _run(go, debug)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prefkd import atomic, config, stages
+from prefkd import atomic, config, rundir, stages
 from prefkd.config import opt, section
 from prefkd.data.records import read_records
 from prefkd.diagnostics import DiagnosticsConfig
@@ -155,6 +155,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             runs[CONTROL].append(Run(f"seed{seed}", d / "model", key))
 
     corpus = data / "corpus.txt"
+    # Teacher samples shared by every method's runs: one absolute directory inside this experiment's --out (a
+    # relative distill.cache_dir would be taken inside each run's own directory).
+    shared_cache = str(rundir.inside(out, cfg.distill.cache_dir or "cache", "distill.cache_dir").resolve())
     for name in cfg.methods:
         runs[name] = []
         for seed in cfg.seeds:
@@ -164,7 +167,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                                          corpus=str(corpus) if corpus.read_text(encoding="utf-8").strip() else "",
                                          heldout=str(data / "validation.jsonl")),
                               replace(cfg.distill_train, seed=seed),
-                              replace(cfg.distill, cache_dir=cfg.distill.cache_dir or str(out / "cache")),
+                              replace(cfg.distill, cache_dir=shared_cache),
                               cfg.sampling, diagnostics=cfg.diagnostics)
             run = resolve(cfg, name, base)
             key = stages.fingerprint(keys["teacher"], keys["sft"], {**asdict(run), "out": ""})
