@@ -101,19 +101,33 @@ def run_children(commands: dict[str, list[str]], rounds: int, timeout: int = 600
 
 
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), []
     info = Path("/proc/cpuinfo")
     if info.is_file():
-        m = re.search(r"model name\s*:\s*(.+)", info.read_text())
+        text = info.read_text()
+        m = re.search(r"model name\s*:\s*(.+)", text)
         cpu = m.group(1).strip() if m else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        m = re.search(r"flags\s*:\s*(.+)", text)
+        have = set(m.group(1).split()) if m else set()
+        flags = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in have]
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "memory_gb": _memory_gb(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _memory_gb() -> float | None:
+    m = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text()) if Path("/proc/meminfo").is_file() \
+        else None
+    return round(int(m.group(1)) / 2**20, 1) if m else None
 
 
 def save(bench: str, figures: dict[str, float], settings: dict, details: dict | None = None) -> None:
     """Merge one benchmark's figures (top-level keys), settings and raw details into bench/results.json."""
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for key in data.get("figure_keys", {}).get(bench, []):  # a figure this benchmark no longer reports goes
+        data.pop(key, None)
     data.update(figures)
+    data.setdefault("figure_keys", {})[bench] = sorted(figures)
     data.setdefault("settings", {})[bench] = settings
     data.setdefault("details", {})[bench] = details or {}
     data["machine"] = machine()
