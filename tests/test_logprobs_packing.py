@@ -146,3 +146,12 @@ def test_models_without_custom_masks_fall_back_to_the_padded_forward(monkeypatch
     monkeypatch.setattr(lp, "packing_supported", lambda m: False)
     padded = group_token_logps(model, [e.prompt_ids for e in examples], [[e.response_ids for e in examples]])
     assert torch.equal(packed[1], padded[1]) and (packed[0] - padded[0]).abs().max() <= 1e-5
+
+
+def test_empty_responses_score_nothing_and_leave_the_others_unchanged():
+    model = _model("gpt2", "sdpa")
+    prompts = [[5, 6, 7], [8, 9]]
+    tok, mask = group_token_logps(model, prompts, [[[10, 11], []], [[], [12]]])
+    assert mask.tolist() == [[1, 1], [0, 0], [0, 0], [1, 0]]
+    ref, _ = _padded(model, [Example([5, 6, 7], [10, 11]), Example([8, 9], [12])])
+    assert (tok[0] - ref[0, 2:4]).abs().max() <= 1e-5 and abs(tok[3, 0] - ref[1, 1]) <= 1e-5

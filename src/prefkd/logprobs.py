@@ -131,12 +131,12 @@ def pack(groups: list[Group], pad_id: int = 0) -> Packed:
                 positions[r, col: col + n] = torch.arange(n_p, n_p + n)
                 group_of[r, col: col + n] = g
                 branch_of[r, col: col + n] = k + 1
-                if n_p:  # the last prompt token predicts the first response token; a prompt-less one is unscored
+                if n_p and n:  # the last prompt token predicts the first response token; without a prompt
                     predictor += [(r, last_prompt)] + [(r, c) for c in range(col, col + n - 1)]
                     labels += resp
                     seq += [k * n_groups + g] * n
                     pos += list(range(n))
-                elif n > 1:
+                elif n > 1:  # ... the first token has nothing to predict it
                     predictor += [(r, c) for c in range(col, col + n - 1)]
                     labels += resp[1:]
                     seq += [k * n_groups + g] * (n - 1)

@@ -268,7 +268,8 @@ def _cached_teacher_samples(inp: StepInputs) -> tuple[list[list[int]], list[floa
     missing = [e for e, h in zip(inp.examples, hits, strict=True) if h is None]
     sampled: dict[int, list[int]] = {}
     if missing:
-        with torch.random.fork_rng(devices=[]):
+        cuda = [inp.device.index or 0] if inp.device.type == "cuda" else []  # manual_seed reseeds CUDA too
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(cache.sampling_seed([e.index for e in missing]))
             sampled = dict(zip([e.index for e in missing], _sample(inp.teacher, missing, inp), strict=True))
     y_t = [h[0] if h else sampled[e.index] for e, h in zip(inp.examples, hits, strict=True)]
