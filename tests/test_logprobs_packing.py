@@ -155,3 +155,27 @@ def test_empty_responses_score_nothing_and_leave_the_others_unchanged():
     assert mask.tolist() == [[1, 1], [0, 0], [0, 0], [1, 0]]
     ref, _ = _padded(model, [Example([5, 6, 7], [10, 11]), Example([8, 9], [12])])
     assert (tok[0] - ref[0, 2:4]).abs().max() <= 1e-5 and abs(tok[3, 0] - ref[1, 1]) <= 1e-5
+
+
+class _IgnoresMasks(GPT2LMHeadModel):
+    """A model whose forward drops a custom attention mask (plain causal attention over the whole row)."""
+
+    def forward(self, *args, attention_mask=None, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+class _NoLogitsToKeep(GPT2LMHeadModel):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=use_cache)
+
+
+@pytest.mark.parametrize("cls", [_IgnoresMasks, _NoLogitsToKeep])
+def test_models_that_cannot_pack_are_detected_and_use_the_padded_path(cls):
+    torch.manual_seed(0)
+    model = cls(_model("gpt2", "sdpa").config)
+    assert not lp.packing_supported(model)
+    examples = _examples(4, seed=5)
+    tok, _ = response_token_logps(model, collate(examples, 0))
+    assert (tok - _padded(model, examples)[0]).abs().max() == 0  # it is the padded path
+    assert lp.packing_supported(_model("gpt2", "sdpa"))

@@ -159,10 +159,51 @@ def _config(model: torch.nn.Module):
     return getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model in .module
 
 
+_PROBED: dict[tuple[type, str], bool] = {}
+
+
 def packing_supported(model: torch.nn.Module) -> bool:
-    """Packing needs a custom 4-D mask, which transformers' sdpa and eager attention accept."""
+    """Whether this kind of model computes packed rows right: it must take a custom 4-D attention mask (transformers'
+    sdpa and eager attention do) and a boolean `logits_to_keep`. Checked once per model class and attention by a
+    tiny probe against the plain forward; anything else uses the padded path."""
     cfg = _config(model)
-    return cfg is not None and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+    attn = getattr(cfg, "_attn_implementation", None)
+    if attn not in ("sdpa", "eager"):
+        return False
+    key = (type(getattr(model, "module", model)), attn)
+    if key not in _PROBED:
+        try:
+            _PROBED[key] = _probe(model)
+        except Exception:  # a model that rejects the arguments: not packable, whatever the reason
+            _PROBED[key] = False
+    return _PROBED[key]
+
+
+def _probe(model: torch.nn.Module) -> bool:
+    """Packed log-probs of a prompt with two responses and two short sequences sharing a row equal those of the
+    plain forward of each sequence alone."""
+    top = min(getattr(_config(model), "vocab_size", 9), 9) - 1
+    groups = [([1, 2, 3], [[4], [5, 6]]), ([5], [[6]]), ([7], [[8]])]  # widths 6, 2, 2: the last two share a row
+    groups = [([t % top + 1 for t in p], [[t % top + 1 for t in r] for r in rs]) for p, rs in groups]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            packed = pack(groups)
+            got = log_softmax_at(packed_forward(model, packed, packed.keep, device).logits,
+                                 packed.kept_row.to(device), packed.labels.to(device))
+            want = torch.zeros_like(got)
+            for i, (s, j) in enumerate(zip(packed.seq.tolist(), packed.pos.tolist(), strict=True)):
+                prompt, responses = groups[s % len(groups)]  # response index s = branch * groups + group
+                response = responses[s // len(groups)]
+                ids = torch.tensor([prompt + response], device=device)
+                logits = model(input_ids=ids).logits[0, len(prompt) + j - 1]
+                want[i] = torch.log_softmax(logits.float(), -1)[response[j]]
+    finally:
+        model.train(was_training)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return got.shape == (5,) and bool(((got - want).abs() <= tol).all())
 
 
 def packed_forward(model: torch.nn.Module, packed: Packed, keep: torch.Tensor, device: torch.device,
