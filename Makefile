@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/prefkd demo $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from bench import common, fixtures
-from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.generation import SamplingConfig, left_padded, sample_responses
 from prefkd.models import load_model, load_tokenizer
 
 MAX_NEW = 128
@@ -37,12 +37,8 @@ def generate_per_batch(model, prompts: list[list[int]], cfg: SamplingConfig, pad
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start: start + cfg.batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attn[row, width - len(prompts[i]):] = 1
+        ids, attn = left_padded([prompts[i] for i in idx], pad)
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens, do_sample=True,
                              temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=eos)
         for row, i in enumerate(idx):

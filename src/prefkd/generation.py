@@ -47,14 +47,8 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
     out: list[list[int]] = [[] for _ in prompt_ids]
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start: start + cfg.batch_size]
-        width = max(len(prompt_ids[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            n = len(prompt_ids[i])
-            ids[row, width - n:] = torch.tensor(prompt_ids[i])
-            attn[row, width - n:] = 1
         prompts = [prompt_ids[i] for i in idx]
+        ids, attn = left_padded(prompts, pad_id)
         for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id, prompts),
                                   strict=True):
             out[row] = response
@@ -62,6 +56,17 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
             on_batch(len(idx))
     model.train(was_training)
     return out
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of prompts padded on the left to the longest, as decoding wants them."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[row, width - len(p):] = 1
+    return ids, attn
 
 
 def _processors(cfg: SamplingConfig) -> LogitsProcessorList:
