@@ -23,9 +23,9 @@ SMALL = ["data.vocab_size=512", "data.dolly.max_train=80", "data.dolly.max_valid
 def test_dolly_cpu_config_runs_with_tiny_sizes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the config names ../shared/data relative to the repository root
     out = tmp_path / "dolly"
-    res = CliRunner().invoke(app, ["compare", "--config", "configs/dolly-cpu.yaml", f"out={out}", *SMALL])
+    res = CliRunner().invoke(app, ["compare", "--config", "configs/dolly-cpu.yaml", f"out={out}", "tag=t", *SMALL])
     assert res.exit_code == 0, res.output
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results-t.json").read_text())
     names = [r["name"] for r in results["rows"]]
     assert names == ["teacher", "sft", "sft_continued", "kd", "seqkd", "dpkd", "plad"]
     assert results["n_prompts"] == 10 and results["split"] == "test"
@@ -37,10 +37,11 @@ def test_dolly_cpu_config_runs_with_tiny_sizes(tmp_path, monkeypatch):
     d0 = {json.loads(line)["instruction"] for line in (out / "data" / "d0.jsonl").read_text().splitlines()}
     d = [json.loads(line) for line in (out / "data" / "d_prompts.jsonl").read_text().splitlines()]
     assert d and all(r["references"] == [] for r in d) and not d0 & {r["instruction"] for r in d}
-    (out / "report.md").unlink()
-    res = CliRunner().invoke(app, ["report", str(out)])
+    (out / "report-t.md").unlink()
+    res = CliRunner().invoke(app, ["report", str(out), "--tag", "t"])
     assert res.exit_code == 0, res.output
-    assert "| plad |" in (out / "report.md").read_text() and (out / "report.html").is_file()
+    assert "| plad |" in (out / "report-t.md").read_text() and (out / "report-t.html").is_file()
+    assert (out / "plots-t" / "rouge_by_length.png").is_file()
 
 
 def test_variants_apply_their_overrides_and_bad_ones_are_named():

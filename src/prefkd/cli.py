@@ -47,7 +47,7 @@ from prefkd.experiment import ExperimentConfig  # noqa: E402  (after the helpers
 
 
 def _experiment(config_file: str | None, overrides: list[str], base: dict) -> None:
-    from prefkd.experiment import run_experiment
+    from prefkd.experiment import results_name, run_experiment
     from prefkd.report import results_table, verdict
 
     cfg = config.load(ExperimentConfig, config_file, overrides, base=base)
@@ -58,7 +58,9 @@ def _experiment(config_file: str | None, overrides: list[str], base: dict) -> No
             for group in ("all", "kind:D"):
                 if line := verdict(results, m, baseline, group):
                     console.print(line)
-    console.print(f"wrote {cfg.out}/results.json, report.md and report.html in {results['wall_seconds']:.0f} s")
+    report = f"report{'-' + cfg.tag if cfg.tag else ''}"
+    console.print(f"wrote {cfg.out}/{results_name(cfg.tag)}, {report}.md and {report}.html in "
+                  f"{results['wall_seconds']:.0f} s")
 
 
 @app.command(epilog=_keys_help(ExperimentConfig))
@@ -79,6 +81,7 @@ def compare(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
 
 @app.command()
 def report(run_dir: Annotated[str, typer.Argument(help="an experiment's output directory (holds results.json)")],
+           tag: Annotated[str, typer.Option("--tag", help="the comparison's tag (results-TAG.json)")] = "",
            debug: Debug = False) -> None:
     """Rebuild report.md and report.html (plots embedded) of a finished experiment."""
     import json
@@ -88,10 +91,13 @@ def report(run_dir: Annotated[str, typer.Argument(help="an experiment's output d
     from prefkd.report import write_report
 
     def go():
-        path = Path(run_dir) / "results.json"
+        from prefkd.experiment import results_name
+
+        path = Path(run_dir) / results_name(tag)
         if not path.is_file():
             raise PrefkdError(f"{path} not found: pass the output directory of `prefkd compare` or `prefkd demo`")
-        console.print(f"wrote {write_report(run_dir, json.loads(path.read_text(encoding='utf-8')))} and report.html")
+        md = write_report(run_dir, json.loads(path.read_text(encoding="utf-8")))
+        console.print(f"wrote {md} and {md.with_suffix('.html')}")
 
     _run(go, debug)
 

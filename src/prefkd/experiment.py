@@ -54,6 +54,8 @@ METRICS = ("rougeL", "exact_match")
 @dataclass
 class ExperimentConfig:
     out: str = opt("runs/compare", "output directory; a rerun reuses its finished stages")
+    tag: str = opt("", "names results-TAG.json / report-TAG.md, so several comparisons share one out directory "
+                       "and its trained stages (teacher, SFT student, runs with the same settings)")
     data: ExperimentDataConfig = section(ExperimentDataConfig)
     methods: list[str] = opt(["dpkd"], "methods (see `prefkd methods`) or variant names, each distilled from the "
                                        "SFT student")
@@ -195,9 +197,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
     results = summarize(scores, records, cfg)
     results.update(wall_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads())
-    atomic.write_json(out / "results.json", results)
+    atomic.write_json(out / results_name(cfg.tag), results)
     write_report(out, results)
     return results
+
+
+def results_name(tag: str = "") -> str:
+    return f"results-{tag}.json" if tag else "results.json"
 
 
 def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: ExperimentConfig) -> dict:
@@ -232,5 +238,5 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
             row["breakdown"][group] = entry
         row["rougeL"], row["exact_match"] = row["breakdown"]["all"]["rougeL"], row["breakdown"]["all"]["exact_match"]
         rows.append(row)
-    return {"split": cfg.eval_split, "seeds": cfg.eval.seeds, "train_seeds": cfg.seeds, "rows": rows,
+    return {"tag": cfg.tag, "split": cfg.eval_split, "seeds": cfg.eval.seeds, "train_seeds": cfg.seeds, "rows": rows,
             "methods": cfg.methods, "n_prompts": len(records), "bootstrap": cfg.bootstrap}
