@@ -106,15 +106,20 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records
 
 
 def groups(records: Sequence[Instruction]) -> dict[str, list[int]]:
-    """Prompt indices of each breakdown: "all", "kind:K", "category:C" (when records have them), "bucket:(lo,hi]"."""
-    out: dict[str, list[int]] = {"all": list(range(len(records)))}
+    """Prompt indices of each breakdown, in this order: "all", "kind:K" and "category:C" (when records have them,
+    sorted), "bucket:(lo,hi]" (shortest first)."""
+    by: dict[str, dict[str, list[int]]] = {"kind": {}, "category": {}, "bucket": {}}
     for i, r in enumerate(records):
         if r.kind:
-            out.setdefault(f"kind:{r.kind}", []).append(i)
+            by["kind"].setdefault(r.kind, []).append(i)
         if r.category:
-            out.setdefault(f"category:{r.category}", []).append(i)
-    for i, r in enumerate(records):
-        out.setdefault(f"bucket:{length_bucket(r.references[0] if r.references else '')}", []).append(i)
+            by["category"].setdefault(r.category, []).append(i)
+        by["bucket"].setdefault(length_bucket(r.references[0] if r.references else ""), []).append(i)
+    order = [f"({lo},{hi if hi is not None else 'inf'}]" for lo, hi in BUCKETS]
+    out: dict[str, list[int]] = {"all": list(range(len(records)))}
+    for key in ("kind", "category"):
+        out.update({f"{key}:{v}": by[key][v] for v in sorted(by[key])})
+    out.update({f"bucket:{b}": by["bucket"][b] for b in order if b in by["bucket"]})
     return out
 
 
@@ -165,14 +170,15 @@ def per_prompt(records: Sequence[Instruction], scores: dict[str, np.ndarray]) ->
 
 
 def scores_table(scores: dict) -> Table:
-    """Every group of a scores dict: n, each metric's mean ± std over seeds and its 95% interval over seeds."""
+    """Every group of a scores dict: n, each metric's mean ± std over seeds, and Rouge-L's 95% interval over seeds."""
     metrics = [m for m in ("rougeL", "exact_match", "win_rate", "judge_score") if m in scores["all"]]
-    table = Table(title="mean ± std over seeds [95% t interval over seeds]")
-    for col in ["group", "n", *metrics]:
+    table = Table(title="Mean ± std over sampling seeds")
+    for col in ["group", "n", *metrics, "rougeL 95% CI"]:
         table.add_column(col, justify="left" if col == "group" else "right")
     for group, s in scores.items():
-        table.add_row(group, str(s["n"]), *(f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f} "
-                                             f"[{s[m]['ci95'][0]:.2f}, {s[m]['ci95'][1]:.2f}]" for m in metrics))
+        low, high = s["rougeL"]["ci95"]
+        table.add_row(group, str(s["n"]), *(f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f}" for m in metrics),
+                      f"{low:.2f} to {high:.2f}")
     return table
 
 
