@@ -44,13 +44,13 @@ def test_evaluate_writes_every_setting_scores_and_predictions(setup, tmp_path):
     out = tmp_path / "ev"
     text = _ok(["evaluate", "--model", setup["student"], "--data", setup["test"], "--seeds", "1,2", "--out", str(out),
                 *FAST])
-    assert "temperature 1.0, top_k 0, top_p 1.0, max_new_tokens 8, no_repeat_ngram_size 0, batch_size 4" in text
+    assert "temperature 1.0, top_k 0, top_p 1.0, max_new_tokens 8, no_repeat_ngram_size 6, batch_size 4" in text
     records = load_instructions(setup["test"])
     settings = _json(out / "settings.json")
     gen = settings["generation"]
     assert gen["seeds"] == [1, 2] and settings["seeds"] == [1, 2]
     assert gen["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 8,
-                               "no_repeat_ngram_size": 0, "batch_size": 4}
+                               "no_repeat_ngram_size": 6, "batch_size": 4}
     assert gen["model"] == setup["student"] and gen["model_identity"].startswith(setup["student"] + "@")
     assert 0 <= gen["ended_with_eos"] <= 1 and settings["n_records"] == len(records)
     assert "use_stemmer=True" in settings["protocol"]["rougeL"] and settings["judge"] is None

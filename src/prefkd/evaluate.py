@@ -17,14 +17,14 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from rich.table import Table
 from rouge_score import rouge_scorer, tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefkd.config import opt, section
+from prefkd.config import opt
 from prefkd.console import progress
 from prefkd.data.collate import encode_prompts
 from prefkd.data.records import Instruction
@@ -50,7 +50,11 @@ PROTOCOL = {
 @dataclass
 class EvalConfig:
     seeds: list[int] = opt([10, 20, 30, 40, 50], "sampling seeds; the report gives mean and spread over them")
-    sampling: SamplingConfig = section(SamplingConfig, "generation settings of the evaluation")
+    # MiniLLM's evaluate.py (which DPKD's numbers come from) samples with top_k 0, top_p 1, temperature 1 and its
+    # argparse default no_repeat_ngram_size 6, which eval_main_dolly.sh does not override.
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(no_repeat_ngram_size=6),
+                                     metadata={"help": "generation settings of the evaluation (MiniLLM's: "
+                                                       "no_repeat_ngram_size 6)"})
 
 
 def _check_references(references: Sequence[str]) -> None:
