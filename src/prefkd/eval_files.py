@@ -69,12 +69,12 @@ def read_predictions(path: str | Path) -> dict[int, list[dict]]:
 
 
 def align(records: Sequence[Instruction], rows: list[dict], where: str) -> list[str]:
-    """Predictions in the order of `records`, matched by id (by position when neither side has ids)."""
+    """Predictions in the order of `records`, matched by id (by position when either side has no ids)."""
     ids = [r.id for r in records]
-    row_ids = [row.get("id") for row in rows]
-    if all(i is None for i in ids) and all(i is None for i in row_ids):
+    if all(row.get("id") is None for row in rows) or all(i is None for i in ids):
         if len(rows) != len(records):
-            raise DataError(f"{len(rows)} predictions for {len(records)} records and no ids to match them", where)
+            raise DataError(f"{len(rows)} predictions for {len(records)} records and no ids to match them; they must "
+                            "be in the same order, one per record", where)
         return [row["prediction"] for row in rows]
     by_id = {row.get("id"): row["prediction"] for row in rows}
     missing = [i for i in ids if i not in by_id]
@@ -85,15 +85,15 @@ def align(records: Sequence[Instruction], rows: list[dict], where: str) -> list[
 
 
 def read_responses(source: str | Path, records: Sequence[Instruction]) -> dict[int, list[str]]:
-    """{seed: responses in record order} from predictions.json / an evaluation directory (matched by id), or a
-    sample cache jsonl (matched by position: it must hold one row per record)."""
+    """{seed: responses in record order} from predictions.json / an evaluation directory, or a sample cache jsonl
+    (seed 0; it must be complete). Matched by id, or by position where there are no ids."""
     p = Path(source)
     if p.suffix == ".jsonl" and p.is_file():
         header, rows = read_cache(p)
-        if header["n"] != len(records) or len(rows) != len(records):
-            raise DataError(f"sample cache has {len(rows)} of {header['n']} rows for {len(records)} records; it must "
-                            "hold one response per record of this data, in the same order", str(p))
-        return {0: [row["response"] for row in rows]}
+        if len(rows) != header["n"]:
+            raise DataError(f"incomplete sample cache ({len(rows)} of {header['n']} rows); finish it with the command "
+                            "that wrote it", str(p))
+        return {0: align(records, [{"id": row.get("id"), "prediction": row["response"]} for row in rows], str(p))}
     return {seed: align(records, rows, str(_predictions_file(p))) for seed, rows in read_predictions(p).items()}
 
 

@@ -48,7 +48,8 @@ class JudgeConfig:
     kind: str = opt("auto", f"{', '.join(KINDS)}; auto = from the model's config (a *ForSequenceClassification is a "
                             "reward model, anything else a log-likelihood judge)")
     batch_size: int = opt(16, "responses per judge forward pass")
-    max_length: int = opt(1024, "longest judge input in tokens (the prompt is cut first)")
+    max_length: int = opt(1024, "longest judge input in tokens; a reward model cuts the longer of question and "
+                                "response first, a log-likelihood judge cuts the prompt from the left")
     tie_tolerance: float = opt(0.0, "score differences up to this count as ties (half a win)")
     trust_remote_code: bool = opt(False, "allow a hub judge's own code to run")
 
