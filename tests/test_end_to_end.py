@@ -7,9 +7,10 @@ from typer.testing import CliRunner
 
 from prefkd.cli import app
 
-TINY = ["suite.n_people=16", "suite.skill_per_family=4", "suite.test_world_questions=4", "suite.test_profiles=2",
-        "suite.test_skill=7", "suite.val_world_questions=2", "suite.val_profiles=1", "suite.val_skill=7",
-        "suite.corpus_skill_per_family=4", "vocab_size=400", "teacher.size=micro", "student.size=nano",
+TINY = ["data.suite.n_people=16", "data.suite.skill_per_family=4", "data.suite.test_world_questions=4",
+        "data.suite.test_profiles=2", "data.suite.test_skill=7", "data.suite.val_world_questions=2",
+        "data.suite.val_profiles=1", "data.suite.val_skill=7", "data.suite.corpus_skill_per_family=4",
+        "data.vocab_size=400", "bootstrap=200", "diagnostics.prompts=4", "teacher.size=micro", "student.size=nano",
         "teacher_train.steps=6", "student_train.steps=4", "distill_train.steps=3", "distill_train.batch_size=4",
         "distill_train.log_every=1", "distill_train.save_every=2", "teacher_train.save_every=3",
         "sampling.max_new_tokens=8",
@@ -26,8 +27,14 @@ def test_demo_end_to_end_and_stage_reuse(tmp_path):
     for r in results["rows"]:
         assert len(r["rougeL"]["per_seed"]) == 2 and 0 <= r["rougeL"]["mean"] <= 100
         assert 0 <= r["exact_match"]["mean"] <= 100
+    dpkd = results["rows"][-1]["rougeL"]
+    assert dpkd["ci95"][0] <= dpkd["mean"] <= dpkd["ci95"][1]
+    assert set(dpkd["vs"]) == {"sft", "sft_continued"} and "gap_recovered" in dpkd
     assert "| dpkd |" in (out / "report.md").read_text()
-    log = [json.loads(line) for line in (out / "dpkd" / "train_log.jsonl").read_text().splitlines()]
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    diag = [json.loads(line) for line in (out / "dpkd" / "seed0" / "diagnostics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in diag] == [0, 3] and "first_token_rkl" in diag[0]
+    log = [json.loads(line) for line in (out / "dpkd" / "seed0" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3]
     for key in ("loss", "pref_loss", "reward_chosen", "reward_rejected", "margin", "pref_accuracy",
                 "teacher_logp_student", "seq_rkl", "anchor_nll", "replay_nll", "lm_loss"):
@@ -35,7 +42,7 @@ def test_demo_end_to_end_and_stage_reuse(tmp_path):
     assert (out / "config.yaml").is_file() and not (out / "teacher" / "checkpoint").exists()
 
     # The distilled student is a stock transformers model.
-    path = str(out / "dpkd" / "model")
+    path = str(out / "dpkd" / "seed0" / "model")
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     gen = pipeline("text-generation", model=model, tokenizer=tok)
@@ -50,7 +57,7 @@ def test_demo_end_to_end_and_stage_reuse(tmp_path):
     res = runner.invoke(app, ["demo", "--out", str(out), *TINY, "distill.kappa=1.0"])
     assert res.exit_code == 0, res.output
     changed = {p for p in stamps if p.stat().st_mtime_ns != stamps[p]}
-    assert changed == {out / "dpkd" / "model" / "model.safetensors"}
+    assert changed == {out / "dpkd" / "seed0" / "model" / "model.safetensors"}
 
 
 def test_cli_errors_are_one_line(tmp_path):

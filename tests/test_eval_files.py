@@ -8,7 +8,7 @@ import pytest
 from prefkd.data.records import Instruction
 from prefkd.errors import DataError
 from prefkd.eval_files import align, per_prompt_matrix, read_predictions, read_responses, write_evaluation
-from prefkd.evaluate import breakdown, per_prompt, prompt_scores
+from prefkd.evaluate import breakdown, prompt_scores
 
 RECS = [Instruction("q1", references=("teal",), kind="D", id="a"),
         Instruction("q2", references=("red sky",), kind="skill", id="b")]
@@ -16,7 +16,7 @@ RECS = [Instruction("q1", references=("teal",), kind="D", id="a"),
 
 def _write(out, preds):
     scores = prompt_scores(RECS, preds)
-    write_evaluation(out, RECS, preds, breakdown(RECS, scores), per_prompt(RECS, scores), {"seeds": list(preds)})
+    write_evaluation(out, RECS, preds, breakdown(RECS, scores), scores, {"seeds": list(preds)})
 
 
 def test_align_by_id_or_position():
@@ -44,7 +44,7 @@ def test_round_trip_and_matrices(tmp_path):
     assert np.array_equal(per_prompt_matrix([tmp_path / "one"], "exact_match"), [[50, 50]])
     with pytest.raises(DataError, match="no per-prompt 'win_rate'"):
         per_prompt_matrix([tmp_path / "one"], "win_rate")
-    with pytest.raises(ValueError, match="no prompt in group"):
+    with pytest.raises(ValueError, match="no prompt in group 'kind:nope'; groups: \\['all', 'bucket"):
         per_prompt_matrix([tmp_path / "one"], group="kind:nope")
     scores = json.loads((tmp_path / "one" / "scores.json").read_text())
     assert scores["all"]["rougeL"]["per_seed"] == [50, 50]
@@ -54,7 +54,7 @@ def test_other_prompts_and_bad_files_are_named(tmp_path):
     _write(tmp_path / "one", {1: ["teal", "blue"]})
     other = [Instruction("q3", references=("x",), id="c")] + RECS[1:]
     scores = prompt_scores(other, {1: ["x", "y"]})
-    write_evaluation(tmp_path / "two", other, {1: ["x", "y"]}, breakdown(other, scores), per_prompt(other, scores), {})
+    write_evaluation(tmp_path / "two", other, {1: ["x", "y"]}, breakdown(other, scores), scores, {})
     with pytest.raises(DataError, match="scored on other prompts"):
         per_prompt_matrix([tmp_path / "one", tmp_path / "two"])
     bad = tmp_path / "predictions.json"

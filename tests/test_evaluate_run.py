@@ -65,10 +65,11 @@ def test_evaluate_writes_every_setting_scores_and_predictions(setup, tmp_path):
     assert scores["all"]["n"] == len(records)
     again = score(records, {k: [r["prediction"] for r in v] for k, v in preds.items()})
     assert again["all"]["rougeL"]["per_seed"] == pytest.approx(s["per_seed"])
-    # per-prompt rows (seed means) feed the bootstraps
-    rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == [r.id for r in records]
-    assert np.mean([r["rougeL"] for r in rows]) == pytest.approx(s["mean"])
+    # per-prompt scores ([seed][prompt]) feed the bootstraps
+    ps = _json(out / "prompt_scores.json")
+    assert ps["ids"] == [r.id for r in records] and ps["seeds"] == [1, 2]
+    assert np.array(ps["rougeL"]).shape == (2, len(records)) and set(ps) == {"ids", "seeds", "rougeL", "exact_match"}
+    assert np.mean(ps["rougeL"], axis=1).tolist() == pytest.approx(s["per_seed"])
     assert per_prompt_matrix([out]).shape == (1, len(records))
     assert per_prompt_matrix([out, out], "exact_match", "kind:D").shape == (2, scores["kind:D"]["n"])
     assert "_git_commit" in (out / "config.yaml").read_text()
@@ -100,9 +101,10 @@ def test_rescore_without_generating_and_with_a_judge(setup, tmp_path):
     assert scores["all"]["rougeL"] == _json(tmp_path / "re" / "scores.json")["all"]["rougeL"]
     wr = scores["all"]["win_rate"]
     assert len(wr["per_seed"]) == 2 and 0 <= wr["mean"] <= 100 and "judge_score" in scores["kind:D"]
-    rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
-    assert all(set(r["win_rate_per_seed"]) <= {0.0, 50.0, 100.0} and "judge_reference" in r for r in rows)
-    assert np.mean([r["win_rate"] for r in rows]) == pytest.approx(wr["mean"])
+    ps = _json(out / "prompt_scores.json")
+    assert set(np.ravel(ps["win_rate"])) <= {0.0, 50.0, 100.0} and len(ps["judge_reference"]) == len(ps["ids"])
+    assert np.mean(ps["win_rate"]) == pytest.approx(wr["mean"])
+    assert per_prompt_matrix([out], "win_rate").mean() == pytest.approx(wr["mean"])
     settings = _json(out / "settings.json")
     assert settings["judge"]["name"] == f"reward-model:{setup['rm']}" and "0.5" in settings["win_rate_rule"]
     # predictions.json can also be passed alone, with data= naming the records

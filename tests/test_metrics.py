@@ -10,7 +10,6 @@ from prefkd.evaluate import (
     exact_match,
     groups,
     length_bucket,
-    per_prompt,
     prompt_scores,
     rouge_l,
     rouge_tokens,
@@ -135,18 +134,16 @@ def test_summarize_hand_checked():
     assert one["std"] == 0 and one["ci95"] == [20, 20]
 
 
-def test_per_prompt_rows_average_over_seeds():
+def test_prompt_scores_and_extra_metrics():
     recs = [Instruction("q1", references=("teal",), kind="D", id="a"),
             Instruction("q2", references=("red",), category="c", id="b")]
     preds = {10: ["teal", "red"], 20: ["blue", "red"]}
     scores = prompt_scores(recs, preds)
-    assert scores["rougeL"].tolist() == [[100, 100], [0, 100]]
-    rows = per_prompt(recs, scores)
-    assert rows[0] == {"id": "a", "kind": "D", "category": None, "bucket": "(0,30]", "rougeL": 50.0,
-                       "rougeL_per_seed": [100.0, 0.0], "exact_match": 50.0, "exact_match_per_seed": [100.0, 0.0]}
-    assert rows[1]["rougeL"] == 100 and rows[1]["category"] == "c"
+    assert scores["rougeL"].tolist() == [[100, 100], [0, 100]]  # [seeds, prompts]
+    assert score(recs, preds, scores) == score(recs, preds)
     # breakdown adds any extra metric matrix with the same summary shape
     out = breakdown(recs, {**scores, "win_rate": np.array([[100.0, 50.0], [0.0, 50.0]])})
     assert out["all"]["win_rate"]["per_seed"] == [75, 25] and out["kind:D"]["win_rate"]["mean"] == 50
+    assert out["category:c"]["rougeL"]["per_seed"] == [100, 100]
     with pytest.raises(ValueError, match="3 predictions for 2 records"):
         prompt_scores(recs, {1: ["a", "b", "c"]})

@@ -34,27 +34,55 @@ def _run(fn, debug: bool):
         sys.exit(2)
 
 
-from prefkd.demo import DemoConfig  # noqa: E402  (after the helpers: its help text is built at import time)
+from prefkd.experiment import ExperimentConfig  # noqa: E402  (after the helpers: help text is built at import time)
 
 
-@app.command(epilog=_keys_help(DemoConfig))
+def _experiment(config_file: str | None, overrides: list[str], base: dict) -> None:
+    from prefkd.experiment import run_experiment
+    from prefkd.report import results_table, verdict
+
+    cfg = config.load(ExperimentConfig, config_file, overrides, base=base)
+    results = run_experiment(cfg)
+    console.print(results_table(results))
+    for m in cfg.methods:
+        for baseline in ("sft", "sft_continued"):
+            for group in ("all", "kind:D"):
+                if line := verdict(results, m, baseline, group):
+                    console.print(line)
+    console.print(f"wrote {cfg.out}/results.json, report.md and report.html in {results['wall_seconds']:.0f} s")
+
+
+@app.command(epilog=_keys_help(ExperimentConfig))
 def demo(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
          out: Annotated[str | None, typer.Option("--out", help="output directory (same as out=...)")] = None,
          methods: Annotated[str | None, typer.Option("--methods", help="comma-separated, e.g. kd,seqkd,dpkd,plad "
                                                                      "(same as methods=...)")] = None) -> None:
-    """Build the embedded suite, SFT a teacher and a student, distil the student, evaluate, report."""
-    from prefkd.demo import run_demo
-    from prefkd.report import results_table, verdict
+    """Build the embedded suite, SFT a teacher and a student, distil the student, evaluate, report (runs/demo)."""
+    extra = ([f"out={out}"] if out else []) + ([f"methods={methods}"] if methods else [])
+    _run(lambda: _experiment(config_file, (overrides or []) + extra, {"out": "runs/demo"}), debug)
+
+
+@app.command(epilog=_keys_help(ExperimentConfig))
+def compare(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+    """A methods x seeds matrix from one config: train, evaluate, and a table with 95% intervals (resumable)."""
+    _run(lambda: _experiment(config_file, overrides or [], {}), debug)
+
+
+@app.command()
+def report(run_dir: Annotated[str, typer.Argument(help="an experiment's output directory (holds results.json)")],
+           debug: Debug = False) -> None:
+    """Rebuild report.md and report.html (plots embedded) of a finished experiment."""
+    import json
+    from pathlib import Path
+
+    from prefkd.errors import PrefkdError
+    from prefkd.report import write_report
 
     def go():
-        extra = ([f"out={out}"] if out else []) + ([f"methods={methods}"] if methods else [])
-        cfg = config.load(DemoConfig, config_file, (overrides or []) + extra)
-        results = run_demo(cfg)
-        console.print(results_table(results))
-        for m in cfg.methods:
-            for base in ("sft", "sft_continued"):
-                console.print(verdict(results, m, base))
-        console.print(f"wrote {cfg.out}/results.json and {cfg.out}/report.md in {results['wall_seconds']:.0f} s")
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise PrefkdError(f"{path} not found: pass the output directory of `prefkd compare` or `prefkd demo`")
+        console.print(f"wrote {write_report(run_dir, json.loads(path.read_text(encoding='utf-8')))} and report.html")
 
     _run(go, debug)
 

@@ -1,13 +1,13 @@
 """The files of one evaluation directory, so a run can be re-scored, judged and bootstrapped without regenerating.
 
-    predictions.json  {"<seed>": [{"id": ..., "prediction": ...}, ...], ...}: one list per seed, in record order
-    records.jsonl     the evaluated records in prefkd's format (ids, references, kind, category)
-    scores.json       {group: {"n": prompts, metric: {"mean", "std", "per_seed", "ci95", "ci95_bootstrap"}}}
-    per_prompt.jsonl  one row per record: id, kind, category, bucket, each metric averaged over seeds and per seed
-    settings.json     model and its identity, data, seeds, sampling, protocol, judge, versions, wall time
-    config.yaml       the resolved config and the git commit
+    predictions.json    {"<seed>": [{"id": ..., "prediction": ...}, ...], ...}: one list per seed, in record order
+    records.jsonl       the evaluated records in prefkd's format (ids, references, kind, category)
+    scores.json         {group: {"n": prompts, metric: {"mean", "std", "per_seed", "ci95", "ci95_bootstrap"}}}
+    prompt_scores.json  {"ids": [...], "seeds": [...], metric: [[score per prompt] per seed], ...}
+    settings.json       model and its identity, data, seeds, sampling, protocol, judge, versions, wall time
+    config.yaml         the resolved config and the git commit
 
-Responses to judge can also come from a sample cache of `prefkd generate` / `distill` (rows by index, one seed).
+Responses to judge can also come from a sample cache of `prefkd generate` / `distill` (one seed).
 """
 
 from __future__ import annotations
@@ -22,19 +22,26 @@ from prefkd import atomic
 from prefkd.cache import read_cache
 from prefkd.data.records import Instruction, read_records, write_records
 from prefkd.errors import DataError
+from prefkd.evaluate import groups
 
-FILES = ("predictions.json", "records.jsonl", "scores.json", "per_prompt.jsonl", "settings.json")
+FILES = ("predictions.json", "records.jsonl", "scores.json", "prompt_scores.json", "settings.json")
 
 
 def write_evaluation(out: str | Path, records: Sequence[Instruction], predictions: dict[int, list[str]],
-                     scores: dict, rows: list[dict], settings: dict) -> None:
-    """Every file but config.yaml, each written atomically; scores.json last, so its presence means complete."""
+                     scores: dict, prompt_scores: dict[str, np.ndarray], settings: dict,
+                     extra: dict[str, np.ndarray] | None = None) -> None:
+    """Every file but config.yaml, each written atomically; scores.json last, so its presence means complete.
+
+    `prompt_scores` maps each metric to its [seeds, prompts] matrix; `extra` adds per-prompt vectors (e.g. the judge's
+    score of the best reference) to prompt_scores.json."""
     out = Path(out)
     atomic.write_json(out / "predictions.json",
                       {str(s): [{"id": r.id, "prediction": p} for r, p in zip(records, ps, strict=True)]
                        for s, ps in predictions.items()})
     write_records(out / "records.jsonl", list(records))
-    atomic.write_jsonl(out / "per_prompt.jsonl", rows)
+    atomic.write_json(out / "prompt_scores.json",
+                      {"ids": [r.id for r in records], "seeds": list(predictions),
+                       **{m: np.asarray(v).tolist() for m, v in {**prompt_scores, **(extra or {})}.items()}})
     atomic.write_json(out / "settings.json", settings)
     atomic.write_json(out / "scores.json", scores)
 
@@ -105,32 +112,38 @@ def read_records_of(eval_dir: str | Path) -> list[Instruction]:
     return read_records(p)
 
 
-def read_per_prompt(eval_dir: str | Path) -> list[dict]:
-    p = Path(eval_dir) / "per_prompt.jsonl"
+def read_prompt_scores(eval_dir: str | Path) -> dict:
+    """prompt_scores.json of an evaluation directory: {"ids", "seeds", metric: [seed][prompt], ...}."""
+    p = Path(eval_dir) / "prompt_scores.json"
     if not p.is_file():
-        raise DataError("no per_prompt.jsonl; evaluate (or re-score with `prefkd evaluate --rescore DIR`) first",
+        raise DataError("no prompt_scores.json; evaluate (or re-score with `prefkd evaluate --rescore DIR`) first",
                         str(p))
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return json.loads(p.read_text(encoding="utf-8"))
 
 
 def per_prompt_matrix(eval_dirs: Sequence[str | Path], metric: str = "rougeL", group: str = "all") -> np.ndarray:
     """[runs, prompts] of `metric` averaged over sampling seeds: one row per evaluation directory (e.g. one per
     training seed of a method), columns in the first directory's record order; the input of
-    `prefkd.stats.bootstrap`. `group` keeps the prompts of one breakdown ("kind:D", "bucket:(0,30]", ...)."""
+    `prefkd.stats.bootstrap`. `group` keeps the prompts of one breakdown of scores.json ("kind:D", "bucket:(0,30]",
+    "category:open_qa", ...), read from the first directory's records.jsonl."""
     if not eval_dirs:
         raise ValueError("no evaluation directories")
-    tables = [{row["id"]: row for row in read_per_prompt(d)} for d in eval_dirs]
-    ids = list(tables[0])
+    tables = [read_prompt_scores(d) for d in eval_dirs]
+    ids = tables[0]["ids"]
+    rows = []
     for d, t in zip(eval_dirs, tables, strict=True):
-        if set(t) != set(ids):
-            raise DataError(f"scored on other prompts than {eval_dirs[0]} ({len(set(t) ^ set(ids))} ids differ); "
-                            "evaluate every model on the same data", str(d))
-        if metric not in t[ids[0]]:
-            raise DataError(f"no per-prompt '{metric}' (has {sorted(k for k in t[ids[0]] if '_per_seed' not in k)})",
-                            str(d))
+        if set(t["ids"]) != set(ids) or len(t["ids"]) != len(ids):
+            raise DataError(f"scored on other prompts than {eval_dirs[0]} ({len(set(t['ids']) ^ set(ids))} ids "
+                            "differ); evaluate every model on the same data", str(d))
+        if metric not in t:
+            have = sorted(k for k in t if k not in ("ids", "seeds"))
+            raise DataError(f"no per-prompt '{metric}' (has {have})", str(Path(d) / "prompt_scores.json"))
+        by_id = dict(zip(t["ids"], np.asarray(t[metric], dtype=np.float64).mean(axis=0), strict=True))
+        rows.append([by_id[i] for i in ids])
+    cols = list(range(len(ids)))
     if group != "all":
-        key, _, value = group.partition(":")
-        ids = [i for i in ids if str(tables[0][i].get(key)) == value]
-        if not ids:
-            raise ValueError(f"no prompt in group {group!r}")
-    return np.array([[t[i][metric] for i in ids] for t in tables], dtype=np.float64)
+        found = groups(read_records_of(eval_dirs[0]))
+        if group not in found:
+            raise ValueError(f"no prompt in group {group!r}; groups: {sorted(found)}")
+        cols = found[group]
+    return np.array(rows, dtype=np.float64)[:, cols]

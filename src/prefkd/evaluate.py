@@ -155,22 +155,12 @@ def breakdown(records: Sequence[Instruction], scores: dict[str, np.ndarray]) -> 
             for g, idx in groups(records).items()}
 
 
-def score(records: list[Instruction], predictions_per_seed: dict[int, list[str]]) -> dict:
-    """Rouge-L and exact match overall, by kind, by category and by length bucket, over seeds."""
-    return breakdown(records, prompt_scores(records, predictions_per_seed))
-
-
-def per_prompt(records: Sequence[Instruction], scores: dict[str, np.ndarray]) -> list[dict]:
-    """One row per prompt: id, kind, category, bucket, each metric averaged over seeds and per seed."""
-    rows = []
-    for i, r in enumerate(records):
-        row = {"id": r.id, "kind": r.kind, "category": r.category,
-               "bucket": length_bucket(r.references[0] if r.references else "")}
-        for m, s in scores.items():
-            row[m] = float(s[:, i].mean())
-            row[f"{m}_per_seed"] = [float(x) for x in s[:, i]]
-        rows.append(row)
-    return rows
+def score(records: list[Instruction], predictions_per_seed: dict[int, list[str]],
+          per_prompt: dict[str, np.ndarray] | None = None) -> dict:
+    """Rouge-L and exact match overall, by kind, by category and by length bucket, over seeds (from `per_prompt`
+    when the scores are already computed)."""
+    scores = per_prompt if per_prompt is not None else prompt_scores(records, predictions_per_seed)
+    return breakdown(records, {m: np.asarray(v, dtype=np.float64) for m, v in scores.items()})
 
 
 def scores_table(scores: dict) -> Table:
@@ -187,8 +177,10 @@ def scores_table(scores: dict) -> Table:
 
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
-             cfg: EvalConfig, name: str = "eval") -> tuple[dict, dict[int, list[str]]]:
-    """(scores, predictions per seed) of `model` on `records` with sampled generation."""
+             cfg: EvalConfig, name: str = "eval") -> tuple[dict, dict[int, list[str]], dict[str, np.ndarray]]:
+    """(scores, predictions per seed, per-prompt scores [seeds, prompts]) of a loaded model on `records`, in memory
+    (`prefkd evaluate` goes through resumable sample caches instead)."""
     preds = {seed: generate(model, tokenizer, records, cfg.sampling, seed, f"{name} seed {seed}")
              for seed in cfg.seeds}
-    return score(records, preds), preds
+    per_prompt = prompt_scores(records, preds)
+    return score(records, preds, per_prompt), preds, per_prompt

@@ -24,9 +24,10 @@ from prefkd.data.collate import Example, encode_examples, encode_prompts
 from prefkd.data.corpus import token_blocks
 from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction, read_records
+from prefkd.diagnostics import DiagnosticsConfig, HeldOutDiagnostics
 from prefkd.errors import DataError, PrefkdError
 from prefkd.eval_files import read_records_of, read_responses, write_evaluation
-from prefkd.evaluate import PROTOCOL, EvalConfig, breakdown, per_prompt, prompt_scores, summarize, unscorable
+from prefkd.evaluate import PROTOCOL, EvalConfig, breakdown, prompt_scores, summarize, unscorable
 from prefkd.generation import SamplingConfig
 from prefkd.judges import JudgeConfig, check_reference_free, head_to_head, judge_against_references, make_judge
 from prefkd.lora import LoRAConfig, apply_lora, save_trained
@@ -43,6 +44,8 @@ class DataConfig:
                            "unless the method needs them)")
     replay: str = opt("", "jsonl records with references replayed with cross-entropy (distill.replay share)")
     corpus: str = opt("", "plain-text pretraining corpus for the LM loss; documents separated by blank lines")
+    heldout: str = opt("", "distillation: jsonl records whose prompts form the fixed diagnostics batch (e.g. the "
+                           "validation split); default: the first distillation prompts")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class SFTRun:
     data: DataConfig = section(DataConfig)
     train: TrainConfig = section(TrainConfig)
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
+    block_size: int = opt(256, "pretraining (data.corpus without data.train): tokens per corpus block")
 
 
 @dataclass
@@ -66,6 +70,8 @@ class DistillRun:
     distill: MethodConfig = section(MethodConfig)
     sampling: SamplingConfig = section(SamplingConfig, "sampling of teacher/student responses during training")
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
+    diagnostics: DiagnosticsConfig = section(DiagnosticsConfig, "implicit reward and KL to the teacher on a fixed "
+                                                                "held-out batch during training")
 
 
 @dataclass
@@ -146,17 +152,27 @@ def prompt_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instructio
 
 
 def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-            name: str = "sft") -> list[dict]:
+            name: str = "sft", corpus: list[str] | None = None) -> list[dict]:
+    """SFT on reference responses; with a corpus instead (`data.corpus`, no `data.train`), LM pretraining on its
+    token blocks (every token scored)."""
     out = Path(cfg.out)
     write_run_config(out, cfg)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
-    records = records or read_records(_need(cfg.data.train, "data.train"), require_references=True)
+    if corpus is None and not records and cfg.data.corpus and not cfg.data.train:
+        corpus = _read_corpus(cfg.data.corpus)
     model = model_from_config(cfg.model, tokenizer, cfg.train.seed)
-    console.print(f"[bold]{name}[/]: {cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, "
-                  f"{n_params(model) / 1e6:.2f}M parameters, SFT on {len(records)} records")
-    examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
+    what = f"{cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, {n_params(model) / 1e6:.2f}M parameters"
+    if corpus is not None:
+        examples = [Example([], block) for block in token_blocks(tokenizer, corpus, cfg.block_size).tolist()]
+        console.print(f"[bold]{name}[/]: {what}, pretraining on {len(examples)} blocks of {cfg.block_size} tokens")
+        stage = "pretraining"
+    else:
+        records = records or read_records(_need(cfg.data.train, "data.train"), require_references=True)
+        console.print(f"[bold]{name}[/]: {what}, SFT on {len(records)} records")
+        examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
+        stage = "SFT"
     return train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
-                 MethodConfig(), SamplingConfig(), out, name=f"{name} SFT",
+                 MethodConfig(), SamplingConfig(), out, name=f"{name} {stage}",
                  save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora))
 
 
@@ -182,6 +198,12 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         teacher_path = _need(cfg.teacher.path, "teacher.path")
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
         teacher = load_model(teacher_path, cfg.teacher.trust_remote_code)
+    elif cfg.diagnostics.every and cfg.teacher.path:  # black-box: the teacher is only needed for diagnostics
+        teacher_tok = load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code)
+        if teacher_tok.get_vocab() == tokenizer.get_vocab():
+            teacher = load_model(cfg.teacher.path, cfg.teacher.trust_remote_code)
+        else:
+            console.print("diagnostics off: they score the student's tokens with the teacher, whose tokenizer differs")
     prompts = prompts or read_records(_need(cfg.data.prompts, "data.prompts"),
                                       require_references=method.data == "references")
     if replay is None and cfg.data.replay and cfg.distill.replay > 0:
@@ -198,9 +220,21 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     d = cfg.distill
     console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
+    diagnostics = held_out_diagnostics(cfg, teacher, tokenizer, prompts)
     model = apply_lora(student, cfg.lora)
     return train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
-                 name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora))
+                 name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
+                 diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every)
+
+
+def held_out_diagnostics(cfg: DistillRun, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
+                         prompts: list[Instruction]) -> HeldOutDiagnostics | None:
+    if not cfg.diagnostics.every or teacher is None:
+        return None
+    records = read_records(cfg.data.heldout) if cfg.data.heldout else prompts
+    ids = [p for p in encode_prompts(tokenizer, [r.prompt for r in records]) if len(p) <= cfg.train.max_prompt_tokens]
+    return HeldOutDiagnostics(teacher, ids[: cfg.diagnostics.prompts], cfg.sampling, cfg.distill.dpkd.beta,
+                              tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.diagnostics.seed)
 
 
 def method_examples(method: Method, cfg: DistillRun, prompts: list[Instruction], tokenizer: PreTrainedTokenizerBase,
@@ -300,10 +334,6 @@ def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, nam
         judged = judge_against_references(judge, records, preds, cfg.judge.tie_tolerance)
         metrics.update({k: judged[k] for k in ("win_rate", "judge_score")})
     scores = breakdown(records, metrics)
-    rows = per_prompt(records, metrics)
-    if judged:
-        for row, ref in zip(rows, judged["judge_reference"], strict=True):
-            row["judge_reference"] = float(ref)
     bad = unscorable(records)
     if bad:
         console.print(f"[yellow]{bad} of {len(records)} records have no reference with an ASCII letter or digit: the "
@@ -317,7 +347,8 @@ def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, nam
                                  if judge is not None else None,
                 "versions": _versions(), "wall_seconds": round(time.time() - t0, 1)}
     write_run_config(out, cfg)
-    write_evaluation(out, records, preds, scores, rows, settings)
+    write_evaluation(out, records, preds, scores, metrics, settings,
+                     {"judge_reference": judged["judge_reference"]} if judged else None)
     return scores
 
 

@@ -43,43 +43,58 @@ def t_interval(values: list[float] | np.ndarray, confidence: float = 0.95) -> In
     return Interval(mean, mean - half, mean + half, confidence)
 
 
-Statistic = Callable[[Mapping[str, np.ndarray]], float]
+Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 
 def bootstrap(statistic: Statistic, scores: Mapping[str, np.ndarray], n_boot: int = 2000, seed: int = 0,
               confidence: float = 0.95) -> Interval:
     """Percentile interval of `statistic` over replicates that resample prompts (shared) and runs (per model).
 
-    `statistic` maps {name: [runs, prompts] array} to a float; it sees each replicate in the same shape."""
+    `statistic` maps {name: mean score} to a value, elementwise over arrays (it gets one mean per replicate).
+    A replicate's mean of an [R, n] matrix M is w M v / (R n), where w and v count how often each run and prompt
+    was drawn, so every replicate of every model costs two small matrix products."""
     mats = {k: _as_matrix(v) for k, v in scores.items()}
     n_prompts = {m.shape[1] for m in mats.values()}
     if len(n_prompts) != 1:
         raise ValueError(f"every model must be scored on the same prompts, got {sorted(n_prompts)} columns")
     (n,) = n_prompts
     rng = np.random.default_rng(seed)
-    reps = np.empty(n_boot)
-    for b in range(n_boot):
-        cols = rng.integers(0, n, n)
-        reps[b] = statistic({k: m[rng.integers(0, len(m), len(m))][:, cols] for k, m in mats.items()})
+    prompt_counts = _counts(rng, n_boot, n)  # [B, n], shared: comparisons are paired on prompts
+    means = {}
+    for k, m in mats.items():
+        run_counts = _counts(rng, n_boot, len(m))  # [B, R], independent per model
+        means[k] = ((run_counts @ m) * prompt_counts).sum(1) / (len(m) * n)
+    reps = np.asarray(statistic(means), dtype=np.float64)
     alpha = (1 - confidence) / 2
-    low, high = np.quantile(reps, [alpha, 1 - alpha])
-    return Interval(statistic(mats), float(low), float(high), confidence)
+    finite = reps[np.isfinite(reps)]  # a gap ratio is undefined in replicates where the gap is 0
+    low, high = np.quantile(finite, [alpha, 1 - alpha]) if len(finite) else (np.nan, np.nan)
+    observed = float(statistic({k: np.float64(m.mean()) for k, m in mats.items()}))
+    return Interval(observed, float(low), float(high), confidence)
+
+
+def _counts(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
+    """[n_boot, n]: how often each of n items is drawn in each replicate of n draws with replacement."""
+    draws = rng.integers(0, n, (n_boot, n))
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1)
+    return counts
 
 
 def mean_score(name: str) -> Statistic:
-    return lambda s: float(s[name].mean())
+    return lambda m: m[name]
 
 
 def difference(name: str, baseline: str) -> Statistic:
-    return lambda s: float(s[name].mean() - s[baseline].mean())
+    return lambda m: m[name] - m[baseline]
 
 
 def gap_recovered(name: str, baseline: str = "sft", teacher: str = "teacher") -> Statistic:
     """(method - baseline) / (teacher - baseline): the share of the teacher-student gap a method closes."""
 
-    def stat(s: Mapping[str, np.ndarray]) -> float:
-        gap = s[teacher].mean() - s[baseline].mean()
-        return float((s[name].mean() - s[baseline].mean()) / gap) if gap != 0 else float("nan")
+    def stat(m: Mapping[str, np.ndarray]) -> np.ndarray:
+        gap = m[teacher] - m[baseline]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(gap != 0, (m[name] - m[baseline]) / np.where(gap != 0, gap, 1), np.nan)
 
     return stat
 

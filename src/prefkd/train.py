@@ -91,8 +91,14 @@ def _split(batch_size: int, replay: float, has_replay: bool) -> tuple[int, int]:
 def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: RunData,
           cfg: TrainConfig, method_cfg: MethodConfig, sampling: SamplingConfig, out_dir: str | Path,
           teacher: PreTrainedModel | None = None, name: str = "train",
-          save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None] = save_pretrained) -> list[dict]:
-    """Train `student` in place with `method`; write logs, checkpoints and the final model under `out_dir`."""
+          save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None] = save_pretrained,
+          diagnostics: Callable[[PreTrainedModel], dict[str, float]] | None = None,
+          diagnostics_every: int = 0) -> list[dict]:
+    """Train `student` in place with `method`; write logs, checkpoints and the final model under `out_dir`.
+
+    `diagnostics(student)` (e.g. `prefkd.diagnostics.HeldOutDiagnostics`) runs before the first step, every
+    `diagnostics_every` steps and after the last; its rows go to `diagnostics.jsonl`. Every row of both logs also
+    goes to TensorBoard under `out_dir/tensorboard`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Accelerate keeps one global state per process; the demo trains several models with different precisions
@@ -133,10 +139,22 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
             shutil.rmtree(ckpt)
     logs = [r for r in _read_log(log_path) if r["step"] <= start]
     atomic.write_jsonl(log_path, logs)
+    diag_path = out / "diagnostics.jsonl"
+    atomic.write_jsonl(diag_path, [r for r in _read_log(diag_path) if r["step"] <= start])
+    board = _board(out / "tensorboard")
+    per_epoch = max(1, len(data.examples) // max(1, n_method))
+
+    def diagnose(done: int) -> None:
+        if diagnostics is None:
+            return
+        row = {"step": done, "epoch": round(done / per_epoch, 4), **diagnostics(acc.unwrap_model(model))}
+        _append(diag_path, row, board, "diagnostics")
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     model.train()
     t0 = time.time()
+    if start == 0:
+        diagnose(0)
     with progress() as bar:
         task = bar.add_task(name, total=cfg.steps, completed=start, info="")
         window: dict[str, float] = {}  # metric sums since the last log row: each row is a mean over its steps
@@ -166,13 +184,16 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                        **{k: round(v / n_window, 6) for k, v in window.items()}}
                 window, n_window = {}, 0
                 logs.append(row)
-                with log_path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                _append(log_path, row, board, "train")
+            if diagnostics_every and (done % diagnostics_every == 0 or done == cfg.steps):
+                diagnose(done)
             bar.update(task, advance=1, info=f"loss {sums['loss']:.3f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                 _checkpoint(acc, ckpt, done, run_key)
     save(acc.unwrap_model(model), tokenizer, out / "model")
     shutil.rmtree(ckpt, ignore_errors=True)
+    if board is not None:
+        board.close()
     return logs
 
 
@@ -209,6 +230,25 @@ def _checkpoint(acc: Accelerator, ckpt: Path, step: int, run_key: str) -> None:
     with atomic.directory(ckpt) as tmp:
         acc.save_state(str(tmp), safe_serialization=True)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "run_key": run_key}))
+
+
+def _board(path: Path):
+    """A TensorBoard writer, or None where the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _append(path: Path, row: dict, board, group: str) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if board is not None:
+        for key, v in row.items():
+            if key != "step" and isinstance(v, (int, float)):
+                board.add_scalar(f"{group}/{key}", v, row["step"])
+        board.flush()
 
 
 def _read_log(path: Path) -> list[dict]:

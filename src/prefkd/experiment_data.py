@@ -1,0 +1,103 @@
+"""The data stage of an experiment: shards on disk plus a tokenizer trained on what the models may read.
+
+Every source writes the same files under `OUT/data` (the PLaD protocol):
+  d0.jsonl          labelled shard: the student's SFT data, replayed during distillation
+  d.jsonl           distillation shard with references: the teacher trains on it, nothing else does
+  d_prompts.jsonl   D's prompts only: what distillation methods may see of D
+  validation.jsonl  for tuning and the diagnostics batch;  test.jsonl  for the final numbers
+  corpus.txt        LM-loss corpus (documents separated by blank lines)
+  pretrain.txt      pretraining corpus for models built from scratch (may be empty)
+  tokenizer/        byte-level BPE trained on D0 + D + the corpora
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from prefkd import atomic, stages
+from prefkd.config import opt, section
+from prefkd.console import console
+from prefkd.data.prepare import dolly_splits, load_corpus, plad_shards
+from prefkd.data.records import Instruction, write_records
+from prefkd.data.synthetic import SuiteConfig, build_suite
+from prefkd.errors import ConfigError
+from prefkd.models import train_tokenizer
+
+SHARED = "../shared/data"
+
+
+@dataclass
+class DollyConfig:
+    dolly: str = opt(f"{SHARED}/dolly/databricks-dolly-15k.jsonl", "Dolly 15k in its own format")
+    test: str = opt(f"{SHARED}/dolly/test-minillm-500.jsonl", "MiniLLM's 500-record Dolly test set")
+    validation: str = opt(f"{SHARED}/dolly/dev-minillm-1000.jsonl", "MiniLLM's 1000-record validation set")
+    min_response_words: int = opt(11, "drop training records whose response is shorter (papers' filter)")
+    d0_fraction: float = opt(0.5, "share of the training split in the labelled shard D0 (PLaD: 0.5)")
+    max_train: int = opt(0, "keep at most this many training records before sharding (0 = all)")
+    max_validation: int = opt(0, "keep at most this many validation records (0 = all)")
+    max_test: int = opt(0, "keep at most this many test records (0 = all; the papers use all 500)")
+    seed: int = opt(0, "shuffle and shard seed")
+
+
+@dataclass
+class ExperimentDataConfig:
+    source: str = opt("suite", "'suite' (the embedded instruction suite) or 'dolly' (MiniLLM/DPKD splits)")
+    vocab_size: int = opt(2048, "byte-level BPE vocabulary trained on the experiment's text")
+    suite: SuiteConfig = section(SuiteConfig)
+    dolly: DollyConfig = section(DollyConfig)
+    pretrain_corpus: list[str] = opt([], "text files for pretraining models built from scratch (e.g. WikiText-2)")
+    lm_corpus: str = opt("auto", "LM-loss corpus: 'auto' (the suite's own corpus, or pretrain_corpus for Dolly), "
+                                 "'none', or a text file")
+
+
+def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
+    """Write the data stage once; return its key (a fingerprint of everything it depends on)."""
+    if cfg.source == "suite":
+        key = stages.fingerprint(asdict(cfg.suite), cfg.vocab_size)  # = the demo's data key before compare existed
+        if cfg.pretrain_corpus or cfg.lm_corpus != "auto":
+            key = stages.fingerprint(key, cfg.pretrain_corpus, cfg.lm_corpus)
+    elif cfg.source == "dolly":
+        key = stages.fingerprint("dolly", asdict(cfg.dolly), cfg.vocab_size, cfg.pretrain_corpus, cfg.lm_corpus)
+    else:
+        raise ConfigError(f"data.source '{cfg.source}' is not one of: suite, dolly")
+    if stages.is_done(data_dir, key):
+        return key
+    shards, suite_corpus = _suite(cfg.suite) if cfg.source == "suite" else _dolly(cfg.dolly)
+    pretrain = [d for path in cfg.pretrain_corpus for d in load_corpus(path)]
+    if cfg.lm_corpus == "auto":
+        lm = suite_corpus if cfg.source == "suite" else pretrain
+    else:
+        lm = [] if cfg.lm_corpus == "none" else load_corpus(cfg.lm_corpus)
+    for name, records in shards.items():
+        write_records(data_dir / f"{name}.jsonl", records)
+    # What the student may see of D: its prompts. D's references train the teacher and nothing else.
+    write_records(data_dir / "d_prompts.jsonl", [replace(r, references=()) for r in shards["d"]])
+    atomic.write_text(data_dir / "corpus.txt", "\n\n".join(lm))
+    atomic.write_text(data_dir / "pretrain.txt", "\n\n".join(pretrain))
+    texts = [r.prompt + r.references[0] for r in shards["d0"] + shards["d"]] + suite_corpus + pretrain
+    with atomic.directory(data_dir / "tokenizer") as tmp:
+        train_tokenizer(texts, cfg.vocab_size).save_pretrained(tmp)
+    sizes = {n: len(v) for n, v in shards.items()}
+    console.print(f"data ({cfg.source}): {sizes}, LM corpus {len(lm)} documents, pretraining corpus "
+                  f"{len(pretrain)} documents, tokenizer {cfg.vocab_size} tokens")
+    stages.mark_done(data_dir, key, {"sizes": sizes})
+    return key
+
+
+def _suite(cfg: SuiteConfig) -> tuple[dict[str, list[Instruction]], list[str]]:
+    suite = build_suite(cfg)
+    return {n: getattr(suite, n) for n in ("d0", "d", "validation", "test")}, suite.corpus
+
+
+def _dolly(cfg: DollyConfig) -> tuple[dict[str, list[Instruction]], list[str]]:
+    splits, report = dolly_splits(cfg.dolly, cfg.test, cfg.validation, cfg.seed)
+    train = [r for r in splits["train"] if len(r.references[0].split()) >= cfg.min_response_words]
+    short = len(splits["train"]) - len(train)
+    train = train[: cfg.max_train or None]  # dolly_splits already shuffled with the seed
+    d0, d = plad_shards(train, cfg.seed, cfg.d0_fraction)
+    console.print(f"dolly: {report['removed']} of {report['source']} records removed from train (they are test or "
+                  f"validation records); {short} training responses under {cfg.min_response_words} words dropped")
+    return {"d0": d0, "d": d, "validation": splits["validation"][: cfg.max_validation or None],
+            "test": splits["test"][: cfg.max_test or None]}, []
+
