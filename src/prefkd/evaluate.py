@@ -34,7 +34,6 @@ from prefkd.stats import bootstrap, mean_score, t_interval
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # exactly MiniLLM's default_rouge_scorer
 _TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=True)  # the one RougeScorer builds for itself
 BUCKETS = ((0, 30), (30, 70), (70, None))
-METRICS = ("rougeL", "exact_match")
 PROTOCOL = {
     "rougeL": "rouge_score RougeScorer(['rougeL'], use_stemmer=True), default tokenizer (lowercase, tokens "
               "[a-z0-9]+ only: non-ASCII characters are dropped), F-measure, max over references, x100 "
