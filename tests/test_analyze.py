@@ -76,7 +76,7 @@ def test_analyze_noise_end_to_end(tokenizer, tmp_path):
     out = tmp_path / "noise"
     args = ["analyze", "noise", "--model", student, "--teacher", teacher, "--data", str(files["test"]),
             "--scales", "0,0.5", "--out", str(out), "noise.repeats=2", "sampling.max_new_tokens=6",
-            "sampling.batch_size=4", "batch_size=3", "beta=0.2"]
+            "sampling.batch_size=4", "batch_size=3", "beta=0.2", "seeds=10"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     result = json.loads((out / "noise.json").read_text())
@@ -113,9 +113,16 @@ def test_analyze_noise_end_to_end(tokenizer, tmp_path):
     assert rows[0]["seq_rkl"] == pytest.approx(rkl, abs=1e-4)
     assert rows[0]["reward_teacher_samples"] == pytest.approx(r_t, abs=1e-4)
     assert rows[0]["rougeL"] == pytest.approx(rouge)
-    # seeded: a rerun gives the same numbers
-    res = CliRunner().invoke(app, args)
-    assert json.loads((out / "noise.json").read_text())["models"] == rows
+    assert result["rougeL_seed_std_unperturbed"] is None  # one sampling seed: no spread to show
+
+    # two sampling seeds: values are seed means; seed 10 reproduces the first run exactly (seeded noise and sampling)
+    res = CliRunner().invoke(app, [*args[:-1], "seeds=10,20"])
+    assert res.exit_code == 0, res.output
+    two = json.loads((out / "noise.json").read_text())
+    for a, b in zip(rows, two["models"], strict=True):
+        assert b["rougeL_per_seed"][0] == pytest.approx(a["rougeL"])
+        assert b["rougeL"] == pytest.approx(np.mean(b["rougeL_per_seed"]))
+    assert two["rougeL_seed_std_unperturbed"] == pytest.approx(np.std(two["models"][0]["rougeL_per_seed"], ddof=1))
 
 
 def test_analyze_noise_refuses_a_teacher_with_another_tokenizer(tokenizer, tmp_path):

@@ -6,10 +6,12 @@ perturbed model q, on its own samples y_s and on the teacher's samples y_t of th
 - `seq_rkl`: sequence reverse KL per token, mean over prompts of (log q(y_s) - log p(y_s)) / |y_s|;
 - `reward_teacher_samples`: the implicit reward r(y_t) = beta/|y_t| (log q(y_t) - log p(y_t)) (DPKD's chosen side);
 - `reward_student_samples`: r(y_s), which is exactly beta x seq_rkl; `reward_margin` = r(y_t) - r(y_s);
-- `rougeL`: Rouge-L of y_s against the references (the evaluation protocol, one sampling seed).
+- `rougeL`: Rouge-L of y_s against the references (the evaluation protocol).
 
-The paper does not say on which samples its reward is measured; on the model's own samples it would be rKL again,
-so the plot uses r(y_t). Every model samples with the same seed, so differences come from the weights.
+Each is averaged over prompts, then over the sampling seeds (the same seeds for every model). The paper does not
+say on which samples its reward is measured; on the model's own samples it would be rKL again, so the plot uses
+r(y_t). The unperturbed model's Rouge-L spread over sampling seeds is recorded and drawn: differences between models
+smaller than that are sampling noise, not the weights.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from prefkd.config import opt, section
 from prefkd.console import console, progress
 from prefkd.data.collate import Example, collate, encode_prompts
 from prefkd.data.loaders import load_instructions
+from prefkd.errors import ConfigError
 from prefkd.evaluate import rouge_l
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.logprobs import sequence_logps
@@ -52,7 +55,9 @@ class NoiseRun:
     out: str = opt("", "output directory for noise.json and noise.png; default: MODEL/noise")
     n_prompts: int = opt(200, "use the first N records (0 = all)")
     beta: float = opt(0.1, "beta of the implicit reward beta/|y| log q(y)/p(y)")
-    seed: int = opt(10, "sampling seed, the same for every model")
+    seeds: list[int] = opt([10, 20, 30], "sampling seeds, the same for every model; values are averaged over them, "
+                                         "and the unperturbed model's spread over them shows how much Rouge-L moves "
+                                         "without any noise")
     batch_size: int = opt(16, "sequences per log-prob forward pass")
     device: str = opt("auto", "auto (the GPU if there is one), cpu, cuda, ...")
     sampling: SamplingConfig = section(SamplingConfig, "how the teacher and every perturbed model sample")
@@ -106,6 +111,8 @@ def plan(cfg: NoiseConfig) -> list[tuple[float, int, int]]:
 
 def run_noise(cfg: NoiseRun) -> dict:
     model_path, teacher_path = _need(cfg.model, "model"), _need(cfg.teacher, "teacher")
+    if not cfg.seeds:
+        raise ConfigError("seeds must hold at least one sampling seed")
     out = Path(cfg.out) if cfg.out else Path(model_path) / "noise"
     device = resolve_device(cfg.device)
     records = load_instructions(_need(cfg.data, "data"))
@@ -117,41 +124,54 @@ def run_noise(cfg: NoiseRun) -> dict:
     context = min(c for c in (_context(model), _context(teacher), 10**9) if c)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = encode_prompts(tokenizer, [r.prompt for r in records])
-    y_t = sample_responses(teacher, prompts, cfg.sampling, pad, eos, cfg.seed)
-    p_t, n_t = response_logps(teacher, prompts, y_t, pad, cfg.batch_size, context)
+    y_t = {seed: sample_responses(teacher, prompts, cfg.sampling, pad, eos, seed) for seed in cfg.seeds}
+    p_t = {seed: response_logps(teacher, prompts, y, pad, cfg.batch_size, context) for seed, y in y_t.items()}
     original = {k: v.detach().clone() for k, v in model.named_parameters()}
     rows = []
     models = plan(cfg.noise)
     with progress() as bar:
-        task = bar.add_task("noise", total=len(models), info="")
+        task = bar.add_task("noise", total=len(models) * len(cfg.seeds), info="")
         for scale, draw, noise_seed in models:
             perturb(model, original, scale, cfg.noise.relative, noise_seed)
-            y_s = sample_responses(model, prompts, cfg.sampling, pad, eos, cfg.seed)
-            q_s, n_s = response_logps(model, prompts, y_s, pad, cfg.batch_size, context)
-            p_s, _ = response_logps(teacher, prompts, y_s, pad, cfg.batch_size, context)
-            q_t, _ = response_logps(model, prompts, y_t, pad, cfg.batch_size, context)
-            texts = [tokenizer.decode(y, skip_special_tokens=True).strip() for y in y_s]
-            rkl = float(np.mean((q_s - p_s) / np.maximum(n_s, 1)))
-            r_t = float(cfg.beta * np.mean((q_t - p_t) / np.maximum(n_t, 1)))
-            rows.append({"scale": scale, "draw": draw, "noise_seed": noise_seed, "seq_rkl": rkl,
-                         "reward_teacher_samples": r_t, "reward_student_samples": cfg.beta * rkl,
-                         "reward_margin": r_t - cfg.beta * rkl,
-                         "rougeL": float(np.mean([rouge_l(t, r.references) for t, r in zip(texts, records,
-                                                                                            strict=True)])),
-                         "len_student": float(n_s.mean())})
-            bar.update(task, advance=1, info=f"scale {scale} draw {draw}: Rouge-L {rows[-1]['rougeL']:.1f}")
+            per_seed = []
+            for seed in cfg.seeds:
+                y_s = sample_responses(model, prompts, cfg.sampling, pad, eos, seed)
+                q_s, n_s = response_logps(model, prompts, y_s, pad, cfg.batch_size, context)
+                p_s, _ = response_logps(teacher, prompts, y_s, pad, cfg.batch_size, context)
+                q_t, _ = response_logps(model, prompts, y_t[seed], pad, cfg.batch_size, context)
+                (p_teacher, n_t) = p_t[seed]
+                texts = [tokenizer.decode(y, skip_special_tokens=True).strip() for y in y_s]
+                rkl = float(np.mean((q_s - p_s) / np.maximum(n_s, 1)))
+                r_t = float(cfg.beta * np.mean((q_t - p_teacher) / np.maximum(n_t, 1)))
+                per_seed.append({"seq_rkl": rkl, "reward_teacher_samples": r_t,
+                                 "reward_student_samples": cfg.beta * rkl, "reward_margin": r_t - cfg.beta * rkl,
+                                 "rougeL": float(np.mean([rouge_l(t, r.references)
+                                                          for t, r in zip(texts, records, strict=True)])),
+                                 "len_student": float(n_s.mean())})
+                bar.update(task, advance=1, info=f"scale {scale} draw {draw} seed {seed}")
+            row = {"scale": scale, "draw": draw, "noise_seed": noise_seed}
+            row.update({k: float(np.mean([x[k] for x in per_seed])) for k in per_seed[0]})
+            row["rougeL_per_seed"] = [x["rougeL"] for x in per_seed]
+            rows.append(row)
+    base = next((r for r in rows if r["scale"] == 0), None)
+    seed_std = float(np.std(base["rougeL_per_seed"], ddof=1)) if base and len(cfg.seeds) > 1 else None
     result = {"settings": {"model": model_path, "teacher": teacher_path, "data": cfg.data, "n_prompts": len(records),
-                           "beta": cfg.beta, "sampling_seed": cfg.seed, "sampling": asdict(cfg.sampling),
-                           "noise": asdict(cfg.noise), "len_teacher": float(n_t.mean()),
+                           "beta": cfg.beta, "sampling_seeds": cfg.seeds, "sampling": asdict(cfg.sampling),
+                           "noise": asdict(cfg.noise),
+                           "len_teacher": float(np.mean([n.mean() for _, n in p_t.values()])),
                            "reward_definition": "beta/|y| (log q(y) - log p(y)), q = perturbed model, p = teacher; "
-                                                "y_t = teacher samples, y_s = the perturbed model's own samples"},
+                                                "y_t = teacher samples, y_s = the perturbed model's own samples; "
+                                                "every value is the mean over prompts, then over sampling seeds"},
+              "rougeL_seed_std_unperturbed": seed_std,
               "models": rows, "correlation_with_rougeL": correlations(rows)}
     write_run_config(out, cfg)
     atomic.write_json(out / "noise.json", result)
-    plot_noise(rows, out / "noise.png")
+    plot_noise(rows, out / "noise.png", seed_std)
     c = result["correlation_with_rougeL"]
-    console.print(f"{len(rows)} models; Spearman correlation with Rouge-L: seq_rkl {c['seq_rkl']:+.2f}, "
-                  f"reward_teacher_samples {c['reward_teacher_samples']:+.2f}; wrote {out}/noise.json, noise.png")
+    console.print(f"{len(rows)} models x {len(cfg.seeds)} sampling seeds; Spearman correlation with Rouge-L: "
+                  f"seq_rkl {c['seq_rkl']:+.2f}, reward_teacher_samples {c['reward_teacher_samples']:+.2f}"
+                  + (f"; the unperturbed model's Rouge-L std over seeds is {seed_std:.2f}" if seed_std is not None
+                     else "") + f"; wrote {out}/noise.json, noise.png")
     return result
 
 
@@ -169,9 +189,10 @@ def correlations(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def plot_noise(rows: list[dict], png: Path) -> None:
+def plot_noise(rows: list[dict], png: Path, seed_std: float | None = None) -> None:
     """Left: rKL vs implicit reward of the teacher's samples, coloured by Rouge-L (the paper's Fig. 2).
-    Right: rKL vs Rouge-L, coloured by noise scale. The unperturbed model is a star on both."""
+    Right: rKL vs Rouge-L, coloured by noise scale, with the unperturbed model's spread over sampling seeds.
+    The unperturbed model is a star on both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,6 +222,11 @@ def plot_noise(rows: list[dict], png: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(5))
+    if seed_std is not None and base.any():
+        level = float(rouge[base][0])
+        right.axhspan(level - seed_std, level + seed_std, color="grey", alpha=0.2,
+                      label="unperturbed ± std over sampling seeds")
+        right.legend(loc="best", fontsize=8)
     c = {k: "n/a" if math.isnan(v) else f"{v:+.2f}" for k, v in correlations(rows).items()}
     fig.suptitle(f"{len(rows)} models with Gaussian weight noise. Spearman correlation with Rouge-L: "
                  f"rKL {c['seq_rkl']}, reward {c['reward_teacher_samples']}", fontsize=10)

@@ -87,7 +87,7 @@ def report(run_dir: Annotated[str, typer.Argument(help="an experiment's output d
     _run(go, debug)
 
 
-from prefkd.evaluate import scores_table  # noqa: E402
+from prefkd.evaluate import scores_text  # noqa: E402
 from prefkd.runs import DistillRun, EvaluateRun, GenerateRun, SFTRun, WinRateRun  # noqa: E402
 
 
@@ -168,9 +168,9 @@ def evaluate(overrides: Overrides = None, config_file: ConfigFile = None, debug:
                                                                             "judge.path": judge})
         cfg = config.load(EvaluateRun, config_file, (overrides or []) + extra)
         scores = run_evaluate(cfg)
-        console.print(scores_table(scores))
+        print(scores_text(scores))
         console.print(f"wrote {cfg.out or (cfg.rescore if cfg.rescore else cfg.model + '/eval')}: scores.json, "
-                      "per_prompt.jsonl, predictions.json, records.jsonl, settings.json")
+                      "prompt_scores.json, predictions.json, records.jsonl, settings.json")
 
     _run(go, debug)
 

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from rich.table import Table
 from rouge_score import rouge_scorer, tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -162,17 +161,19 @@ def score(records: list[Instruction], predictions_per_seed: dict[int, list[str]]
     return breakdown(records, {m: np.asarray(v, dtype=np.float64) for m, v in scores.items()})
 
 
-def scores_table(scores: dict) -> Table:
-    """Every group of a scores dict: n, each metric's mean ± std over seeds, and Rouge-L's 95% interval over seeds."""
-    metrics = [m for m in ("rougeL", "exact_match", "win_rate", "judge_score") if m in scores["all"]]
-    table = Table(title="Mean ± std over sampling seeds")
-    for col in ["group", "n", *metrics, "rougeL 95% CI"]:
-        table.add_column(col, justify="left" if col == "group" else "right")
+def scores_text(scores: dict) -> str:
+    """Every group of a scores dict as plain fixed-width text (logs keep it whole): n, each metric's mean ± std over
+    seeds, and Rouge-L's 95% t interval over seeds."""
+    labels = {"rougeL": "Rouge-L", "exact_match": "EM", "win_rate": "win %", "judge_score": "judge"}
+    metrics = [m for m in labels if m in scores["all"]]
+    width = max(len(g) for g in scores)
+    lines = [f"{'group':{width}} {'n':>5} " + " ".join(f"{labels[m]:>14}" for m in metrics) + "  Rouge-L 95% CI"]
     for group, s in scores.items():
         low, high = s["rougeL"]["ci95"]
-        table.add_row(group, str(s["n"]), *(f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f}" for m in metrics),
-                      f"{low:.2f} to {high:.2f}")
-    return table
+        lines.append(f"{group:{width}} {s['n']:5d} "
+                     + " ".join(f"{s[m]['mean']:7.2f} ±{s[m]['std']:5.2f}" for m in metrics)
+                     + f"  {low:.2f} to {high:.2f}")
+    return "\n".join(["mean ± std over sampling seeds", *lines])
 
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
