@@ -225,7 +225,7 @@ def plot_noise(rows: list[dict], png: Path, seed_std: float | None = None) -> No
     if seed_std is not None and base.any():
         level = float(rouge[base][0])
         right.axhspan(level - seed_std, level + seed_std, color="grey", alpha=0.2,
-                      label="unperturbed ± std over sampling seeds")
+                      label="unperturbed ± its std over sampling seeds")
         right.legend(loc="best", fontsize=8)
     c = {k: "n/a" if math.isnan(v) else f"{v:+.2f}" for k, v in correlations(rows).items()}
     fig.suptitle(f"{len(rows)} models with Gaussian weight noise. Spearman correlation with Rouge-L: "
