@@ -40,3 +40,10 @@ def test_overriding_one_key_keeps_the_sections_own_defaults():
     assert cfg.eval.seeds == default.eval.seeds
     helped = "\n".join(config.describe(ExperimentConfig))
     assert f"teacher_train.steps = {default.teacher_train.steps!r}" in helped
+
+
+def test_exponent_without_a_dot_is_a_float():
+    cfg = config.load(ExperimentConfig, None, ["distill_train.lr=1e-4"])
+    assert cfg.distill_train.lr == 1e-4
+    with pytest.raises(ConfigError, match="distill_train.lr"):
+        config.load(ExperimentConfig, None, ["distill_train.lr=fast"])

@@ -1,7 +1,9 @@
 import math
 
+import pytest
 import torch
 
+from prefkd import losses
 from prefkd.losses import dpkd_loss
 
 
@@ -70,3 +72,35 @@ def test_dpkd_rewards_are_detached():
     q = torch.zeros(2, requires_grad=True)
     _, r_t, r_s = dpkd_loss(q, q, torch.zeros(2), torch.zeros(2), torch.ones(2), torch.ones(2))
     assert not r_t.requires_grad and not r_s.requires_grad
+
+
+def test_dpkd_loo_value_is_dpkd_mean_and_gradient_is_baselined():
+    torch.manual_seed(3)
+    b, k = 3, 4
+    qt = torch.randn(b, dtype=torch.float64, requires_grad=True)
+    qs = torch.randn(b, k, dtype=torch.float64, requires_grad=True)
+    pt, ps = torch.randn(b, dtype=torch.float64), torch.randn(b, k, dtype=torch.float64)
+    nt, ns = torch.tensor([3.0, 5.0, 2.0], dtype=torch.float64), torch.randint(1, 7, (b, k)).double()
+    beta = 0.3
+    loss, r_t, r_s = losses.dpkd_loo_loss(qt, qs, pt, ps, nt, ns, beta)
+    # Value: the paper-form DPKD loss over the B*K pairs.
+    ref, _, _ = losses.dpkd_loss(qt[:, None].expand(b, k).reshape(-1), qs.reshape(-1),
+                                 pt[:, None].expand(b, k).reshape(-1), ps.reshape(-1),
+                                 nt[:, None].expand(b, k).reshape(-1), ns.reshape(-1), beta)
+    assert torch.allclose(loss, ref)
+    loss.backward()
+    # Hand-derived gradient: s_i = sigmoid(r_s_i - r_t); d/d qs_i = (s_i - mean_{j!=i} s_j) beta/|y_i| / (B K);
+    # d/d qt = -sum_i s_i beta/|y_t| / (B K).
+    rt = beta * (qt.detach() - pt) / nt
+    rs = beta * (qs.detach() - ps) / ns
+    s = torch.sigmoid(rs - rt[:, None])
+    loo = (s.sum(1, keepdim=True) - s) / (k - 1)
+    assert torch.allclose(qs.grad, (s - loo) * beta / ns / (b * k))
+    assert torch.allclose(qt.grad, -s.sum(1) * beta / nt / (b * k))
+    assert torch.allclose(r_t, rt) and torch.allclose(r_s, rs)
+
+
+def test_dpkd_loo_needs_two_samples():
+    with pytest.raises(ValueError, match="K >= 2"):
+        losses.dpkd_loo_loss(torch.zeros(2), torch.zeros(2, 1), torch.zeros(2), torch.zeros(2, 1), torch.ones(2),
+                             torch.ones(2, 1))

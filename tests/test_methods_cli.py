@@ -96,8 +96,10 @@ def test_generate_verb_writes_and_reuses_a_cache(setup, tmp_path):
     lines = out.read_text().splitlines()
     assert json.loads(lines[0])["n"] == 8 and len(lines) == 9
     stamp = out.stat().st_mtime_ns
-    assert runner.invoke(app, args).exit_code == 0 and out.stat().st_mtime_ns == stamp  # reused as is
-    res = runner.invoke(app, args[:-1] + ["sampling.temperature=1.0"])
+    res = runner.invoke(app, args)  # an existing output is never touched without --resume or --overwrite
+    assert res.exit_code == 2 and "8 of 8 samples of these settings" in res.output and "--resume" in res.output
+    assert runner.invoke(app, [*args, "--resume"]).exit_code == 0 and out.stat().st_mtime_ns == stamp  # reused
+    res = runner.invoke(app, [*args[:-1], "sampling.temperature=1.0", "--resume"])
     assert res.exit_code == 2 and "other settings" in res.output  # never clobbers a cache of other settings
 
 

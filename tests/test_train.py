@@ -33,7 +33,7 @@ def test_resume_after_interruption_matches_uninterrupted(tokenizer, tiny_suite, 
     _run(tokenizer, tiny_suite, tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         _run(tokenizer, tiny_suite, tmp_path / "b", interrupt_at=5, monkeypatch=monkeypatch)
-    assert (tmp_path / "b" / "checkpoint" / "trainer_state.json").is_file()
+    assert list((tmp_path / "b" / "checkpoint").glob("step-*/trainer_state.json"))
     monkeypatch.undo()
     _run(tokenizer, tiny_suite, tmp_path / "b")
     a, b = load_model(str(tmp_path / "a" / "model")), load_model(str(tmp_path / "b" / "model"))

@@ -9,8 +9,10 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,6 +25,8 @@ from prefkd.errors import DataError, PrefkdError
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.stages import fingerprint
 
+# (prompt ids, sampling, pad id, eos id, seed=) -> one response per prompt, ending with EOS unless cut by length.
+Sampler = Callable[..., list[list[int]]]
 FORMAT = "prefkd-sample-cache-v1"  # bump when the row layout or the seeding scheme changes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 SEED_STRIDE = 1_000_003  # prime, larger than any prompt count, so batch seeds of different run seeds never collide
@@ -44,9 +48,12 @@ def model_identity(path: str) -> str:
     return f"{path}@{fingerprint(config_fp, weights)}"
 
 
-def cache_key(model_id: str, records: list[Instruction], sampling: SamplingConfig, seed: int) -> str:
+def cache_key(model_id: str, records: list[Instruction], sampling: SamplingConfig, seed: int,
+              backend: str = "hf") -> str:
     # batch_size is part of the key on purpose: batches are seeded separately, so it changes the samples.
-    return fingerprint(FORMAT, model_id, [r.prompt for r in records], dataclasses.asdict(sampling), seed)
+    # Another backend (vllm) draws other samples for the same seed; "hf" adds nothing, so older keys stay valid.
+    return fingerprint(FORMAT, model_id, [r.prompt for r in records], dataclasses.asdict(sampling), seed,
+                       *([backend] if backend != "hf" else []))
 
 
 def batch_seed(seed: int, first_index: int) -> int:
@@ -62,10 +69,12 @@ def read_cache(path: str | Path) -> tuple[dict, list[dict]]:
     return header, rows
 
 
-def generate_cached(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
+def generate_cached(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
                     sampling: SamplingConfig, path: str | Path, key: str, seed: int, name: str = "generate",
-                    overwrite: bool = False) -> list[dict]:
-    """Sample one response per record into `path`, reusing or completing a file written with the same `key`."""
+                    overwrite: bool = False, sampler: Sampler | None = None) -> list[dict]:
+    """Sample one response per record into `path`, reusing or completing a file written with the same `key`.
+
+    `sampler` replaces `sample_responses(model, ...)` (e.g. the vLLM backend; then `model` may be None)."""
     path = Path(path)
     done = _open_for_append(path, key, len(records), overwrite)
     missing = [k for k in _batches(len(records), sampling.batch_size) if any(i not in done for i in k)]
@@ -73,7 +82,7 @@ def generate_cached(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         with progress() as bar:
             task = bar.add_task(name, total=len(records), completed=len(done), info=f"seed {seed}")
             for indices in missing:
-                new = _sample_batch(model, tokenizer, records, indices, sampling, seed)
+                new = _sample_batch(model, tokenizer, records, indices, sampling, seed, sampler)
                 # Rows of a batch cut mid-write are already on disk; keep those, add only the rest.
                 new = [row for row in new if row["index"] not in done]
                 _append(path, new)
@@ -92,7 +101,8 @@ def _open_for_append(path: Path, key: str, n: int, overwrite: bool) -> dict[int,
             return {row["index"]: row for row in rows}
         if not overwrite:
             raise PrefkdError(f"{path} holds samples of other settings (model, prompts, sampling or seed); "
-                              f"remove it, choose another output path, or pass overwrite=True to start it afresh")
+                              f"remove it, choose another output path, or pass --overwrite (overwrite=true) to sample "
+                              f"it afresh")
     # Through a temporary name: a file at `path` always has a complete header.
     atomic.write_jsonl(path, [{"cache_key": key, "n": n}])
     return {}
@@ -156,13 +166,13 @@ def _batches(n: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def _sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
-                  indices: range, sampling: SamplingConfig, seed: int) -> list[dict]:
+def _sample_batch(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
+                  indices: range, sampling: SamplingConfig, seed: int, sampler: Sampler | None = None) -> list[dict]:
     batch = [records[i] for i in indices]
     prompt_ids = encode_prompts(tokenizer, [r.prompt for r in batch])
     eos = tokenizer.eos_token_id
-    responses = sample_responses(model, prompt_ids, sampling, tokenizer.pad_token_id, eos,
-                                 seed=batch_seed(seed, indices.start))
+    sample = sampler or functools.partial(sample_responses, model)
+    responses = sample(prompt_ids, sampling, tokenizer.pad_token_id, eos, seed=batch_seed(seed, indices.start))
     return [{"index": i, "id": r.id, "prompt": r.prompt,
              "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),
              "response_ids": ids, "finished": bool(ids) and ids[-1] == eos}

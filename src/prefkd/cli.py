@@ -9,7 +9,7 @@ import typer
 
 from prefkd import config
 from prefkd.console import console
-from prefkd.errors import PrefkdError
+from prefkd.errors import ConfigError, PrefkdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Preference-based knowledge distillation of causal language models.")
@@ -17,6 +17,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 Overrides = Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides", show_default=False)]
 ConfigFile = Annotated[str | None, typer.Option("--config", help="YAML config file")]
 Debug = Annotated[bool, typer.Option("--debug", help="show Python tracebacks")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue the run of the same settings already in the output")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="discard what a previous run left in the output")]
+
+
+def _existing(resume: bool, overwrite: bool) -> str:
+    """What a verb does with an output that already holds a run (prefkd.rundir): refuse unless told."""
+    if resume and overwrite:
+        raise ConfigError("pass --resume or --overwrite, not both")
+    return "resume" if resume else "overwrite" if overwrite else "refuse"
 
 
 def _keys_help(cls: type) -> str:
@@ -30,7 +39,7 @@ def _run(fn, debug: bool):
     except PrefkdError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {e}", soft_wrap=True)  # one line, whatever the terminal's width
         sys.exit(2)
 
 
@@ -38,7 +47,7 @@ from prefkd.experiment import ExperimentConfig  # noqa: E402  (after the helpers
 
 
 def _experiment(config_file: str | None, overrides: list[str], base: dict) -> None:
-    from prefkd.experiment import run_experiment
+    from prefkd.experiment import results_name, run_experiment
     from prefkd.report import results_table, verdict
 
     cfg = config.load(ExperimentConfig, config_file, overrides, base=base)
@@ -49,7 +58,9 @@ def _experiment(config_file: str | None, overrides: list[str], base: dict) -> No
             for group in ("all", "kind:D"):
                 if line := verdict(results, m, baseline, group):
                     console.print(line)
-    console.print(f"wrote {cfg.out}/results.json, report.md and report.html in {results['wall_seconds']:.0f} s")
+    report = f"report{'-' + cfg.tag if cfg.tag else ''}"
+    console.print(f"wrote {cfg.out}/{results_name(cfg.tag)}, {report}.md and {report}.html in "
+                  f"{results['wall_seconds']:.0f} s")
 
 
 @app.command(epilog=_keys_help(ExperimentConfig))
@@ -70,6 +81,7 @@ def compare(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
 
 @app.command()
 def report(run_dir: Annotated[str, typer.Argument(help="an experiment's output directory (holds results.json)")],
+           tag: Annotated[str, typer.Option("--tag", help="the comparison's tag (results-TAG.json)")] = "",
            debug: Debug = False) -> None:
     """Rebuild report.md and report.html (plots embedded) of a finished experiment."""
     import json
@@ -79,10 +91,13 @@ def report(run_dir: Annotated[str, typer.Argument(help="an experiment's output d
     from prefkd.report import write_report
 
     def go():
-        path = Path(run_dir) / "results.json"
+        from prefkd.experiment import results_name
+
+        path = Path(run_dir) / results_name(tag)
         if not path.is_file():
             raise PrefkdError(f"{path} not found: pass the output directory of `prefkd compare` or `prefkd demo`")
-        console.print(f"wrote {write_report(run_dir, json.loads(path.read_text(encoding='utf-8')))} and report.html")
+        md = write_report(run_dir, json.loads(path.read_text(encoding="utf-8")))
+        console.print(f"wrote {md} and {md.with_suffix('.html')}")
 
     _run(go, debug)
 
@@ -92,13 +107,14 @@ from prefkd.runs import DistillRun, EvaluateRun, GenerateRun, SFTRun, WinRateRun
 
 
 @app.command(epilog=_keys_help(SFTRun))
-def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False, resume: Resume = False,
+        overwrite: Overwrite = False) -> None:
     """Supervised fine-tuning on records with references (teacher, or the student's initialisation)."""
     from prefkd.runs import run_sft
 
     def go():
         cfg = config.load(SFTRun, config_file, overrides or [])
-        run_sft(cfg)
+        run_sft(cfg, existing=_existing(resume, overwrite))
         console.print(f"wrote {cfg.out}/model")
 
     _run(go, debug)
@@ -106,14 +122,19 @@ def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debu
 
 @app.command(epilog=_keys_help(DistillRun))
 def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
-            method: Annotated[str | None, typer.Option("--method", help="same as method=...")] = None) -> None:
+            method: Annotated[str | None, typer.Option("--method", help="same as method=...")] = None,
+            resume: Resume = False, overwrite: Overwrite = False,
+            samples_only: Annotated[bool, typer.Option("--samples-only", help="build the sample caches and stop "
+                                                                          "(e.g. with vLLM, before a multi-GPU "
+                                                                          "launch)")] = False) -> None:
     """Distil a teacher into a student with one method (see `prefkd methods`)."""
     from prefkd.runs import run_distill
 
     def go():
         cfg = config.load(DistillRun, config_file, (overrides or []) + ([f"method={method}"] if method else []))
-        run_distill(cfg)
-        console.print(f"wrote {cfg.out}/model")
+        run_distill(cfg, existing=_existing(resume, overwrite), samples_only=samples_only)
+        if not samples_only:
+            console.print(f"wrote {cfg.out}/model")
 
     _run(go, debug)
 
@@ -130,13 +151,14 @@ def prepare(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
 
 
 @app.command(epilog=_keys_help(GenerateRun))
-def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
+def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+             resume: Resume = False, overwrite: Overwrite = False) -> None:
     """Sample one response per prompt into a keyed, resumable jsonl cache (SeqKD and PLaD consume these)."""
     from prefkd.runs import run_generate
 
     def go():
         cfg = config.load(GenerateRun, config_file, overrides or [])
-        rows = run_generate(cfg)
+        rows = run_generate(cfg, existing=_existing(resume, overwrite))
         console.print(f"{cfg.out}: {len(rows)} responses, {sum(r['finished'] for r in rows)} ended with EOS")
 
     _run(go, debug)

@@ -66,6 +66,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -8,7 +8,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
-def progress() -> Progress:
+def progress(disable: bool = False) -> Progress:
+    """`disable` on the non-main processes of a multi-process run: one bar, not one per process."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=disable)

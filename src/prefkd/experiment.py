@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prefkd import atomic, config, stages
+from prefkd import atomic, config, rundir, stages
 from prefkd.config import opt, section
 from prefkd.data.records import read_records
 from prefkd.diagnostics import DiagnosticsConfig
@@ -54,6 +54,8 @@ METRICS = ("rougeL", "exact_match")
 @dataclass
 class ExperimentConfig:
     out: str = opt("runs/compare", "output directory; a rerun reuses its finished stages")
+    tag: str = opt("", "names results-TAG.json / report-TAG.md, so several comparisons share one out directory "
+                       "and its trained stages (teacher, SFT student, runs with the same settings)")
     data: ExperimentDataConfig = section(ExperimentDataConfig)
     methods: list[str] = opt(["dpkd"], "methods (see `prefkd methods`) or variant names, each distilled from the "
                                        "SFT student")
@@ -155,6 +157,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             runs[CONTROL].append(Run(f"seed{seed}", d / "model", key))
 
     corpus = data / "corpus.txt"
+    # Teacher samples shared by every method's runs: one absolute directory inside this experiment's --out (a
+    # relative distill.cache_dir would be taken inside each run's own directory).
+    shared_cache = str(rundir.inside(out, cfg.distill.cache_dir or "cache", "distill.cache_dir").resolve())
     for name in cfg.methods:
         runs[name] = []
         for seed in cfg.seeds:
@@ -164,7 +169,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                                          corpus=str(corpus) if corpus.read_text(encoding="utf-8").strip() else "",
                                          heldout=str(data / "validation.jsonl")),
                               replace(cfg.distill_train, seed=seed),
-                              replace(cfg.distill, cache_dir=cfg.distill.cache_dir or str(out / "cache")),
+                              replace(cfg.distill, cache_dir=shared_cache),
                               cfg.sampling, diagnostics=cfg.diagnostics)
             run = resolve(cfg, name, base)
             key = stages.fingerprint(keys["teacher"], keys["sft"], {**asdict(run), "out": ""})
@@ -192,9 +197,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
     results = summarize(scores, records, cfg)
     results.update(wall_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads())
-    atomic.write_json(out / "results.json", results)
+    atomic.write_json(out / results_name(cfg.tag), results)
     write_report(out, results)
     return results
+
+
+def results_name(tag: str = "") -> str:
+    return f"results-{tag}.json" if tag else "results.json"
 
 
 def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: ExperimentConfig) -> dict:
@@ -229,5 +238,5 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
             row["breakdown"][group] = entry
         row["rougeL"], row["exact_match"] = row["breakdown"]["all"]["rougeL"], row["breakdown"]["all"]["exact_match"]
         rows.append(row)
-    return {"split": cfg.eval_split, "seeds": cfg.eval.seeds, "train_seeds": cfg.seeds, "rows": rows,
+    return {"tag": cfg.tag, "split": cfg.eval_split, "seeds": cfg.eval.seeds, "train_seeds": cfg.seeds, "rows": rows,
             "methods": cfg.methods, "n_prompts": len(records), "bootstrap": cfg.bootstrap}

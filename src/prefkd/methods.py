@@ -114,6 +114,8 @@ class StepInputs:
     pad_id: int
     eos_id: int
     device: torch.device
+    # Identical on every process (seeded from seed and step): for a random choice about the whole global batch.
+    shared_rng: torch.Generator | None = None
 
 
 @dataclass
@@ -121,6 +123,10 @@ class MethodOutput:
     loss: torch.Tensor
     anchor_nll: torch.Tensor | None  # CE on the teacher sample or reference, when the method has one
     metrics: dict[str, float]
+    # What `loss` and `anchor_nll` are means over (tokens or sequences; None = examples), so that several
+    # processes can weight their slices into the mean over the global batch (distributed.py).
+    loss_count: float | None = None
+    anchor_count: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,7 @@ def _sample(model: PreTrainedModel, examples: list[Example], inp: StepInputs) ->
 def sft_step(inp: StepInputs) -> MethodOutput:
     token_logps, mask = response_token_logps(inp.student, _to(collate(inp.examples, inp.pad_id), inp.device))
     nll = token_mean_nll(token_logps, mask)
-    return MethodOutput(nll, None, {"nll": nll.item()})
+    return MethodOutput(nll, None, {"nll": nll.item()}, loss_count=mask.sum().item())
 
 
 def teacher_forced(divergence: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MethodConfig], torch.Tensor]):
@@ -175,7 +181,8 @@ def teacher_forced(divergence: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
             t_logits = _logits(inp.teacher, batch)
         loss = divergence(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg)
         anchor = _nll_from_logits(s_logits, batch)
-        return MethodOutput(loss, anchor, {"divergence": loss.item()})
+        n = batch["response_mask"][:, 1:].sum().item()
+        return MethodOutput(loss, anchor, {"divergence": loss.item()}, loss_count=n, anchor_count=n)
 
     return step
 
@@ -185,7 +192,7 @@ def on_policy(divergence: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Me
     """A step applying a divergence on student samples (with probability `student_share`, else the sequences)."""
 
     def step(inp: StepInputs) -> MethodOutput:
-        on = torch.rand(()).item() < student_share(inp.cfg)
+        on = torch.rand((), generator=inp.shared_rng).item() < student_share(inp.cfg)
         seqs = [Example(e.prompt_ids, r) for e, r in zip(inp.examples, _sample(inp.student_sampler, inp.examples, inp),
                                                           strict=True)] if on else inp.examples
         batch = _to(collate(seqs, inp.pad_id), inp.device)
@@ -193,12 +200,17 @@ def on_policy(divergence: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Me
         with torch.no_grad():
             t_logits = _logits(inp.teacher, batch)
         loss = divergence(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg)
-        anchor = None
+        n = batch["response_mask"][:, 1:].sum().item()
+        anchor, n_anchor = None, None
         if inp.cfg.kappa < 1 and inp.examples[0].response_ids:
-            anchor = (_nll_from_logits(s_logits, batch) if not on
-                      else token_mean_nll(*response_token_logps(inp.student, _to(collate(inp.examples, inp.pad_id),
-                                                                                  inp.device))))
-        return MethodOutput(loss, anchor, {"divergence": loss.item(), "on_policy": float(on)})
+            if not on:
+                anchor, n_anchor = _nll_from_logits(s_logits, batch), n
+            else:
+                token_logps, mask = response_token_logps(inp.student, _to(collate(inp.examples, inp.pad_id),
+                                                                           inp.device))
+                anchor, n_anchor = token_mean_nll(token_logps, mask), mask.sum().item()
+        return MethodOutput(loss, anchor, {"divergence": loss.item(), "on_policy": float(on)}, loss_count=n,
+                            anchor_count=n_anchor)
 
     return step
 
@@ -241,7 +253,7 @@ def sampled_pairs(pair_loss: PairLoss):
             "margin": (r_t - r_s).mean().item(), "pref_accuracy": (r_t > r_s).float().mean().item(),
             "len_teacher": n[:b].mean().item(), "len_student": n[b:].mean().item(),
         })
-        return MethodOutput(loss, anchor, metrics)
+        return MethodOutput(loss, anchor, metrics, loss_count=b, anchor_count=mask[:b].sum().item())
 
     return step
 
@@ -270,7 +282,8 @@ def plad_step(margin_form: bool):
         anchor = token_mean_nll(q_tok[:b], mask[:b])
         return MethodOutput(loss, anchor, {"plad_loss": loss.item(), "logp_chosen": lp.mean().item(),
                                            "logp_rejected": ln.mean().item(),
-                                           "pair_accuracy": (lp > ln).float().mean().item()})
+                                           "pair_accuracy": (lp > ln).float().mean().item()},
+                            loss_count=b, anchor_count=mask[:b].sum().item())
 
     return step
 

@@ -6,12 +6,14 @@ stock `AutoModelForCausalLM.from_pretrained(path)`, exactly like `gpt2-xl` would
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     AutoModelForCausalLM,
@@ -50,6 +52,8 @@ class ModelConfig:
     size: str = opt("tiny", f"size of a built model: {', '.join(SIZES)}")
     max_positions: int = opt(512, "context length of a built model")
     trust_remote_code: bool = opt(False, "allow a hub model's own code to run (off unless you trust it)")
+    dtype: str = opt("float32", "dtype of the loaded weights: float32, bfloat16, float16 or auto (the checkpoint's); "
+                                "a trained student stays float32, a frozen teacher may be bfloat16")
 
 
 def build_model(arch: str, size: str, tokenizer: PreTrainedTokenizerBase, max_positions: int = 512,
@@ -86,7 +90,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise PrefkdError(f"cannot load a tokenizer from '{path}': {e}") from None
+        raise _cannot_load("a tokenizer", path, e) from None
     if tok.eos_token_id is None:
         raise PrefkdError(f"tokenizer at '{path}' has no EOS token; responses need one to end")
     if tok.pad_token_id is None:
@@ -94,16 +98,35 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
-def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> PreTrainedModel:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise PrefkdError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     try:
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise PrefkdError(f"cannot load a causal LM from '{path}': {e}") from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors in a .bin file
+        raise PrefkdError(f"cannot load a causal LM from '{path}': its .bin weight file holds Python objects, not "
+                          f"just tensors, and was refused unread; use safetensors weights from a source you trust") \
+            from None
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weight file
+        raise _cannot_load("a causal LM", path, e) from None
+
+
+def _cannot_load(what: str, path: str, e: Exception) -> PrefkdError:
+    """The library's reason on one line (its first), plus what to do when the model wants to run its own code."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        first += " It runs only with trust_remote_code=true for this model (e.g. teacher.trust_remote_code=true)."
+    return PrefkdError(f"cannot load {what} from '{path}': {first}")
 
 
 def model_from_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
     if cfg.path:
-        return load_model(cfg.path, cfg.trust_remote_code)
+        return load_model(cfg.path, cfg.trust_remote_code, cfg.dtype)
     return build_model(cfg.arch, cfg.size, tokenizer, cfg.max_positions, seed)
 
 

@@ -136,9 +136,11 @@ def diagnostics_logs(run_dir: Path, names: list[str]) -> dict[str, list[dict]]:
 def write_report(run_dir: str | Path, results: dict) -> Path:
     """report.md and a self-contained report.html (plots embedded) under `run_dir`."""
     out = Path(run_dir)
+    suffix = f"-{results['tag']}" if results.get("tag") else ""
+    figures = out / f"plots{suffix}"
     methods = [r["name"] for r in results["rows"] if r["name"] not in ("teacher", "sft", "sft_continued")]
     logs = diagnostics_logs(out, methods)
-    parts = [f"# prefkd report: {out.name}\n",
+    parts = [f"# prefkd report: {out.name}{' / ' + results['tag'] if suffix else ''}\n",
              f"Evaluation on the **{results['split']}** split ({results['n_prompts']} prompts), sampled generation "
              f"with eval seeds {results['seeds']}; distillation runs with training seeds {results['train_seeds']}. "
              f"Wall time {results.get('wall_seconds', 0):.0f} s (stages reused from earlier runs are not timed "
@@ -155,7 +157,7 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     if _buckets(results):
         parts += ["## By reference length (Rouge-L)\n", bucket_table(results, "rougeL"), "",
                   "## By reference length (exact match)\n", bucket_table(results, "exact_match"), ""]
-        if png := plots.rouge_by_bucket(results, out / "plots" / "rouge_by_length.png"):
+        if png := plots.rouge_by_bucket(results, figures / "rouge_by_length.png"):
             parts += [f"![Rouge-L by length]({png.relative_to(out)})\n"]
     if table := diagnostics_table(results, logs):
         parts += ["## Held-out diagnostics during training\n",
@@ -164,24 +166,24 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
                   "teacher), the reverse KL per token on the student's own samples, and the exact KLs of the first "
                   "response token (the paper's Table 3). The student-sample reward r(y_s) is beta times the rKL "
                   "estimate, so it is not repeated.\n", table, ""]
-        if png := plots.diagnostics_curves(logs, out / "plots" / "diagnostics_curves.png"):
+        if png := plots.diagnostics_curves(logs, figures / "diagnostics_curves.png"):
             parts += [f"![diagnostics over training]({png.relative_to(out)})\n"]
-        if png := plots.reward_vs_rkl(logs, out / "plots" / "reward_vs_rkl.png"):
+        if png := plots.reward_vs_rkl(logs, figures / "reward_vs_rkl.png"):
             parts += [f"![reward vs reverse KL]({png.relative_to(out)})\n",
                       "Fig. 3 of the DPKD paper: each point is one diagnostics step, coloured by epoch; the paper "
                       "expects training to move up (reward) and left (reverse KL).\n"]
     for name in methods:
         seeds = sorted((out / name).glob("seed*/train_log.jsonl"))
         if seeds and (png := plots.training_log(plots.read_jsonl(seeds[0]), TRAINING_CURVES,
-                                                 out / "plots" / f"{name}_training.png")):
+                                                 figures / f"{name}_training.png")):
             parts += [f"## {name}: training log (first seed)\n", f"![{name}]({png.relative_to(out)})\n"]
     parts += ["On fresh on-policy samples the DPKD margin r(y_t) - r(y_s) is negative in expectation, so preference "
               "accuracy below 0.5 is not failure; watch the teacher's log-prob of the student's samples and the "
               "held-out reward and KLs instead.\n"]
     text = "\n".join(parts) + "\n"
-    atomic.write_text(out / "report.md", text)
-    atomic.write_text(out / "report.html", to_html(text, out))
-    return out / "report.md"
+    atomic.write_text(out / f"report{suffix}.md", text)
+    atomic.write_text(out / f"report{suffix}.html", to_html(text, out))
+    return out / f"report{suffix}.md"
 
 
 def to_html(text: str, base: Path) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefkd import atomic, config
-from prefkd.cache import cache_key, generate_cached, model_identity
+from prefkd import atomic, config, rundir
+from prefkd.cache import cache_key, generate_cached, model_identity, read_cache
 from prefkd.config import opt, section
 from prefkd.console import console
 from prefkd.data.collate import Example, encode_examples, encode_prompts
@@ -25,6 +25,7 @@ from prefkd.data.corpus import token_blocks
 from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction, read_records
 from prefkd.diagnostics import DiagnosticsConfig, HeldOutDiagnostics
+from prefkd.distributed import process_state
 from prefkd.errors import DataError, PrefkdError
 from prefkd.eval_files import read_records_of, read_responses, write_evaluation
 from prefkd.evaluate import PROTOCOL, EvalConfig, breakdown, prompt_scores, summarize, unscorable
@@ -35,6 +36,7 @@ from prefkd.methods import Method, MethodConfig, get_method
 from prefkd.models import ModelConfig, load_model, load_tokenizer, model_from_config, n_params, resolve_device
 from prefkd.scoring import embedding_f1
 from prefkd.train import RunData, TrainConfig, train
+from prefkd.vllm_backend import VLLMConfig, VLLMSampler
 
 
 @dataclass
@@ -72,6 +74,7 @@ class DistillRun:
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
     diagnostics: DiagnosticsConfig = section(DiagnosticsConfig, "implicit reward and KL to the teacher on a fixed "
                                                                 "held-out batch during training")
+    vllm: VLLMConfig = section(VLLMConfig, "vLLM for the sample caches built before training (GPU only)")
 
 
 @dataclass
@@ -82,14 +85,36 @@ class GenerateRun:
     seed: int = opt(0, "sampling seed (each batch is seeded from it and its first index)")
     overwrite: bool = opt(False, "replace a cache file written with other settings")
     sampling: SamplingConfig = section(SamplingConfig)
+    vllm: VLLMConfig = section(VLLMConfig, "sample with vLLM on GPUs instead of transformers")
 
 
-def run_generate(cfg: GenerateRun) -> list[dict]:
+def run_generate(cfg: GenerateRun, existing: str = "auto") -> list[dict]:
+    """`existing` (see rundir.py) says what to do with a file already at `out`: the CLI refuses unless told."""
     model_path, out = _need(cfg.model, "model"), _need(cfg.out, "out")
     records = read_records(_need(cfg.data, "data"))
-    key = cache_key(model_identity(model_path), records, cfg.sampling, cfg.seed)
-    return generate_cached(load_model(model_path), load_tokenizer(model_path), records, cfg.sampling, out, key,
-                           cfg.seed, overwrite=cfg.overwrite)
+    key = cache_key(model_identity(model_path), records, cfg.sampling, cfg.seed, _backend(cfg.vllm))
+    if existing == "refuse" and Path(out).exists():
+        raise rundir.RunDirError(f"{out} already holds {_describe_cache(Path(out), key)}; pass --resume to complete "
+                                 f"or reuse it, or --overwrite to sample it afresh")
+    if existing == "overwrite":
+        rundir.remove(Path(out))  # even a readable cache of these settings: --overwrite samples afresh
+    sampler = VLLMSampler(model_path, cfg.vllm) if cfg.vllm.enabled else None
+    return generate_cached(None if sampler else load_model(model_path), load_tokenizer(model_path), records,
+                           cfg.sampling, out, key, cfg.seed, overwrite=cfg.overwrite, sampler=sampler)
+
+
+def _backend(cfg: VLLMConfig) -> str:
+    return "vllm" if cfg.enabled else "hf"
+
+
+def _describe_cache(path: Path, key: str) -> str:
+    try:
+        header, rows = read_cache(path)
+    except PrefkdError as e:
+        return f"a file that is not a readable sample cache ({e})"
+    if header.get("cache_key") != key:
+        return "samples of other settings (model, prompts, sampling or seed)"
+    return f"{len(rows)} of {header['n']} samples of these settings"
 
 
 @dataclass
@@ -118,6 +143,23 @@ class WinRateRun:
     device: str = opt("auto", "auto (the GPU if there is one), cpu, cuda, ...")
 
 
+def check_run(out: Path, cfg: object, existing: str) -> bool:
+    """Before any work: may this run use `out` (rundir.claim, on every process)? Returns whether to clear it."""
+    return rundir.claim(out, config.to_dict(cfg), existing)
+
+
+def begin_run(out: Path, cfg: object, clear: bool) -> None:
+    """Once the inputs are read and checked: the main process clears `out` if asked and writes the config, so a
+    run that fails on bad input leaves nothing behind."""
+    state = process_state()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if clear:
+            rundir.clear(out)
+        write_run_config(out, cfg)
+    state.wait_for_everyone()
+
+
 def write_run_config(out: Path, cfg: object) -> None:
     """The resolved config and the code version, next to the run's outputs."""
     data = config.to_dict(cfg)
@@ -142,7 +184,8 @@ def reference_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruc
         console.print(f"{source}: dropped {dropped} of {len(records)} examples over the length limits "
                       f"(prompt > {cfg.max_prompt_tokens} or total > {cfg.max_length} tokens)")
     if not ex:
-        raise DataError("no example is left after the length filters; raise train.max_length", source)
+        raise DataError("no example is left after the length filters; raise train.max_prompt_tokens or "
+                        "train.max_length", source)
     return ex
 
 
@@ -152,11 +195,12 @@ def prompt_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instructio
 
 
 def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-            name: str = "sft", corpus: list[str] | None = None) -> list[dict]:
+            name: str = "sft", corpus: list[str] | None = None, existing: str = "auto") -> list[dict]:
     """SFT on reference responses; with a corpus instead (`data.corpus`, no `data.train`), LM pretraining on its
-    token blocks (every token scored)."""
+    token blocks (every token scored). `existing`: what to do with a run already in `cfg.out` (rundir.py); "auto"
+    resumes the same settings."""
     out = Path(cfg.out)
-    write_run_config(out, cfg)
+    clear = check_run(out, cfg, existing)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
     if corpus is None and not records and cfg.data.corpus and not cfg.data.train:
         corpus = _read_corpus(cfg.data.corpus)
@@ -171,37 +215,45 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
         console.print(f"[bold]{name}[/]: {what}, SFT on {len(records)} records")
         examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
         stage = "SFT"
+    begin_run(out, cfg, clear)
     return train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
                  MethodConfig(), SamplingConfig(), out, name=f"{name} {stage}",
-                 save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora))
+                 save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora), strict_resume=existing == "resume",
+                 identity=model_identity(cfg.model.path) if cfg.model.path else None)
 
 
 def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,
                           method: str) -> None:
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise PrefkdError(f"method '{method}' is white-box: it scores the same token ids with teacher and student, "
-                          f"but their tokenizers differ (student vocabulary {len(student_tok)}, teacher "
-                          f"{len(teacher_tok)}). Use a teacher with the student's tokenizer, or a black-box "
-                          f"method such as seqkd or plad.")
+                          f"but their tokenizers differ (student '{student_tok.name_or_path}': {len(student_tok)} "
+                          f"tokens; teacher '{teacher_tok.name_or_path}': {len(teacher_tok)} tokens). Use a teacher "
+                          f"with the student's tokenizer, or a black-box method such as seqkd or plad.")
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
-                corpus: list[str] | None = None, name: str | None = None) -> list[dict]:
+                corpus: list[str] | None = None, name: str | None = None, existing: str = "auto",
+                samples_only: bool = False) -> list[dict]:
+    """`existing`: what to do with a run already in `cfg.out` (rundir.py); "auto" resumes the same settings.
+    `samples_only`: build the method's sample caches and stop (e.g. with vLLM, before a multi-GPU launch)."""
     out = Path(cfg.out)
     method = get_method(cfg.method)
-    write_run_config(out, cfg)
+    rundir.inside(out, cfg.distill.cache_dir or "cache", "distill.cache_dir")  # fail before any work
+    # With samples_only, `out` is not claimed: the caches are keyed files under cache_dir, not a run.
+    clear = check_run(out, cfg, existing) if not samples_only else False
     student_path = _need(cfg.student.path, "student.path")
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
-    student = load_model(student_path, cfg.student.trust_remote_code)
+    student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
     teacher = None
     if method.needs_teacher:
         teacher_path = _need(cfg.teacher.path, "teacher.path")
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
-        teacher = load_model(teacher_path, cfg.teacher.trust_remote_code)
-    elif cfg.diagnostics.every and cfg.teacher.path:  # black-box: the teacher is only needed for diagnostics
+        if not (samples_only and cfg.vllm.enabled):  # vLLM loads its own copy; a 13B teacher is not loaded twice
+            teacher = load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+    elif cfg.diagnostics.every and cfg.teacher.path and not samples_only:  # black-box: only for diagnostics
         teacher_tok = load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code)
         if teacher_tok.get_vocab() == tokenizer.get_vocab():
-            teacher = load_model(cfg.teacher.path, cfg.teacher.trust_remote_code)
+            teacher = load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
         else:
             console.print("diagnostics off: they score the student's tokens with the teacher, whose tokenizer differs")
     prompts = prompts or read_records(_need(cfg.data.prompts, "data.prompts"),
@@ -212,7 +264,12 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         corpus = _read_corpus(cfg.data.corpus)
     if cfg.distill.replay > 0 and not replay:
         console.print("no replay data (data.replay): running without replay")
-    examples = method_examples(method, cfg, prompts, tokenizer, student, teacher)
+    with process_state().main_process_first():  # the main process samples the caches, the others then read them
+        examples = method_examples(method, cfg, prompts, tokenizer, student, teacher)
+    if samples_only:
+        console.print(f"{cfg.method}: sample caches ready for {len(examples)} prompts under "
+                      f"{rundir.inside(out, cfg.distill.cache_dir or 'cache', 'distill.cache_dir')}")
+        return []
     data = RunData(examples,
                    replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
@@ -222,9 +279,12 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
     diagnostics = held_out_diagnostics(cfg, teacher, tokenizer, prompts)
     model = apply_lora(student, cfg.lora)
+    begin_run(out, cfg, clear)
+    identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
     return train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
-                 diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every)
+                 diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
+                 identity=identity)
 
 
 def held_out_diagnostics(cfg: DistillRun, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
@@ -282,12 +342,17 @@ def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Inst
 
     The response text is re-tokenised with the student's tokenizer, so this works when the teacher's differs
     (black-box methods)."""
-    key = cache_key(model_identity(model_path), prompts, sampling, cfg.train.seed)
-    cache_dir = Path(cfg.distill.cache_dir or Path(cfg.out) / "cache")
-    path = cache_dir / f"{role}-{key}.jsonl"
-    model = model if model is not None else load_model(model_path)  # a loaded teacher is not loaded twice
-    rows = generate_cached(model, load_tokenizer(model_path), prompts, sampling, path, key, cfg.train.seed,
-                           name=f"{role} samples")
+    key = cache_key(model_identity(model_path), prompts, sampling, cfg.train.seed, _backend(cfg.vllm))
+    # A relative cache_dir lies inside the run directory; an absolute one (shared by runs) is the user's choice.
+    path = rundir.inside(cfg.out, cfg.distill.cache_dir or "cache", "distill.cache_dir") / f"{role}-{key}.jsonl"
+    spec = cfg.teacher if role == "teacher" else cfg.student
+    sampler = VLLMSampler(model_path, cfg.vllm, spec.trust_remote_code) if cfg.vllm.enabled else None
+    if sampler is None and model is None:  # a loaded teacher is not loaded twice
+        model = load_model(model_path, spec.trust_remote_code, spec.dtype)
+    rows = generate_cached(model, load_tokenizer(model_path, spec.trust_remote_code), prompts, sampling, path, key,
+                           cfg.train.seed, name=f"{role} samples", sampler=sampler)
+    if sampler is not None:
+        sampler.close()
     prompt_ids = encode_prompts(student_tokenizer, [r.prompt for r in prompts])
     eos = student_tokenizer.eos_token_id
     return [(p, encode_prompts(student_tokenizer, [row["response"]])[0] + ([eos] if row["finished"] else []),

@@ -7,28 +7,30 @@ checkpoint every `save_every` steps so an interrupted run resumes where it stopp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from prefkd import atomic, stages
+from prefkd import atomic, checkpoints, distributed, rundir, stages
 from prefkd.config import opt
 from prefkd.console import console, progress
 from prefkd.data.collate import Example, collate
+from prefkd.distributed import Term
 from prefkd.generation import SamplingConfig
 from prefkd.logprobs import response_token_logps, token_mean_nll
 from prefkd.methods import Method, MethodConfig, StepInputs
 from prefkd.models import n_params, save_pretrained
+from prefkd.rundir import RunDirError
 
 # save_state warns on every checkpoint that tied embeddings are stored once; that is expected and harmless.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -93,26 +95,40 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
           teacher: PreTrainedModel | None = None, name: str = "train",
           save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None] = save_pretrained,
           diagnostics: Callable[[PreTrainedModel], dict[str, float]] | None = None,
-          diagnostics_every: int = 0) -> list[dict]:
+          diagnostics_every: int = 0, strict_resume: bool = False, identity: object = None) -> list[dict]:
     """Train `student` in place with `method`; write logs, checkpoints and the final model under `out_dir`.
 
     `diagnostics(student)` (e.g. `prefkd.diagnostics.HeldOutDiagnostics`) runs before the first step, every
     `diagnostics_every` steps and after the last; its rows go to `diagnostics.jsonl`. Every row of both logs also
-    goes to TensorBoard under `out_dir/tensorboard`."""
+    goes to TensorBoard under `out_dir/tensorboard`.
+
+    Resumes from a checkpoint of the same run key (settings, data, `identity` of the models); a checkpoint of
+    another key is discarded, or an error with `strict_resume` (the CLI's --resume). Under `accelerate launch`
+    every process runs this; see distributed.py for how the global batch is split."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # Accelerate keeps one global state per process; the demo trains several models with different precisions
     # in one process, so drop the previous run's precision (the process group in PartialState is kept).
     AcceleratorState._reset_state()
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no")
-    torch.manual_seed(cfg.seed)
+    # split_batches: the global batch is split across processes, not multiplied, so the schedule steps once a step.
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
+                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+    main = acc.is_main_process
+    torch.manual_seed(distributed.process_seed(cfg.seed, acc))  # each process samples its own stream
     trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.steps),
                               num_training_steps=cfg.steps)
+    run_key = stages.fingerprint(method.name, asdict(cfg), asdict(method_cfg), asdict(sampling), _data_key(data),
+                                 n_params(student), identity)
+    ckpt_root, log_path, state_path = out / "checkpoint", out / "train_log.jsonl", out / "train_state.json"
+    if _finished(state_path, run_key) and (out / "model").is_dir():
+        if main:
+            console.print(f"{name}: {out} already holds this finished run; nothing to do")
+        return _read_log(log_path)
+    distributed.configure(acc, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     model, optimizer, scheduler = acc.prepare(student, optimizer, scheduler)
     if teacher is not None:
-        teacher = teacher.to(acc.device).eval().requires_grad_(False)
+        teacher = distributed.place_teacher(acc, teacher)
     uses_replay = method.name != "sft" and data.replay is not None and method_cfg.replay > 0
     n_method, n_replay = _split(cfg.batch_size, method_cfg.replay, uses_replay)
     streams = {"method": BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in data.examples], n_method,
@@ -123,60 +139,55 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     use_lm = method.name != "sft" and method_cfg.lm_weight > 0 and data.corpus is not None
     if use_lm:
         streams["lm"] = BatchStream([1] * len(data.corpus), n_method, cfg.seed + 2, group_by_length=False)
+    for what, s in streams.items():
+        distributed.check_batch(s.bs, acc, f"the {what} share of the batch")
 
-    ckpt, log_path = out / "checkpoint", out / "train_log.jsonl"
-    run_key = stages.fingerprint(method.name, asdict(cfg), asdict(method_cfg), asdict(sampling),
-                                 len(data.examples), len(data.replay or []), n_params(student))
-    start = 0
-    if (ckpt / "trainer_state.json").is_file():
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state.get("run_key") == run_key:
-            acc.load_state(str(ckpt))
-            start = state["step"]
-            console.print(f"{name}: resuming from the checkpoint at step {start}")
-        else:
-            console.print(f"{name}: ignoring {ckpt}, written by a run with other settings")
-            shutil.rmtree(ckpt)
+    start, window, n_window = _restore(acc, ckpt_root, state_path, run_key, strict_resume, name)
     logs = [r for r in _read_log(log_path) if r["step"] <= start]
-    atomic.write_jsonl(log_path, logs)
     diag_path = out / "diagnostics.jsonl"
-    atomic.write_jsonl(diag_path, [r for r in _read_log(diag_path) if r["step"] <= start])
-    board = _board(out / "tensorboard")
+    board = None
+    if main:  # logs, diagnostics and TensorBoard are written by the main process only
+        atomic.write_jsonl(log_path, logs)
+        atomic.write_jsonl(diag_path, [r for r in _read_log(diag_path) if r["step"] <= start])
+        board = _board(out / "tensorboard")
+    acc.wait_for_everyone()
     per_epoch = max(1, len(data.examples) // max(1, n_method))
 
     def diagnose(done: int) -> None:
         if diagnostics is None:
             return
+        # Every process computes them (a sharded model needs all of them for a forward); the main one writes.
         row = {"step": done, "epoch": round(done / per_epoch, 4), **diagnostics(acc.unwrap_model(model))}
-        _append(diag_path, row, board, "diagnostics")
+        if main:
+            _append(diag_path, row, board, "diagnostics")
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     model.train()
     t0 = time.time()
     if start == 0:
         diagnose(0)
-    with progress() as bar:
+    with progress(disable=not main) as bar:
         task = bar.add_task(name, total=cfg.steps, completed=start, info="")
-        window: dict[str, float] = {}  # metric sums since the last log row: each row is a mean over its steps
-        n_window = 0
         for step in range(start, cfg.steps):
             sums: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 k = step * cfg.grad_accum + micro
                 with acc.autocast():
                     loss, metrics = _micro_step(method, model, acc, teacher, data, streams, k, method_cfg, sampling,
-                                                pad, eos, n_replay, use_lm)
+                                                pad, eos, (n_method, n_replay), use_lm, cfg.seed)
+                # Every process holds the same global values, so all of them stop together.
+                distributed.check_finite(step + 1, metrics, lambda: _kept(ckpt_root))
                 acc.backward(loss / cfg.grad_accum)
                 for key, v in metrics.items():
                     sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm at step {step + 1}; last metrics {sums}")
+            grad_norm = distributed.clip_grad_norm(acc, model, cfg.max_grad_norm)
+            if grad_norm is not None:
+                distributed.check_finite(step + 1, {"gradient norm": grad_norm}, lambda: _kept(ckpt_root))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            for key, v in {**sums, "grad_norm": float(grad_norm)}.items():
+            for key, v in {**sums, **({"grad_norm": grad_norm} if grad_norm is not None else {})}.items():
                 window[key] = window.get(key, 0.0) + v
             n_window += 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -184,52 +195,110 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                        **{k: round(v / n_window, 6) for k, v in window.items()}}
                 window, n_window = {}, 0
                 logs.append(row)
-                _append(log_path, row, board, "train")
+                if main:
+                    _append(log_path, row, board, "train")
             if diagnostics_every and (done % diagnostics_every == 0 or done == cfg.steps):
                 diagnose(done)
             bar.update(task, advance=1, info=f"loss {sums['loss']:.3f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                _checkpoint(acc, ckpt, done, run_key)
-    save(acc.unwrap_model(model), tokenizer, out / "model")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    if board is not None:
-        board.close()
+                checkpoints.save(acc, ckpt_root, done, {"run_key": run_key, "window": window, "n_window": n_window})
+    final = distributed.gathered_copy(acc, model) if distributed.sharded(acc) else acc.unwrap_model(model)
+    if main:
+        save(final, tokenizer, out / "model")
+        atomic.write_json(state_path, {"finished": True, "step": cfg.steps, "run_key": run_key,
+                                       "processes": acc.num_processes})
+        rundir.remove(ckpt_root)
+        if board is not None:
+            board.close()
+    acc.wait_for_everyone()
     return logs
 
 
+def _restore(acc: Accelerator, root: Path, state_path: Path, run_key: str, strict: bool, name: str
+             ) -> tuple[int, dict[str, float], int]:
+    """(first step, open log window sums, steps in it) from the last checkpoint of this run key, else (0, {}, 0)."""
+    path = checkpoints.latest(root)
+    state = checkpoints.read_state(path) if path else _read_json(state_path)
+    if state and state.get("run_key") != run_key:
+        what = path or state_path
+        if strict:
+            raise RunDirError(f"{what} was written by a run of other data, models or settings than this one; "
+                              f"--resume continues the same run only: pass --overwrite to start afresh")
+        if acc.is_main_process:
+            console.print(f"{name}: ignoring {what}, written by a run with other settings")
+            rundir.remove(root)
+        path = None
+    if acc.is_main_process:
+        rundir.remove(state_path)  # the run is in progress again until it saves its model
+    acc.wait_for_everyone()
+    if path is None:
+        return 0, {}, 0
+    checkpoints.load(acc, path, state)
+    if acc.is_main_process:
+        console.print(f"{name}: resuming from the checkpoint at step {state['step']}")
+    return state["step"], state.get("window", {}), state.get("n_window", 0)
+
+
 def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData, streams: dict[str, BatchStream],
-                k: int, mcfg: MethodConfig, sampling: SamplingConfig, pad: int, eos: int, n_replay: int,
-                use_lm: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    examples = [data.examples[i] for i in streams["method"].batch(k)]
-    inp = StepInputs(model, acc.unwrap_model(model), teacher, examples, sampling, mcfg, pad, eos, acc.device)
+                k: int, mcfg: MethodConfig, sampling: SamplingConfig, pad: int, eos: int, sizes: tuple[int, int],
+                use_lm: bool, seed: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """This process's loss for micro-batch k and the global-batch metrics (distributed.combine)."""
+    examples = [data.examples[i] for i in distributed.shard(streams["method"].batch(k), acc)]
+    inp = StepInputs(model, acc.unwrap_model(model), teacher, examples, sampling, mcfg, pad, eos, acc.device,
+                     distributed.shared_generator(seed, k))
     res = method.step(inp)
-    metrics = dict(res.metrics)
-    loss = res.loss
+    n_method, n_replay = sizes
+    share = n_replay / (n_replay + n_method)  # of the global batch, the same on every process
+    n_loss = res.loss_count if res.loss_count is not None else len(examples)
     if res.anchor_nll is not None and mcfg.kappa < 1:  # sft and seqkd are cross-entropy already: no anchor
-        loss = (1 - mcfg.kappa) * res.anchor_nll + mcfg.kappa * res.loss
-        metrics["anchor_nll"] = res.anchor_nll.item()
+        n_anchor = res.anchor_count if res.anchor_count is not None else len(examples)
+        terms = [Term("", res.loss, n_loss, (1 - share) * mcfg.kappa),
+                 Term("anchor_nll", res.anchor_nll, n_anchor, (1 - share) * (1 - mcfg.kappa))]
+    else:
+        terms = [Term("", res.loss, n_loss, 1 - share)]
     if n_replay:
-        batch = collate([data.replay[i] for i in streams["replay"].batch(k)], pad)
+        batch = collate([data.replay[i] for i in distributed.shard(streams["replay"].batch(k), acc)], pad)
         token_logps, mask = response_token_logps(model, {key: v.to(acc.device) for key, v in batch.items()})
-        replay_nll = token_mean_nll(token_logps, mask)
-        share = n_replay / (n_replay + len(examples))
-        loss = (1 - share) * loss + share * replay_nll
-        metrics["replay_nll"] = replay_nll.item()
+        terms.append(Term("replay_nll", token_mean_nll(token_logps, mask), mask.sum().item(), share))
     if use_lm:
-        blocks = data.corpus[streams["lm"].batch(k)].to(acc.device)
+        blocks = data.corpus[distributed.shard(streams["lm"].batch(k), acc)].to(acc.device)
         ones = torch.ones_like(blocks)  # every token of a corpus block is scored
-        lm_loss = token_mean_nll(*response_token_logps(model, {"input_ids": blocks, "attention_mask": ones,
-                                                               "response_mask": ones}))
-        loss = loss + mcfg.lm_weight * lm_loss
-        metrics["lm_loss"] = lm_loss.item()
-    metrics["loss"] = loss.item()
-    return loss, metrics
+        token_logps, mask = response_token_logps(model, {"input_ids": blocks, "attention_mask": ones,
+                                                         "response_mask": ones})
+        terms.append(Term("lm_loss", token_mean_nll(token_logps, mask), mask.sum().item(), mcfg.lm_weight))
+    return distributed.combine(acc, terms, res.metrics, n_loss)
 
 
-def _checkpoint(acc: Accelerator, ckpt: Path, step: int, run_key: str) -> None:
-    with atomic.directory(ckpt) as tmp:
-        acc.save_state(str(tmp), safe_serialization=True)
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "run_key": run_key}))
+def _kept(root: Path) -> str:
+    path = checkpoints.latest(root)
+    if path is None:
+        return "no checkpoint was written yet (train.save_every)"
+    return f"the last good checkpoint (step {int(path.name.split('-')[1])}) is kept in {root}"
+
+
+def _data_key(data: RunData) -> str:
+    """What the run trains on, so a checkpoint is never resumed on other data (or other cached samples)."""
+    h = hashlib.sha256()
+    for group in (data.examples, data.replay or []):
+        for e in group:
+            h.update(repr((e.prompt_ids, e.response_ids, e.rejected_ids, e.chosen_score, e.rejected_score)).encode())
+        h.update(b"|")
+    if data.corpus is not None:
+        h.update(data.corpus.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _finished(path: Path, run_key: str) -> bool:
+    state = _read_json(path)
+    return bool(state and state.get("finished") and state.get("run_key") == run_key)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _board(path: Path):

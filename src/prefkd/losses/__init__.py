@@ -12,6 +12,7 @@ from prefkd.losses.divergences import (
 )
 from prefkd.losses.preference import (
     cpo_loss,
+    dpkd_loo_loss,
     dpkd_loss,
     dpo_loss,
     ipo_loss,
@@ -23,6 +24,7 @@ from prefkd.losses.preference import (
 __all__ = [
     "adaptive_kl",
     "cpo_loss",
+    "dpkd_loo_loss",
     "dpkd_loss",
     "dpkd_token_loss",
     "dpo_loss",

@@ -28,6 +28,35 @@ def dpkd_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     return loss, chosen.detach(), rejected.detach()
 
 
+def dpkd_loo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                  reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+                  chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float = 0.1,
+                  length_normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPKD with K >= 2 student samples per prompt and a leave-one-out baseline on the rejected term (prefkd's).
+
+    Chosen tensors are [B], rejected ones [B, K]. The value is the DPKD loss averaged over the K pairs
+    (y_t, y_s_i). Its gradient pushes each student sample down with weight s_i = sigmoid(r(y_s_i) - r(y_t));
+    since E_{y~q}[grad log q(y)] = 0, the part of s_i shared by all samples of a prompt only adds variance (the
+    REINFORCE view of findings.md). Here each s_i is replaced by s_i - mean_{j != i} s_j (detached), which keeps
+    the expected gradient and removes that part; the chosen side's gradient is DPKD's unchanged.
+    Returns (loss, chosen_rewards [B], rejected_rewards [B, K]).
+    """
+    k = policy_rejected_logps.shape[-1]
+    if policy_rejected_logps.dim() != 2 or k < 2:
+        raise ValueError(f"dpkd_loo_loss needs [B, K >= 2] rejected tensors, got {tuple(policy_rejected_logps.shape)}")
+    chosen = beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected = beta * (policy_rejected_logps - reference_rejected_logps)
+    if length_normalize:
+        chosen = chosen / chosen_lengths.clamp(min=1)
+        rejected = rejected / rejected_lengths.clamp(min=1)
+    logits = chosen[:, None] - rejected
+    weight = torch.sigmoid(-logits).detach()  # s_i: d loss_i / d r(y_s_i)
+    baseline = (weight.sum(-1, keepdim=True) - weight) / (k - 1)
+    # Value: the plain DPKD mean; gradient: minus baseline_i * grad r(y_s_i) for every sample.
+    loss = -F.logsigmoid(logits).mean() - (baseline * (rejected - rejected.detach())).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
              beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,65 @@
+"""`prefkd compare`: the Dolly CPU config runs unchanged with tiny sizes; variants; `prefkd report`."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from prefkd.cli import app
+from prefkd.errors import ConfigError
+from prefkd.experiment import ExperimentConfig, resolve
+from prefkd.runs import DistillRun
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.vocab_size=512", "data.dolly.max_train=80", "data.dolly.max_validation=6", "data.dolly.max_test=10",
+         "data.pretrain_corpus=../shared/data/pretrain/tinyshakespeare/input.txt", "pretrain_block_size=64",
+         "teacher.size=micro", "student.size=nano", "teacher_pretrain.steps=2", "student_pretrain.steps=2",
+         "teacher_train.steps=3", "student_train.steps=2", "distill_train.steps=2", "distill_train.batch_size=4",
+         "sampling.max_new_tokens=6", "eval.seeds=10", "eval.sampling.max_new_tokens=6", "diagnostics.prompts=2",
+         "bootstrap=100", "distill.lm_block_size=32"]
+
+
+def test_dolly_cpu_config_runs_with_tiny_sizes(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the config names ../shared/data relative to the repository root
+    out = tmp_path / "dolly"
+    res = CliRunner().invoke(app, ["compare", "--config", "configs/dolly-cpu.yaml", f"out={out}", "tag=t", *SMALL])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results-t.json").read_text())
+    names = [r["name"] for r in results["rows"]]
+    assert names == ["teacher", "sft", "sft_continued", "kd", "seqkd", "dpkd", "plad"]
+    assert results["n_prompts"] == 10 and results["split"] == "test"
+    # Dolly has no `kind`; the length buckets are there.
+    assert any(g.startswith("bucket:") for g in results["rows"][0]["breakdown"])
+    for stage in ("teacher_pretrain", "sft_pretrain", "teacher", "sft"):
+        assert (out / stage / "stage.json").is_file(), stage
+    # The student SFTs on D0 only and never sees D's references.
+    d0 = {json.loads(line)["instruction"] for line in (out / "data" / "d0.jsonl").read_text().splitlines()}
+    d = [json.loads(line) for line in (out / "data" / "d_prompts.jsonl").read_text().splitlines()]
+    assert d and all(r["references"] == [] for r in d) and not d0 & {r["instruction"] for r in d}
+    (out / "report-t.md").unlink()
+    res = CliRunner().invoke(app, ["report", str(out), "--tag", "t"])
+    assert res.exit_code == 0, res.output
+    assert "| plad |" in (out / "report-t.md").read_text() and (out / "report-t.html").is_file()
+    assert (out / "plots-t" / "rouge_by_length.png").is_file()
+
+
+def test_variants_apply_their_overrides_and_bad_ones_are_named():
+    cfg = ExperimentConfig(variants={"dpkd-paper": {"method": "dpkd", "set": ["distill.kappa=1", "distill.replay=0",
+                                                                              "train.lr=1e-4"]}})
+    base = DistillRun(out="x", method="dpkd")
+    run = resolve(cfg, "dpkd-paper", base)
+    assert (run.method, run.distill.kappa, run.distill.replay, run.train.lr) == ("dpkd", 1.0, 0.0, 1e-4)
+    assert run.distill.lm_weight == base.distill.lm_weight  # untouched keys keep the base run's values
+    assert resolve(cfg, "kd", base).method == "kd"
+    with pytest.raises(ConfigError, match="neither a method"):
+        resolve(cfg, "dpkd-papr", base)
+    with pytest.raises(ConfigError, match="needs 'method'"):
+        resolve(ExperimentConfig(variants={"v": {"method": "nope"}}), "v", base)
+    with pytest.raises(ConfigError, match="distill.kapa"):
+        resolve(ExperimentConfig(variants={"v": {"method": "kd", "set": ["distill.kapa=1"]}}), "v", base)
+
+
+def test_report_verb_rebuilds_and_names_a_missing_results_file(tmp_path):
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "results.json not found" in " ".join(res.output.split())
