@@ -102,7 +102,8 @@ def report(run_dir: Annotated[str, typer.Argument(help="an experiment's output d
     _run(go, debug)
 
 
-from prefkd.runs import DistillRun, EvaluateRun, GenerateRun, SFTRun  # noqa: E402
+from prefkd.evaluate import scores_text  # noqa: E402
+from prefkd.runs import DistillRun, EvaluateRun, GenerateRun, SFTRun, WinRateRun  # noqa: E402
 
 
 @app.command(epilog=_keys_help(SFTRun))
@@ -163,17 +164,84 @@ def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug:
     _run(go, debug)
 
 
+def _flags(**flags: str | None) -> list[str]:
+    """Command-line flags as the key=value overrides they stand for (flags are aliases of config keys)."""
+    return [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
 @app.command(epilog=_keys_help(EvaluateRun))
-def evaluate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
-    """Sampled generation on a test set over several seeds: Rouge-L and exact match, by kind and length bucket."""
+def evaluate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+             model: Annotated[str | None, typer.Option("--model", help="model path or hub id (model=...)")] = None,
+             data: Annotated[str | None, typer.Option("--data", help="records: prefkd jsonl, Dolly, MiniLLM, csv, "
+                                                                      "parquet, hub id (data=...)")] = None,
+             seeds: Annotated[str | None, typer.Option("--seeds", help="e.g. 10,20,30,40,50 (eval.seeds=...)")] = None,
+             out: Annotated[str | None, typer.Option("--out", help="output directory (out=...)")] = None,
+             rescore: Annotated[str | None, typer.Option("--rescore", help="re-score an evaluation directory "
+                                                                           "without generating (rescore=...)")] = None,
+             judge: Annotated[str | None, typer.Option("--judge", help="reward model / causal LM path or 'rouge': "
+                                                                       "adds win rates (judge.path=...)")] = None,
+             ) -> None:
+    """Sampled generation on a test set over several seeds: Rouge-L, exact match and optional judge win rates,
+    overall, by kind, category and length bucket; predictions saved for re-scoring."""
     from prefkd.runs import run_evaluate
 
     def go():
-        cfg = config.load(EvaluateRun, config_file, overrides or [])
+        extra = _flags(model=model, data=data, out=out, rescore=rescore, **{"eval.seeds": seeds,
+                                                                            "judge.path": judge})
+        cfg = config.load(EvaluateRun, config_file, (overrides or []) + extra)
         scores = run_evaluate(cfg)
-        for group, s in scores.items():
-            console.print(f"{group:18s} n={s['n']:4d}  Rouge-L {s['rougeL']['mean']:6.2f} ± {s['rougeL']['std']:.2f}"
-                          f"  EM {s['exact_match']['mean']:6.2f}")
+        print(scores_text(scores))
+        console.print(f"wrote {cfg.out or (cfg.rescore if cfg.rescore else cfg.model + '/eval')}: scores.json, "
+                      "prompt_scores.json, predictions.json, records.jsonl, settings.json")
+
+    _run(go, debug)
+
+
+@app.command(epilog=_keys_help(WinRateRun))
+def winrate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+            a: Annotated[str | None, typer.Option("--a", help="responses A: model, evaluation dir, predictions.json "
+                                                            "or sample cache (a=...)")] = None,
+            b: Annotated[str | None, typer.Option("--b", help="responses B, same forms (b=...)")] = None,
+            data: Annotated[str | None, typer.Option("--data", help="the prompts (data=...)")] = None,
+            judge: Annotated[str | None, typer.Option("--judge", help="reward model / causal LM path or 'rouge' "
+                                                                      "(judge.path=...)")] = None,
+            out: Annotated[str | None, typer.Option("--out", help="json file for the result (out=...)")] = None,
+            ) -> None:
+    """Win rate of A's responses over B's under a judge, e.g. teacher vs student on the distillation set (T-S WR)."""
+    from prefkd.runs import run_winrate
+
+    def go():
+        cfg = config.load(WinRateRun, config_file,
+                          (overrides or []) + _flags(a=a, b=b, data=data, out=out, **{"judge.path": judge}))
+        r = run_winrate(cfg)
+        w = r["win_rate"]
+        console.print(f"win rate of A over B: {w['mean']:.2f} (95% CI {w['ci95_bootstrap'][0]:.2f} to "
+                      f"{w['ci95_bootstrap'][1]:.2f}, prompts x seeds bootstrap), ties {r['ties_percent']:.1f}% of "
+                      f"{r['n']} prompts; judge {r['judge']}; mean score A {r['mean_score_a']:.4g}, "
+                      f"B {r['mean_score_b']:.4g}")
+
+    _run(go, debug)
+
+
+analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Analyses of trained models.")
+app.add_typer(analyze_app, name="analyze")
+
+from prefkd.analyze import NoiseRun  # noqa: E402
+
+
+@analyze_app.command(epilog=_keys_help(NoiseRun))
+def noise(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+          model: Annotated[str | None, typer.Option("--model", help="model to perturb (model=...)")] = None,
+          teacher: Annotated[str | None, typer.Option("--teacher", help="teacher (teacher=...)")] = None,
+          data: Annotated[str | None, typer.Option("--data", help="records with references (data=...)")] = None,
+          scales: Annotated[str | None, typer.Option("--scales", help="e.g. 0,0.01,0.05 (noise.scales=...)")] = None,
+          out: Annotated[str | None, typer.Option("--out", help="output directory (out=...)")] = None) -> None:
+    """DPKD Fig. 2: Gaussian weight noise at several scales; rKL, implicit reward and Rouge-L per perturbed model."""
+    from prefkd.analyze import run_noise
+
+    def go():
+        extra = _flags(model=model, teacher=teacher, data=data, out=out, **{"noise.scales": scales})
+        run_noise(config.load(NoiseRun, config_file, (overrides or []) + extra))
 
     _run(go, debug)
 

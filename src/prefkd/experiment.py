@@ -79,8 +79,8 @@ class ExperimentConfig:
     distill: MethodConfig = section(MethodConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160))
     diagnostics: DiagnosticsConfig = section(DiagnosticsConfig)
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(
-        seeds=[10, 20, 30], sampling=SamplingConfig(max_new_tokens=160, batch_size=64)))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(  # MiniLLM's protocol, 160 new tokens at most
+        seeds=[10, 20, 30], sampling=SamplingConfig(max_new_tokens=160, batch_size=64, no_repeat_ngram_size=6)))
     eval_split: str = opt("test", "'test' for final numbers, 'validation' while tuning")
     bootstrap: int = opt(2000, "bootstrap replicates of every interval")
 

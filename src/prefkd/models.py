@@ -158,3 +158,8 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def resolve_device(name: str = "auto") -> str:
+    """"auto" = the GPU when there is one, else the CPU; anything else is passed to torch as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name

@@ -6,8 +6,11 @@ the model with `save_pretrained` under `OUT/model`.
 
 from __future__ import annotations
 
+import json
 import subprocess
-from dataclasses import dataclass, field, replace
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -19,15 +22,18 @@ from prefkd.config import opt, section
 from prefkd.console import console
 from prefkd.data.collate import Example, encode_examples, encode_prompts
 from prefkd.data.corpus import token_blocks
+from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction, read_records
 from prefkd.diagnostics import DiagnosticsConfig, HeldOutDiagnostics
 from prefkd.distributed import process_state
 from prefkd.errors import ConfigError, DataError, PrefkdError
-from prefkd.evaluate import EvalConfig, evaluate
+from prefkd.eval_files import read_records_of, read_responses, write_evaluation
+from prefkd.evaluate import PROTOCOL, EvalConfig, breakdown, prompt_scores, summarize, unscorable
 from prefkd.generation import SamplingConfig
+from prefkd.judges import JudgeConfig, check_reference_free, head_to_head, judge_against_references, make_judge
 from prefkd.lora import LoRAConfig, apply_lora, save_trained
 from prefkd.methods import Method, MethodConfig, get_method
-from prefkd.models import ModelConfig, load_model, load_tokenizer, model_from_config, n_params
+from prefkd.models import ModelConfig, load_model, load_tokenizer, model_from_config, n_params, resolve_device
 from prefkd.scoring import embedding_f1
 from prefkd.train import RunData, TrainConfig, train
 from prefkd.vllm_backend import VLLMConfig, VLLMSampler
@@ -114,9 +120,27 @@ def _describe_cache(path: Path, key: str) -> str:
 @dataclass
 class EvaluateRun:
     model: str = opt("", "model path or hub id")
-    data: str = opt("", "jsonl records with references")
-    out: str = opt("", "directory for scores.json and predictions.json; default: MODEL/eval")
+    data: str = opt("", "records with references: prefkd jsonl, Dolly, MiniLLM, csv, parquet or a hub dataset id")
+    out: str = opt("", "output directory (scores.json, predictions.json, per_prompt.jsonl, ...); default: MODEL/eval, "
+                       "or the directory being re-scored")
     eval: EvalConfig = section(EvalConfig)
+    rescore: str = opt("", "an earlier evaluation directory (or its predictions.json): score its predictions again "
+                           "without generating; model= is then not needed, data= defaults to its records.jsonl")
+    judge: JudgeConfig = section(JudgeConfig, "optional judge: win rates of the predictions against the references")
+    device: str = opt("auto", "auto (the GPU if there is one), cpu, cuda, cuda:1, ...")
+
+
+@dataclass
+class WinRateRun:
+    a: str = opt("", "responses A (e.g. the teacher): a model path or hub id (sampled here), an evaluation "
+                     "directory or its predictions.json, or a sample cache .jsonl")
+    b: str = opt("", "responses B (e.g. the student), same forms as a")
+    data: str = opt("", "the prompts (e.g. the distillation set); references only needed by the rouge judge")
+    out: str = opt("", "json file for the result; default: print only")
+    judge: JudgeConfig = section(JudgeConfig, "the judge (judge.path is required)")
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(seeds=[10]),
+                             metadata={"help": "how a model given as a or b is sampled"})
+    device: str = opt("auto", "auto (the GPU if there is one), cpu, cuda, ...")
 
 
 def check_run(out: Path, cfg: object, existing: str) -> bool:
@@ -349,19 +373,131 @@ def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Inst
 
 
 def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, name: str = "eval") -> dict:
-    model_path = _need(cfg.model, "model")
-    out = Path(cfg.out) if cfg.out else Path(model_path) / "eval"
-    records = records or read_records(_need(cfg.data, "data"), require_references=True)
-    tokenizer = load_tokenizer(model_path)
-    scores, preds, per_prompt = evaluate(load_model(model_path), tokenizer, records, cfg.eval, name)
+    """Sample (or re-read) predictions, score them, judge them if asked; write the evaluation directory.
+
+    Samples go through keyed caches under OUT/samples (one per seed), so an interrupted evaluation resumes and a
+    rerun with the same model, data and settings regenerates nothing."""
+    t0 = time.time()
+    device = resolve_device(cfg.device)
+    judge = make_judge(cfg.judge, device)
+    if judge is not None:
+        check_reference_free(judge)  # before spending time on generation
+    if cfg.rescore:
+        src = Path(cfg.rescore)
+        src_dir = src if src.is_dir() else src.parent
+        out = Path(cfg.out) if cfg.out else src_dir
+        records = records or (load_instructions(cfg.data) if cfg.data else read_records_of(src_dir))
+        preds = read_responses(src, records)
+        old = src_dir / "settings.json"
+        generation = json.loads(old.read_text(encoding="utf-8")).get("generation") if old.is_file() else None
+        generation = {**(generation or {}), "rescored_from": str(src)}
+        console.print(f"[bold]{name}[/]: re-scoring {src} ({len(records)} records, seeds {list(preds)})")
+    else:
+        model_path = _need(cfg.model, "model")
+        out = Path(cfg.out) if cfg.out else Path(model_path) / "eval"
+        records = records or load_instructions(_need(cfg.data, "data"))
+        generation = {"model": model_path, "model_identity": model_identity(model_path), "seeds": cfg.eval.seeds,
+                      "sampling": asdict(cfg.eval.sampling), "device": device}
+        s = cfg.eval.sampling
+        console.print(f"[bold]{name}[/]: {model_path} on {len(records)} records ({cfg.data or 'given records'}); "
+                      f"seeds {cfg.eval.seeds}, temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, "
+                      f"max_new_tokens {s.max_new_tokens}, no_repeat_ngram_size {s.no_repeat_ngram_size}, "
+                      f"batch_size {s.batch_size}, device {device}")
+        preds, finished = _sample_predictions(model_path, records, cfg.eval, out / "samples", device, name)
+        generation["ended_with_eos"] = finished
+        generation["generation_seconds"] = round(time.time() - t0, 1)
+    metrics = prompt_scores(records, preds)
+    judged: dict = {}
+    if judge is not None:
+        judged = judge_against_references(judge, records, preds, cfg.judge.tie_tolerance)
+        metrics.update({k: judged[k] for k in ("win_rate", "judge_score")})
+    scores = breakdown(records, metrics)
+    bad = unscorable(records)
+    if bad:
+        console.print(f"[yellow]{bad} of {len(records)} records have no reference with an ASCII letter or digit: the "
+                      "protocol's Rouge-L tokenizer keeps none of their words, so they score 0 whatever the answer")
+    settings = {"data": cfg.data or "(records given by the caller)", "n_records": len(records),
+                "seeds": list(preds), "generation": generation, "protocol": PROTOCOL,
+                "unscorable_references": bad,
+                "judge": {"name": judge.name, **asdict(cfg.judge)} if judge is not None else None,
+                "win_rate_rule": "100 x mean over prompts of 1 (judge prefers the prediction to the best-scoring "
+                                 "reference), 0.5 (tie: identical text or |difference| <= tie_tolerance), 0"
+                                 if judge is not None else None,
+                "versions": _versions(), "wall_seconds": round(time.time() - t0, 1)}
     write_run_config(out, cfg)
-    atomic.write_json(out / "scores.json", scores)
-    atomic.write_json(out / "prompt_scores.json", {"ids": [r.id for r in records], "seeds": list(preds),
-                                                   **per_prompt})
-    atomic.write_json(out / "predictions.json",
-                      {str(s): [{"id": r.id, "prediction": p} for r, p in zip(records, ps, strict=True)]
-                       for s, ps in preds.items()})
+    write_evaluation(out, records, preds, scores, metrics, settings,
+                     {"judge_reference": judged["judge_reference"]} if judged else None)
     return scores
+
+
+def _sample_predictions(model_path: str, records: list[Instruction], cfg: EvalConfig, cache_dir: Path, device: str,
+                        name: str) -> tuple[dict[int, list[str]], float]:
+    """Responses per seed through keyed, resumable caches; and the share of them that ended with EOS."""
+    model = load_model(model_path).to(device)
+    tokenizer = load_tokenizer(model_path)
+    identity = model_identity(model_path)
+    preds, ended = {}, []
+    for seed in cfg.seeds:
+        key = cache_key(identity, records, cfg.sampling, seed)
+        rows = generate_cached(model, tokenizer, records, cfg.sampling, cache_dir / f"seed-{seed}.jsonl", key, seed,
+                               name=f"{name} seed {seed}", overwrite=True)
+        preds[seed] = [row["response"] for row in rows]
+        ended += [row["finished"] for row in rows]
+    return preds, round(sum(ended) / max(len(ended), 1), 4)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("prefkd", "torch", "transformers", "rouge-score"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def run_winrate(cfg: WinRateRun) -> dict:
+    """Win rate of A's responses over B's on the same prompts under one judge (PLaD's T-S WR when A is the teacher
+    and B the student on the distillation set)."""
+    device = resolve_device(cfg.device)
+    judge = make_judge(cfg.judge, device)
+    if judge is None:
+        raise PrefkdError("set judge.path=... (a reward model, a causal LM, or 'rouge')")
+    records = load_instructions(_need(cfg.data, "data"), require_references=judge.needs_references)
+    sides = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # Samples of a model side are cached next to `out` (a rerun reuses them), else thrown away afterwards.
+        root = Path(cfg.out).with_name(Path(cfg.out).stem + "-samples") if cfg.out else Path(tmp)
+        for side in ("a", "b"):
+            source = _need(getattr(cfg, side), side)
+            if _is_model(source):
+                sides[side] = _sample_predictions(source, records, cfg.eval, root / side, device, f"{side}")[0]
+            else:
+                sides[side] = read_responses(source, records)
+    result = head_to_head(judge, records, sides["a"], sides["b"], cfg.judge.tie_tolerance)
+    summary = {"a": cfg.a, "b": cfg.b, "data": cfg.data, "n": len(records), "judge": judge.name,
+               "rule": "100 x mean over prompts of 1 (judge prefers A), 0.5 (tie: identical text or "
+                       f"|difference| <= {cfg.judge.tie_tolerance}), 0 (prefers B)",
+               "seeds_a": list(sides["a"]), "seeds_b": list(sides["b"]),
+               "win_rate": summarize(result["win_rate"]),
+               "ties_percent": float(100 * (result["win_rate"] == 50).mean()),
+               "mean_score_a": float(result["score_a"].mean()), "mean_score_b": float(result["score_b"].mean()),
+               "per_prompt": [{"id": r.id, "win_rate": float(w), "score_a": float(a), "score_b": float(b)}
+                              for r, w, a, b in zip(records, result["win_rate"].mean(0), result["score_a"].mean(0),
+                                                    result["score_b"].mean(0), strict=True)]}
+    if cfg.out:
+        atomic.write_json(cfg.out, summary)
+    return summary
+
+
+def _is_model(source: str) -> bool:
+    """A model directory, or a hub id (not an existing path); anything else is a file of responses."""
+    p = Path(source)
+    if p.is_dir():
+        return (p / "config.json").is_file()
+    return not p.exists() and not p.suffix and not source.startswith(("/", ".", "~"))
 
 
 def _read_corpus(path: str) -> list[str]:

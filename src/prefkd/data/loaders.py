@@ -46,19 +46,21 @@ Row = tuple[int, object]  # (1-based line or row number, parsed row or the _BadR
 
 
 def load_instructions(source: str, format: str = "auto", skip_bad: bool = False, split: str = "train",
-                      **field_map: str) -> list[Instruction]:
+                      require_references: bool = True, **field_map: str) -> list[Instruction]:
     """Records from `source`; see `load_instructions_with_report` for the arguments."""
-    records, _ = load_instructions_with_report(source, format, skip_bad, split, **field_map)
+    records, _ = load_instructions_with_report(source, format, skip_bad, split, require_references, **field_map)
     return records
 
 
 def load_instructions_with_report(source: str, format: str = "auto", skip_bad: bool = False, split: str = "train",
-                                  **field_map: str) -> tuple[list[Instruction], dict[str, int]]:
+                                  require_references: bool = True, **field_map: str
+                                  ) -> tuple[list[Instruction], dict[str, int]]:
     """Records plus counts: `loaded`, `skipped`, and one key per skip reason (e.g. `malformed_json`).
 
     `format`: "dolly", "minillm", "prefkd" or "auto" (decided by the first record's keys). `field_map` maps our
     names (instruction, input, references, category, kind, id) to the file's, e.g. `instruction="question"`.
-    `split` is used only for Hugging Face dataset ids.
+    `split` is used only for Hugging Face dataset ids. `require_references=False` accepts prompts without a
+    response (their `references` are empty), e.g. a distillation set.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format '{format}'; use one of {list(FORMATS)}")
@@ -76,7 +78,7 @@ def load_instructions_with_report(source: str, format: str = "auto", skip_bad: b
         try:
             if isinstance(row, _BadRecord):
                 raise row
-            rec = _convert(row, fmt, field_map, where, line)
+            rec = _convert(row, fmt, field_map, where, line, require_references)
         except _BadRecord as e:
             if not skip_bad:
                 raise
@@ -238,14 +240,16 @@ def _detect(rows: list[Row], where: str, has_field_map: bool) -> str:
                     "references='answer'", where)
 
 
-def _convert(row: object, fmt: str, field_map: dict[str, str], where: str, line: int) -> Instruction:
+def _convert(row: object, fmt: str, field_map: dict[str, str], where: str, line: int,
+             require_references: bool = True) -> Instruction:
     if not isinstance(row, dict):
         raise _BadRecord("not_an_object", f"expected an object, got {type(row).__name__}", where, line)
     if fmt == "prefkd" and not field_map:
-        return _prefkd(row, where, line)
+        return _prefkd(row, where, line, require_references)
     names = {**_MAPPINGS["custom" if fmt == "prefkd" else fmt], **field_map}
     instruction = _text(row, names["instruction"], where, line, required=True)
-    refs = _references(row, names["references"], where, line)
+    refs = (_references(row, names["references"], where, line) if require_references or row.get(names["references"])
+            else ())
     rec = Instruction(instruction, _text(row, names["input"], where, line), refs,
                       _text(row, names["category"], where, line) or None,
                       (_text(row, names["kind"], where, line) or None) if "kind" in names else None,
@@ -255,10 +259,10 @@ def _convert(row: object, fmt: str, field_map: dict[str, str], where: str, line:
     return rec
 
 
-def _prefkd(row: dict, where: str, line: int) -> Instruction:
+def _prefkd(row: dict, where: str, line: int, require_references: bool = True) -> Instruction:
     """records.py's own parser (a training file needs references); its errors get a reason for skip_bad."""
     try:
-        return parse_record(row, where, line, require_references=True)
+        return parse_record(row, where, line, require_references=require_references)
     except DataError as e:
         msg = str(e)[len(str(DataError("", e.path, e.line, e.field))):]  # the message without its "where: " prefix
         reason = ("missing_field" if msg.startswith("missing") else "wrong_type" if msg.startswith("wrong type")
