@@ -55,6 +55,15 @@ def test_method_runs_and_saves_a_loadable_student(setup, method, tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)  # finite, not NaN
 
 
+def test_dpkd_with_k_samples_loo_baseline_and_kd_anchor_runs(setup, tmp_path):
+    root, files, prompts = setup
+    res = _distill(root, files, prompts, "dpkd", tmp_path / "opts", extra=[
+        "distill.dpkd.student_samples=3", "distill.dpkd.baseline=loo", "distill.dpkd.anchor=kd"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (tmp_path / "opts" / "train_log.jsonl").read_text().splitlines()]
+    assert "anchor_kl" in log[0] and "anchor_nll" not in log[0]
+
+
 def test_teacher_sample_cache_is_shared_and_reused(setup, tmp_path):
     root, files, prompts = setup
     assert _distill(root, files, prompts, "seqkd", tmp_path / "a").exit_code == 0

@@ -82,7 +82,7 @@ def test_pair_step_with_known_teacher_logps_equals_recomputing_them(models, toke
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 300, (int(n),), generator=g).tolist() for n in (5, 9, 3)]
     y_t = [torch.randint(1, 300, (int(n),), generator=g).tolist() for n in (4, 2, 6)]
-    y_s = [torch.randint(1, 300, (int(n),), generator=g).tolist() for n in (3, 7, 1)]
+    y_s = [[torch.randint(1, 300, (int(n),), generator=g).tolist() for n in (3, 7, 1)]]  # K = 1 branch
     cpu = torch.device("cpu")
     p_t, p_s = teacher_logps(teacher, prompts, y_t, y_s, [None] * 3, cpu)
     known = [p_t[0].item(), None, p_t[2].item()]  # a batch mixing cached and new prompts

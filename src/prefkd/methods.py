@@ -72,6 +72,11 @@ class DPKDConfig:
                                         "samples y_t once per prompt (the first time it is drawn) and keeps it with "
                                         "its teacher log-prob: later epochs run neither teacher sampling nor a "
                                         "teacher forward on y_t")
+    student_samples: int = opt(1, "dpkd family: student samples y_s per prompt (K); the loss averages the K pairs")
+    baseline: str = opt("none", "dpkd: 'loo' subtracts from each y_s's weight the mean weight of the prompt's other "
+                                "samples (needs student_samples >= 2; prefkd's, not the paper's)")
+    anchor: str = opt("ce", "dpkd family: the kappa anchor on y_t: 'ce' (cross-entropy, the released code's) or "
+                            "'kd' (forward KL to the teacher's token distributions on y_t; prefkd's)")
 
 
 @dataclass
@@ -138,6 +143,7 @@ class MethodOutput:
     # processes can weight their slices into the mean over the global batch (distributed.py).
     loss_count: float | None = None
     anchor_count: float | None = None
+    anchor_name: str = "anchor_nll"  # how the logs name the anchor term (anchor_kl for a KD anchor)
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,9 @@ def sampled_pairs(pair_loss: PairLoss):
             y_t, known = _cached_teacher_samples(inp)
         else:
             y_t, known = _sample(inp.teacher, inp.examples, inp), [None] * len(prompts)
-        y_s = _sample(inp.student_sampler, inp.examples, inp)
+        k = inp.cfg.dpkd.student_samples
+        flat = _sample(inp.student_sampler, inp.examples * k, inp)  # sample j of prompt i at j * B + i
+        y_s = [flat[j * len(prompts): (j + 1) * len(prompts)] for j in range(k)]
         p_t = p_s = None
         if inp.teacher is not None:
             p_t, p_s = teacher_logps(inp.teacher, prompts, y_t, y_s, known, inp.device)
@@ -276,31 +284,35 @@ def _cached_teacher_samples(inp: StepInputs) -> tuple[list[list[int]], list[floa
     return y_t, [h[1] if h else None for h in hits]
 
 
-def teacher_logps(teacher: PreTrainedModel, prompts: list[list[int]], y_t: list[list[int]], y_s: list[list[int]],
-                  known_t: list[float | None], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(y_t), log p(y_s)) under the frozen teacher; y_t is scored only where `known_t` has no value."""
-    b = len(prompts)
+def teacher_logps(teacher: PreTrainedModel, prompts: list[list[int]], y_t: list[list[int]],
+                  y_s: list[list[list[int]]], known_t: list[float | None], device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(y_t) [B], log p(y_s) [K * B]) under the frozen teacher, for K student samples per prompt (`y_s[j][i]`,
+    branch-major); y_t is scored only where `known_t` has no value."""
+    b, k = len(prompts), len(y_s)
     with torch.no_grad():
-        if not packing_supported(teacher) or all(k is None for k in known_t):
-            p = group_token_logps(teacher, prompts, [y_t, y_s], device)[0].sum(-1)
+        if not packing_supported(teacher) or all(x is None for x in known_t):
+            p = group_token_logps(teacher, prompts, [y_t, *y_s], device)[0].sum(-1)
             return p[:b], p[b:]
-        # y_s is branch 0 of every prompt, y_t branch 1 where it is still unknown: one packed forward.
-        groups = [(pr, [s] if k is not None else [s, t]) for pr, t, s, k in zip(prompts, y_t, y_s, known_t,
-                                                                               strict=True)]
+        # The K samples are branches 0..K-1 of every prompt, y_t branch K where it is still unknown: one forward.
+        groups = [(pr, [ys[i] for ys in y_s] + ([] if x is not None else [t]))
+                  for i, (pr, t, x) in enumerate(zip(prompts, y_t, known_t, strict=True))]
         logps, seq, _ = packed_token_logps(teacher, groups, device)
-        sums = torch.zeros(2 * b, dtype=torch.float32, device=logps.device).index_add(0, seq, logps)
-        cached = torch.tensor([float("nan") if k is None else k for k in known_t], device=sums.device)
-        return torch.where(torch.isnan(cached), sums[b:], cached), sums[:b]
+        sums = torch.zeros((k + 1) * b, dtype=torch.float32, device=logps.device).index_add(0, seq, logps)
+        cached = torch.tensor([float("nan") if x is None else x for x in known_t], device=sums.device)
+        return torch.where(torch.isnan(cached), sums[k * b:], cached), sums[: k * b]
 
 
-def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[int]], pair_loss: PairLoss,
+def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[list[int]]], pair_loss: PairLoss,
               p_t: torch.Tensor | None = None, p_s: torch.Tensor | None = None) -> MethodOutput:
-    """The DPKD family's loss on given pairs with the teacher's log-probs `p_t`, `p_s` (None: no teacher).
+    """The DPKD family's loss on given pairs with the teacher's log-probs `p_t` [B], `p_s` [K * B] (None: no
+    teacher), for K student samples per prompt (`y_s[j][i]`).
 
-    The student scores y_t and y_s in one packed forward that runs each prompt once for both responses."""
+    The student scores y_t and every y_s in one packed forward that runs each prompt once. With K > 1 the loss
+    averages the K pairs (y_t, y_s_j), or, with `dpkd.baseline=loo`, uses `losses.dpkd_loo_loss`."""
     prompts = [e.prompt_ids for e in inp.examples]
-    b = len(prompts)
-    q_tok, mask = group_token_logps(inp.student, prompts, [y_t, y_s], inp.device)
+    b, k = len(prompts), len(y_s)
+    q_tok, mask = group_token_logps(inp.student, prompts, [y_t, *y_s], inp.device)
     q, n = q_tok.sum(-1), mask.sum(-1)
     metrics: dict[str, float] = {}
     if p_t is not None and p_s is not None:
@@ -309,15 +321,35 @@ def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[int]], pair_
         metrics["teacher_logp_student"] = (p_s / n_s).mean().item()
         metrics["seq_rkl"] = ((q[b:].detach() - p_s) / n_s).mean().item()
     else:
-        p_t = p_s = torch.zeros_like(q[:b])
-    loss, r_t, r_s = pair_loss(q[:b], q[b:], p_t, p_s, n[:b], n[b:], inp.cfg)
-    anchor = token_mean_nll(q_tok[:b], mask[:b])
+        p_t, p_s = torch.zeros_like(q[:b]), torch.zeros_like(q[b:])
+    if inp.cfg.dpkd.baseline == "loo":
+        if k < 2 or pair_loss is not dpkd_pair_loss:
+            raise ConfigError("distill.dpkd.baseline=loo needs method dpkd and distill.dpkd.student_samples >= 2")
+        # [K * B] branch-major -> [B, K]
+        loss, r_t, r_s = losses.dpkd_loo_loss(q[:b], q[b:].view(k, b).T, p_t, p_s.view(k, b).T, n[:b],
+                                              n[b:].view(k, b).T, inp.cfg.dpkd.beta, inp.cfg.dpkd.length_normalize)
+        r_t = r_t[:, None].expand(b, k)
+    else:
+        loss, r_t, r_s = pair_loss(q[:b].repeat(k), q[b:], p_t.repeat(k), p_s, n[:b].repeat(k), n[b:], inp.cfg)
+    anchor = (token_mean_nll(q_tok[:b], mask[:b]) if inp.cfg.dpkd.anchor == "ce"
+              else _kd_anchor(inp, prompts, y_t))
     metrics.update({
         "pref_loss": loss.item(), "reward_chosen": r_t.mean().item(), "reward_rejected": r_s.mean().item(),
         "margin": (r_t - r_s).mean().item(), "pref_accuracy": (r_t > r_s).float().mean().item(),
         "len_teacher": n[:b].mean().item(), "len_student": n[b:].mean().item(),
     })
-    return MethodOutput(loss, anchor, metrics, loss_count=b, anchor_count=mask[:b].sum().item())
+    return MethodOutput(loss, anchor, metrics, loss_count=b, anchor_count=mask[:b].sum().item(),
+                        anchor_name="anchor_nll" if inp.cfg.dpkd.anchor == "ce" else "anchor_kl")
+
+
+def _kd_anchor(inp: StepInputs, prompts: list[list[int]], y_t: list[list[int]]) -> torch.Tensor:
+    """Forward KL to the teacher's token distributions on the teacher samples (the `kd` divergence on y_t)."""
+    if inp.teacher is None:
+        raise ConfigError("distill.dpkd.anchor=kd needs the teacher's logits: use a white-box method")
+    batch = _to(collate([Example(p, y) for p, y in zip(prompts, y_t, strict=True)], inp.pad_id), inp.device)
+    with torch.no_grad():
+        t_logits = _logits(inp.teacher, batch)
+    return losses.forward_kl(_logits(inp.student, batch), t_logits, batch["response_mask"][:, 1:])
 
 
 def dpkd_pair_loss(qt, qs, pt, ps, nt, ns, c: MethodConfig):

@@ -231,6 +231,18 @@ def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: Pre
                           f"with the student's tokenizer, or a black-box method such as seqkd or plad.")
 
 
+def check_method_config(d: MethodConfig, method: Method) -> None:
+    """Refuse impossible option values before any work."""
+    choices = {"teacher_samples": ("fresh", "cached"), "baseline": ("none", "loo"), "anchor": ("ce", "kd")}
+    for key, allowed in choices.items():
+        if getattr(d.dpkd, key) not in allowed:
+            raise ConfigError(f"distill.dpkd.{key} must be one of {', '.join(allowed)}, not '{getattr(d.dpkd, key)}'")
+    if d.dpkd.student_samples < 1:
+        raise ConfigError("distill.dpkd.student_samples must be at least 1")
+    if d.dpkd.baseline == "loo" and (method.name != "dpkd" or d.dpkd.student_samples < 2):
+        raise ConfigError("distill.dpkd.baseline=loo needs --method dpkd and distill.dpkd.student_samples >= 2")
+
+
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
                 corpus: list[str] | None = None, name: str | None = None, existing: str = "auto",
                 samples_only: bool = False) -> list[dict]:
@@ -238,9 +250,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     `samples_only`: build the method's sample caches and stop (e.g. with vLLM, before a multi-GPU launch)."""
     out = Path(cfg.out)
     method = get_method(cfg.method)
-    if cfg.distill.dpkd.teacher_samples not in ("fresh", "cached"):
-        raise ConfigError(f"distill.dpkd.teacher_samples must be 'fresh' or 'cached', not "
-                          f"'{cfg.distill.dpkd.teacher_samples}'")
+    check_method_config(cfg.distill, method)
     rundir.inside(out, cfg.distill.cache_dir or "cache", "distill.cache_dir")  # fail before any work
     # With samples_only, `out` is not claimed: the caches are keyed files under cache_dir, not a run.
     clear = check_run(out, cfg, existing) if not samples_only else False

@@ -255,7 +255,7 @@ def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData,
     if res.anchor_nll is not None and mcfg.kappa < 1:  # sft and seqkd are cross-entropy already: no anchor
         n_anchor = res.anchor_count if res.anchor_count is not None else len(examples)
         terms = [Term("", res.loss, n_loss, (1 - share) * mcfg.kappa),
-                 Term("anchor_nll", res.anchor_nll, n_anchor, (1 - share) * (1 - mcfg.kappa))]
+                 Term(res.anchor_name, res.anchor_nll, n_anchor, (1 - share) * (1 - mcfg.kappa))]
     else:
         terms = [Term("", res.loss, n_loss, 1 - share)]
     if n_replay:

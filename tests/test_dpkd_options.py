@@ -1,0 +1,100 @@
+"""dpkd options of prefkd's own: K student samples, the leave-one-out baseline, the KD anchor on y_t."""
+
+import pytest
+import torch
+
+from prefkd import losses
+from prefkd.data.collate import Example, collate
+from prefkd.errors import ConfigError
+from prefkd.generation import SamplingConfig
+from prefkd.methods import DPKDConfig, MethodConfig, StepInputs, dpkd_pair_loss, get_method, pair_step, teacher_logps
+from prefkd.models import build_model
+from prefkd.runs import check_method_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer):
+    teacher = build_model("gpt2", "micro", tokenizer, seed=1).eval()
+    student = build_model("gpt2", "nano", tokenizer, seed=2)
+    g = torch.Generator().manual_seed(0)
+
+    def seqs(lengths):
+        return [torch.randint(1, 300, (n,), generator=g).tolist() for n in lengths]
+
+    prompts, y_t = seqs((5, 9, 3)), seqs((4, 2, 6))
+    y_s = [seqs((3, 7, 1)), seqs((2, 2, 5)), seqs((6, 1, 3))]  # K = 3 samples per prompt, branch-major
+    return teacher, student, prompts, y_t, y_s
+
+
+def _inp(teacher, student, prompts, tokenizer, **dpkd):
+    return StepInputs(student, student, teacher, [Example(p, []) for p in prompts], SamplingConfig(),
+                      MethodConfig(dpkd=DPKDConfig(**dpkd)), tokenizer.pad_token_id, tokenizer.eos_token_id, CPU)
+
+
+def test_k_samples_average_the_k_pairs(pairs, tokenizer):
+    teacher, student, prompts, y_t, y_s = pairs
+    p_t, p_s = teacher_logps(teacher, prompts, y_t, y_s, [None] * 3, CPU)
+    inp = _inp(teacher, student, prompts, tokenizer, student_samples=3)
+    together = pair_step(inp, y_t, y_s, dpkd_pair_loss, p_t, p_s).loss
+    alone = [pair_step(inp, y_t, [y], dpkd_pair_loss, p_t, p_s[3 * 0 + j * 3: (j + 1) * 3]).loss for j, y in
+             enumerate(y_s)]
+    assert torch.allclose(together, torch.stack(alone).mean(), atol=1e-6)
+    # The teacher's log-probs of each sample equal scoring that branch alone.
+    for j, y in enumerate(y_s):
+        _, one = teacher_logps(teacher, prompts, y_t, [y], [None] * 3, CPU)
+        assert torch.allclose(p_s[j * 3: (j + 1) * 3], one, atol=1e-5)
+    known = [p_t[0].item(), None, p_t[2].item()]  # cached y_t log-probs take the packed path with K branches
+    p_t2, p_s2 = teacher_logps(teacher, prompts, y_t, y_s, known, CPU)
+    assert torch.allclose(p_t2, p_t, atol=1e-5) and torch.allclose(p_s2, p_s, atol=1e-5)
+
+
+def test_loo_keeps_the_value_and_takes_the_baselined_gradient(pairs, tokenizer):
+    teacher, student, prompts, y_t, y_s = pairs
+    p_t, p_s = teacher_logps(teacher, prompts, y_t, y_s, [None] * 3, CPU)
+    grads = {}
+    for baseline in ("none", "loo"):
+        student.zero_grad()
+        out = pair_step(_inp(teacher, student, prompts, tokenizer, student_samples=3, baseline=baseline), y_t, y_s,
+                        dpkd_pair_loss, p_t, p_s)
+        out.loss.backward()
+        grads[baseline] = (out.loss.item(), torch.cat([p.grad.flatten() for p in student.parameters()]))
+    assert grads["none"][0] == pytest.approx(grads["loo"][0], abs=1e-6)
+    assert not torch.allclose(grads["none"][1], grads["loo"][1])
+    # Against the pure loss on the same log-probs: the surrogate's gradient is the LOO one.
+    student.zero_grad()
+    from prefkd.logprobs import group_token_logps
+
+    q_tok, mask = group_token_logps(student, prompts, [y_t, *y_s], CPU)
+    q, n = q_tok.sum(-1), mask.sum(-1)
+    loss, _, _ = losses.dpkd_loo_loss(q[:3], q[3:].view(3, 3).T, p_t, p_s.view(3, 3).T, n[:3], n[3:].view(3, 3).T)
+    loss.backward()
+    assert torch.allclose(torch.cat([p.grad.flatten() for p in student.parameters()]), grads["loo"][1], atol=1e-6)
+
+
+def test_kd_anchor_is_the_forward_kl_on_teacher_samples(pairs, tokenizer):
+    teacher, student, prompts, y_t, y_s = pairs
+    p_t, p_s = teacher_logps(teacher, prompts, y_t, y_s[:1], [None] * 3, CPU)
+    out = pair_step(_inp(teacher, student, prompts, tokenizer, anchor="kd"), y_t, y_s[:1], dpkd_pair_loss, p_t, p_s)
+    batch = collate([Example(p, y) for p, y in zip(prompts, y_t, strict=True)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    assert out.anchor_name == "anchor_kl"
+    assert out.anchor_nll.item() == pytest.approx(losses.forward_kl(s, t, batch["response_mask"][:, 1:]).item(),
+                                                  abs=1e-5)
+    ce = pair_step(_inp(teacher, student, prompts, tokenizer), y_t, y_s[:1], dpkd_pair_loss, p_t, p_s)
+    assert ce.anchor_name == "anchor_nll" and ce.anchor_nll.item() != pytest.approx(out.anchor_nll.item())
+
+
+@pytest.mark.parametrize("dpkd, method, match", [
+    ({"baseline": "loo"}, "dpkd", "student_samples >= 2"),
+    ({"baseline": "loo", "student_samples": 2}, "dpo", "--method dpkd"),
+    ({"anchor": "rkl"}, "dpkd", "anchor must be one of ce, kd"),
+    ({"baseline": "mean"}, "dpkd", "baseline must be one of none, loo"),
+    ({"student_samples": 0}, "dpkd", "at least 1"),
+])
+def test_impossible_options_are_refused(dpkd, method, match):
+    with pytest.raises(ConfigError, match=match):
+        check_method_config(MethodConfig(dpkd=DPKDConfig(**dpkd)), get_method(method))
