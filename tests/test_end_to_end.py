@@ -114,10 +114,13 @@ def test_white_box_method_refuses_different_tokenizers(tmp_path, tokenizer):
 def test_demo_compares_several_methods(tmp_path):
     out = tmp_path / "multi"
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--methods", "kd,seqkd,plad", *TINY,
-                                   "continued_sft=false", "eval.seeds=10"])
+                                   "continued_sft=false", "eval.seeds=10", "judge.path=teacher"])
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ["teacher", "sft", "kd", "seqkd", "plad"]
+    # judge.path=teacher: the teacher's log-likelihood judges every response against the references.
+    assert all(0 <= r["win_rate"]["mean"] <= 100 for r in results["rows"])
+    assert "win rate vs refs" in (out / "report.md").read_text()
     # kd and seqkd train on the same cached teacher samples of D's prompts: one teacher cache, one student cache.
     assert len(list((out / "cache").glob("teacher-*.jsonl"))) == 2  # T 1.0 for kd/seqkd, T 0.7 for plad pairs
     assert len(list((out / "cache").glob("student-*.jsonl"))) == 1

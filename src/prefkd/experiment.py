@@ -30,6 +30,7 @@ from prefkd.errors import ConfigError
 from prefkd.evaluate import EvalConfig, groups
 from prefkd.experiment_data import ExperimentDataConfig, prepare_data
 from prefkd.generation import SamplingConfig
+from prefkd.judges import JudgeConfig
 from prefkd.methods import METHODS, MethodConfig
 from prefkd.models import ModelConfig, load_tokenizer
 from prefkd.report import write_report
@@ -82,6 +83,8 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(  # MiniLLM's protocol, 160 new tokens at most
         seeds=[10, 20, 30], sampling=SamplingConfig(max_new_tokens=160, batch_size=64, no_repeat_ngram_size=6)))
     eval_split: str = opt("test", "'test' for final numbers, 'validation' while tuning")
+    judge: JudgeConfig = section(JudgeConfig, "optional judge of every evaluated response against the references "
+                                              "(win rates, PLaD's view); judge.path=teacher uses OUT/teacher/model")
     bootstrap: int = opt(2000, "bootstrap replicates of every interval")
 
 
@@ -182,18 +185,20 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if cfg.eval_split not in ("test", "validation"):
         raise ConfigError(f"eval_split '{cfg.eval_split}' is not one of: test, validation")
     records = read_records(split, require_references=True)
+    judge = replace(cfg.judge, path=str(out / "teacher" / "model")) if cfg.judge.path == "teacher" else cfg.judge
+    metrics = (*METRICS, "win_rate") if judge.path else METRICS
     scores: dict[str, dict[str, np.ndarray]] = {}  # name -> metric -> [runs, seeds, prompts]
     for name, rs in runs.items():
         per_run = []
         for r in rs:
             eval_dir = out / "eval" / cfg.eval_split / name / (r.label or "model")
-            key = stages.fingerprint(r.key, asdict(cfg.eval), cfg.eval_split)
+            key = stages.fingerprint(r.key, asdict(cfg.eval), cfg.eval_split, *([asdict(judge)] if judge.path else []))
             if not stages.is_done(eval_dir, key):
-                run_evaluate(EvaluateRun(str(r.model_dir), str(split), str(eval_dir), cfg.eval), records,
-                             f"{name} {r.label}".strip())
+                run_evaluate(EvaluateRun(str(r.model_dir), str(split), str(eval_dir), cfg.eval, judge=judge),
+                             records, f"{name} {r.label}".strip())
                 stages.mark_done(eval_dir, key)
             per_run.append(json.loads((eval_dir / "prompt_scores.json").read_text(encoding="utf-8")))
-        scores[name] = {m: np.array([p[m] for p in per_run], dtype=np.float64) for m in METRICS}
+        scores[name] = {m: np.array([p[m] for p in per_run], dtype=np.float64) for m in metrics}
 
     results = summarize(scores, records, cfg)
     results.update(wall_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads())
@@ -217,7 +222,7 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
         row: dict[str, Any] = {"name": name, "runs": int(metrics["rougeL"].shape[0]), "breakdown": {}}
         for group, idx in by_group.items():
             entry: dict[str, Any] = {"n": len(idx)}
-            for m in METRICS:
+            for m in metrics:
                 cells = metrics[m][:, :, idx].mean(-1)  # [runs, seeds]
                 # name -> [runs, prompts]: per-prompt scores averaged over eval seeds
                 prompts = {k: v[m].mean(1)[:, idx] for k, v in scores.items() if k in (name, "teacher", *BASELINES)}
@@ -236,7 +241,8 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
                     stat["gap_recovered"] = {"value": gap.value, "ci95": [gap.low, gap.high]}
                 entry[m] = stat
             row["breakdown"][group] = entry
-        row["rougeL"], row["exact_match"] = row["breakdown"]["all"]["rougeL"], row["breakdown"]["all"]["exact_match"]
+        row.update({m: row["breakdown"]["all"][m] for m in metrics})
         rows.append(row)
-    return {"tag": cfg.tag, "split": cfg.eval_split, "seeds": cfg.eval.seeds, "train_seeds": cfg.seeds, "rows": rows,
-            "methods": cfg.methods, "n_prompts": len(records), "bootstrap": cfg.bootstrap}
+    return {"tag": cfg.tag, "judge": cfg.judge.path or None, "split": cfg.eval_split, "seeds": cfg.eval.seeds,
+            "train_seeds": cfg.seeds, "rows": rows, "methods": cfg.methods, "n_prompts": len(records),
+            "bootstrap": cfg.bootstrap}

@@ -63,14 +63,16 @@ def results_table(results: dict) -> Table:
 def main_table(results: dict) -> str:
     """Table 1 of the DPKD paper, with intervals: one row per model, Rouge-L and EM per evaluation subset."""
     kinds = _kinds(results)
+    judged = "win_rate" in results["rows"][0]
     head = ["model", "runs", "Rouge-L", "vs sft", "vs sft_continued", "gap recovered", "EM",
+            *(["win rate vs refs"] if judged else []),
             *(f"{KIND_LABELS[g]} (n={results['rows'][0]['breakdown'][g]['n']})" for g in kinds)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["rows"]:
         vs = r["rougeL"].get("vs", {})
         cells = [r["name"], str(r["runs"]), _ci(r["rougeL"]),
                  _signed(vs["sft"]) if "sft" in vs else "", _signed(vs["sft_continued"]) if "sft_continued" in vs
-                 else "", _gap(r["rougeL"]), _ci(r["exact_match"])]
+                 else "", _gap(r["rougeL"]), _ci(r["exact_match"]), *([_ci(r["win_rate"])] if judged else [])]
         cells += [_ci(r["breakdown"][g]["rougeL"]) for g in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -148,7 +150,9 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
              "Intervals are 95% percentile intervals of a bootstrap that resamples test prompts (shared by all "
              "models, so differences are paired) and, per model, its training runs "
              f"({results['bootstrap']} replicates, `prefkd.stats`). `*` marks a difference whose interval excludes 0. "
-             "Gap recovered = (model - sft) / (teacher - sft).\n",
+             "Gap recovered = (model - sft) / (teacher - sft)."
+             + (f" Win rate vs refs: judge `{results['judge']}` prefers the response to the best reference (ties "
+                "half), x100." if results.get("judge") else "") + "\n",
              "## Main results (Rouge-L and exact match x100)\n", main_table(results), ""]
     verdicts = [v for m in methods for base in ("sft", "sft_continued") for g in ("all", "kind:D")
                 if (v := verdict(results, m, base, g))]
