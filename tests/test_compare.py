@@ -63,3 +63,32 @@ def test_variants_apply_their_overrides_and_bad_ones_are_named():
 def test_report_verb_rebuilds_and_names_a_missing_results_file(tmp_path):
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "results.json not found" in " ".join(res.output.split())
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_runs_of_one_process(tmp_path, monkeypatch):
+    """workers=2 (spawned processes, one thread each) trains and scores exactly what one process does."""
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the workers get 2 // 2 = 1 thread each; the sequential run below gets 1 too
+    try:
+        common = ["--config", "configs/dolly-cpu.yaml", *SMALL, "methods=[seqkd, dpkd]", "seeds=[0, 1]"]
+        res = CliRunner().invoke(app, ["compare", *common, f"out={tmp_path / 'par'}", "workers=2"])
+        assert res.exit_code == 0, res.output
+        assert "jobs on 2 workers x 1 threads" in " ".join(res.output.split())
+        torch.set_num_threads(1)
+        res = CliRunner().invoke(app, ["compare", *common, f"out={tmp_path / 'seq'}"])
+        assert res.exit_code == 0, res.output
+    finally:
+        torch.set_num_threads(threads)
+    par, seq = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("par", "seq"))
+    assert par["workers"] == 2 and seq["workers"] == 1
+    assert [r["name"] for r in par["rows"]] == ["teacher", "sft", "sft_continued", "seqkd", "dpkd"]
+    for a, b in zip(par["rows"], seq["rows"], strict=True):
+        assert a["rougeL"]["per_run"] == b["rougeL"]["per_run"], a["name"]
+    logs = sorted(p.name for p in (tmp_path / "par" / "logs").iterdir())
+    assert "dpkd_seed1.log" in logs and "eval_seqkd_seed0.log" in logs
+    # The cache the two seqkd runs share was sampled once per seed, before the workers started.
+    assert len(list((tmp_path / "par" / "cache").glob("teacher-*.jsonl"))) == 2

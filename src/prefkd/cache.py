@@ -15,6 +15,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs sharing one cache are not supported there
+    fcntl = None
+
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefkd import atomic
@@ -180,8 +185,11 @@ def _sample_batch(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerB
 
 
 def _append(path: Path, rows: list[dict]) -> None:
-    """Append whole lines and fsync, so a kill loses at most the batch being written."""
+    """Append whole lines and fsync, so a kill loses at most the batch being written. The lock keeps the lines of
+    parallel runs sharing a cache (`prefkd compare workers=N`) from interleaving."""
     with path.open("a", encoding="utf-8") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
         f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())

@@ -30,6 +30,7 @@ from prefkd.errors import ConfigError
 from prefkd.evaluate import EvalConfig, groups
 from prefkd.experiment_data import ExperimentDataConfig, prepare_data
 from prefkd.generation import SamplingConfig
+from prefkd.jobs import Job, run_jobs
 from prefkd.judges import JudgeConfig
 from prefkd.methods import METHODS, MethodConfig
 from prefkd.models import ModelConfig, load_tokenizer
@@ -39,8 +40,6 @@ from prefkd.runs import (
     DistillRun,
     EvaluateRun,
     SFTRun,
-    run_distill,
-    run_evaluate,
     run_sft,
     write_run_config,
 )
@@ -86,6 +85,8 @@ class ExperimentConfig:
     judge: JudgeConfig = section(JudgeConfig, "optional judge of every evaluated response against the references "
                                               "(win rates, PLaD's view); judge.path=teacher uses OUT/teacher/model")
     bootstrap: int = opt(2000, "bootstrap replicates of every interval")
+    workers: int = opt(1, "processes running the control, distillation and evaluation stages side by side (each "
+                          "with its share of the torch threads; on a GPU they share it); 1 runs them in order")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ def resolve(cfg: ExperimentConfig, name: str, base: DistillRun) -> DistillRun:
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     t0 = time.time()
+    if cfg.workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {cfg.workers}")
     out = Path(cfg.out)
     write_run_config(out, cfg)
     data = out / "data"
@@ -148,15 +151,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         runs[role] = [Run("", out / role / "model", keys[role])]
 
     student = ModelConfig(path=str(out / "sft" / "model"))
+    train_jobs: list[Job] = []
     if cfg.continued_sft:
         runs[CONTROL] = []
         for seed in cfg.seeds:
             tcfg = replace(cfg.distill_train, seed=seed)
             d, key = out / CONTROL / f"seed{seed}", stages.fingerprint(keys["sft"], asdict(tcfg))
-            if not stages.is_done(d, key):
-                logs = run_sft(SFTRun(str(d), student, tok, DataConfig(), tcfg),
-                               read_records(data / "d0.jsonl", require_references=True), tokenizer, CONTROL)
-                stages.mark_done(d, key, {"final": logs[-1] if logs else {}})
+            train_jobs.append(Job(f"{CONTROL} seed{seed}", SFTRun(str(d), student, tok, DataConfig(), tcfg), d, key,
+                                  records=str(data / "d0.jsonl")))
             runs[CONTROL].append(Run(f"seed{seed}", d / "model", key))
 
     corpus = data / "corpus.txt"
@@ -176,10 +178,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                               cfg.sampling, diagnostics=cfg.diagnostics)
             run = resolve(cfg, name, base)
             key = stages.fingerprint(keys["teacher"], keys["sft"], {**asdict(run), "out": ""})
-            if not stages.is_done(d, key):
-                logs = run_distill(run, name=f"{name} seed {seed}")
-                stages.mark_done(d, key, {"final": logs[-1] if logs else {}, "method": run.method})
+            train_jobs.append(Job(f"{name} seed{seed}", run, d, key))
             runs[name].append(Run(f"seed{seed}", d / "model", key))
+    run_jobs(train_jobs, cfg.workers, out / "logs")
 
     split = data / f"{cfg.eval_split}.jsonl"
     if cfg.eval_split not in ("test", "validation"):
@@ -187,21 +188,22 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     records = read_records(split, require_references=True)
     judge = replace(cfg.judge, path=str(out / "teacher" / "model")) if cfg.judge.path == "teacher" else cfg.judge
     metrics = (*METRICS, "win_rate") if judge.path else METRICS
-    scores: dict[str, dict[str, np.ndarray]] = {}  # name -> metric -> [runs, seeds, prompts]
+    eval_jobs: dict[str, list[Job]] = {}
     for name, rs in runs.items():
-        per_run = []
+        eval_jobs[name] = []
         for r in rs:
             eval_dir = out / "eval" / cfg.eval_split / name / (r.label or "model")
             key = stages.fingerprint(r.key, asdict(cfg.eval), cfg.eval_split, *([asdict(judge)] if judge.path else []))
-            if not stages.is_done(eval_dir, key):
-                run_evaluate(EvaluateRun(str(r.model_dir), str(split), str(eval_dir), cfg.eval, judge=judge),
-                             records, f"{name} {r.label}".strip())
-                stages.mark_done(eval_dir, key)
-            per_run.append(json.loads((eval_dir / "prompt_scores.json").read_text(encoding="utf-8")))
+            run = EvaluateRun(str(r.model_dir), str(split), str(eval_dir), cfg.eval, judge=judge)
+            eval_jobs[name].append(Job(f"eval {name} {r.label}".strip(), run, eval_dir, key, records=str(split)))
+    run_jobs([j for js in eval_jobs.values() for j in js], cfg.workers, out / "logs")
+    scores: dict[str, dict[str, np.ndarray]] = {}  # name -> metric -> [runs, seeds, prompts]
+    for name, js in eval_jobs.items():
+        per_run = [json.loads((j.stage_dir / "prompt_scores.json").read_text(encoding="utf-8")) for j in js]
         scores[name] = {m: np.array([p[m] for p in per_run], dtype=np.float64) for m in metrics}
 
     results = summarize(scores, records, cfg)
-    results.update(wall_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads())
+    results.update(wall_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads(), workers=cfg.workers)
     atomic.write_json(out / results_name(cfg.tag), results)
     write_report(out, results)
     return results
