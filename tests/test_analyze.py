@@ -16,6 +16,7 @@ from prefkd.cli import app
 from prefkd.data.loaders import load_instructions
 from prefkd.evaluate import rouge_l
 from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.models import resolve_device
 
 
 def test_perturb_draws_seeded_noise_of_the_requested_scale(tokenizer, tmp_path):
@@ -98,8 +99,10 @@ def test_analyze_noise_end_to_end(tokenizer, tmp_path):
     prompts = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in records]
     cfg = SamplingConfig(max_new_tokens=6, batch_size=4)
     eos = tokenizer.eos_token_id
-    y_s = sample_responses(q, prompts, cfg, eos, eos, seed=10)
-    y_t = sample_responses(p, prompts, cfg, eos, eos, seed=10)
+    device = resolve_device()  # where `prefkd analyze` sampled: the same seed draws other tokens on another device
+    y_s = sample_responses(q.to(device), prompts, cfg, eos, eos, seed=10)
+    y_t = sample_responses(p.to(device), prompts, cfg, eos, eos, seed=10)
+    q, p = q.cpu(), p.cpu()
 
     def logp(model, prompt, y):
         with torch.no_grad():

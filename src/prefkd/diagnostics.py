@@ -40,15 +40,21 @@ class HeldOutDiagnostics:
                  pad_id: int, eos_id: int, seed: int = 1234):
         self.teacher, self.prompts, self.sampling, self.beta = teacher, prompt_ids, sampling, beta
         self.pad, self.eos, self.seed = pad_id, eos_id, seed
-        with _rng_kept():
-            self.teacher_samples = sample_responses(teacher, prompt_ids, sampling, pad_id, eos_id, seed)
+        # Sampled at the first call, where the student (and, after train() placed it, the teacher) lives: on a GPU
+        # run the teacher is still on the CPU here.
+        self.teacher_samples: list[list[int]] | None = None
 
     @torch.no_grad()
     def __call__(self, student: PreTrainedModel) -> dict[str, float]:
         was_training = student.training
         student.eval()
         device = next(student.parameters()).device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)  # a teacher train() did not place (one loaded for the diagnostics alone)
         with _rng_kept():
+            if self.teacher_samples is None:
+                self.teacher_samples = sample_responses(self.teacher, self.prompts, self.sampling, self.pad, self.eos,
+                                                        self.seed)
             y_s = sample_responses(student, self.prompts, self.sampling, self.pad, self.eos, self.seed + 1)
         b = len(self.prompts)
         batch = collate([Example(p, r) for p, r in zip(self.prompts * 2, self.teacher_samples + y_s, strict=True)],

@@ -372,6 +372,8 @@ def sample_cache(cfg: DistillRun, role: str, model_path: str, prompts: list[Inst
     sampler = VLLMSampler(model_path, cfg.vllm, spec.trust_remote_code) if cfg.vllm.enabled else None
     if sampler is None and model is None:  # a loaded teacher is not loaded twice
         model = load_model(model_path, spec.trust_remote_code, spec.dtype)
+    if model is not None:
+        model.to(process_state().device)  # sample on this process's GPU, where training would put the model anyway
     rows = generate_cached(model, load_tokenizer(model_path, spec.trust_remote_code), prompts, sampling, path, key,
                            cfg.train.seed, name=f"{role} samples", sampler=sampler)
     if sampler is not None:
