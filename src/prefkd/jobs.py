@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def run_jobs(jobs: list[Job], workers: int, log_dir: Path) -> None:
                    for job in todo}
         t0, left = time.time(), set(futures)
         while left:
-            done, left = wait(left, return_when=FIRST_EXCEPTION)
+            done, left = wait(left, return_when=FIRST_COMPLETED)
             for f in done:
                 job = futures[f]
                 if f.exception() is not None:
