@@ -23,7 +23,8 @@ SMALL = ["data.vocab_size=512", "data.dolly.max_train=80", "data.dolly.max_valid
 def test_dolly_cpu_config_runs_with_tiny_sizes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the config names ../shared/data relative to the repository root
     out = tmp_path / "dolly"
-    res = CliRunner().invoke(app, ["compare", "--config", "configs/dolly-cpu.yaml", f"out={out}", "tag=t", *SMALL])
+    res = CliRunner().invoke(app, ["compare", "--config", "configs/dolly-cpu.yaml", f"out={out}", "tag=t", *SMALL,
+                                   "workers=1"])
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results-t.json").read_text())
     names = [r["name"] for r in results["rows"]]

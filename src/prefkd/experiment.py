@@ -74,8 +74,9 @@ class ExperimentConfig:
         steps=2400, batch_size=32, lr=1e-3, bf16=True, save_every=400))
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=32, lr=1e-3, save_every=500))
+    # lr 1e-3 chosen on the validation split (configs/suite/tune.yaml): kd 53.4 -> 63.1, dpkd 53.2 -> 60.9 Rouge-L.
     distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=600, batch_size=16, lr=5e-4, save_every=100))
+        steps=600, batch_size=16, lr=1e-3, save_every=100))
     distill: MethodConfig = section(MethodConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160))
     diagnostics: DiagnosticsConfig = section(DiagnosticsConfig)
