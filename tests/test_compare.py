@@ -93,3 +93,37 @@ def test_parallel_workers_give_the_runs_of_one_process(tmp_path, monkeypatch):
     assert "dpkd_seed1.log" in logs and "eval_seqkd_seed0.log" in logs
     # The cache the two seqkd runs share was sampled once per seed, before the workers started.
     assert len(list((tmp_path / "par" / "cache").glob("teacher-*.jsonl"))) == 2
+
+
+def test_contrasts_add_paired_differences_and_verdicts(tmp_path):
+    import numpy as np
+
+    from prefkd.data.records import Instruction
+    from prefkd.experiment import summarize
+    from prefkd.report import write_report
+
+    rng = np.random.default_rng(0)
+    records = [Instruction(f"q{i}", references=("a b c",), kind="D" if i % 2 else "skill") for i in range(40)]
+    base = rng.uniform(0, 60, size=40)
+
+    def rows(shift, runs):  # [runs, eval seeds, prompts]
+        return np.stack([np.stack([base + shift + rng.normal(0, 2, 40) for _ in range(2)]) for _ in range(runs)])
+
+    scores = {name: {"rougeL": rows(shift, runs), "exact_match": rows(shift, runs) / 2}
+              for name, shift, runs in (("teacher", 30, 1), ("sft", 0, 1), ("kd", 10, 2), ("dpkd", 16, 2))}
+    cfg = ExperimentConfig(methods=["kd", "dpkd"], contrasts=["kd"], bootstrap=300)
+    results = summarize(scores, records, cfg)
+    by = {r["name"]: r for r in results["rows"]}
+    vs_kd = by["dpkd"]["rougeL"]["vs"]["kd"]
+    assert vs_kd["diff"] == pytest.approx(scores["dpkd"]["rougeL"].mean() - scores["kd"]["rougeL"].mean())
+    assert vs_kd["significant"] and vs_kd["ci95"][0] > 0
+    assert "kd" not in by["kd"]["rougeL"]["vs"] and "kd" in by["sft"]["rougeL"]["vs"]
+    assert "kd" not in by["teacher"]["rougeL"].get("vs", {})
+    results.update(tag="", wall_seconds=1)
+    write_report(tmp_path, results)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Against kd (paired on prompts)" in text and "- dpkd beat kd overall" in text
+    with pytest.raises(ConfigError, match="not rows of this comparison"):
+        from prefkd.experiment import run_experiment
+
+        run_experiment(ExperimentConfig(out=str(tmp_path / "x"), methods=["dpkd"], contrasts=["kdd"]))

@@ -86,6 +86,9 @@ class ExperimentConfig:
     judge: JudgeConfig = section(JudgeConfig, "optional judge of every evaluated response against the references "
                                               "(win rates, PLaD's view); judge.path=teacher uses OUT/teacher/model")
     bootstrap: int = opt(2000, "bootstrap replicates of every interval")
+    contrasts: list[str] = opt([], "further rows every other row is compared with, paired on prompts like sft "
+                                   "(e.g. [kd]: does dpkd beat kd?); differences in results.json, verdicts in the "
+                                   "report")
     workers: int = opt(1, "processes running the control, distillation and evaluation stages side by side (each "
                           "with its share of the torch threads; on a GPU they share it); 1 runs them in order")
 
@@ -121,6 +124,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     t0 = time.time()
     if cfg.workers < 1:
         raise ConfigError(f"workers must be at least 1, got {cfg.workers}")
+    if unknown := [c for c in cfg.contrasts if c not in (*cfg.methods, *BASELINES, "teacher")]:
+        raise ConfigError(f"contrasts {unknown} are not rows of this comparison: name methods, variants, sft or "
+                          f"{CONTROL}")
     out = Path(cfg.out)
     write_run_config(out, cfg)
     data = out / "data"
@@ -220,6 +226,7 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
     Each metric array is [runs, eval seeds, prompts]. Spreads (std, per_seed) are over the runs' eval seeds; the
     intervals come from `prefkd.stats.bootstrap` on per-prompt scores averaged over eval seeds ([runs, prompts])."""
     by_group = groups(records)
+    bases = (*BASELINES, *(c for c in cfg.contrasts if c not in BASELINES))
     rows = []
     for name, metrics in scores.items():
         row: dict[str, Any] = {"name": name, "runs": int(metrics["rougeL"].shape[0]), "breakdown": {}}
@@ -228,13 +235,13 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
             for m in metrics:
                 cells = metrics[m][:, :, idx].mean(-1)  # [runs, seeds]
                 # name -> [runs, prompts]: per-prompt scores averaged over eval seeds
-                prompts = {k: v[m].mean(1)[:, idx] for k, v in scores.items() if k in (name, "teacher", *BASELINES)}
+                prompts = {k: v[m].mean(1)[:, idx] for k, v in scores.items() if k in (name, "teacher", *bases)}
                 ci = bootstrap(mean_score(name), {name: prompts[name]}, cfg.bootstrap, seed=0)
                 stat = {"mean": float(cells.mean()), "std": float(cells.std(ddof=1)) if cells.size > 1 else 0.0,
                         "per_seed": cells.mean(0).tolist(), "per_run": cells.mean(1).tolist(),
                         "ci95": [ci.low, ci.high]}
                 stat["vs"] = {}
-                for base in BASELINES:
+                for base in bases:
                     if base in prompts and name not in (base, "teacher"):
                         diff = bootstrap(difference(name, base), prompts, cfg.bootstrap, seed=1)
                         stat["vs"][base] = {"diff": diff.value, "ci95": [diff.low, diff.high],
@@ -248,4 +255,5 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
         rows.append(row)
     return {"tag": cfg.tag, "judge": cfg.judge.path or None, "split": cfg.eval_split, "seeds": cfg.eval.seeds,
             "train_seeds": cfg.seeds, "rows": rows, "methods": cfg.methods, "n_prompts": len(records),
+            "contrasts": list(cfg.contrasts),
             "bootstrap": cfg.bootstrap}

@@ -158,6 +158,9 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
                 if (v := verdict(results, m, base, g))]
     if verdicts:
         parts += ["## Verdicts\n", *[f"- {v}" for v in verdicts], ""]
+    for base in results.get("contrasts", []):
+        if lines := [v for m in methods if m != base and (v := verdict(results, m, base))]:
+            parts += [f"## Against {base} (paired on prompts)\n", *[f"- {v}" for v in lines], ""]
     if _buckets(results):
         parts += ["## By reference length (Rouge-L)\n", bucket_table(results, "rougeL"), "",
                   "## By reference length (exact match)\n", bucket_table(results, "exact_match"), ""]
