@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from prefkd.cli import app
 from prefkd.errors import ConfigError
-from prefkd.experiment import ExperimentConfig, resolve
+from prefkd.experiment import ExperimentConfig, resolve, run_experiment
 from prefkd.runs import DistillRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +124,4 @@ def test_contrasts_add_paired_differences_and_verdicts(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "## Against kd (paired on prompts)" in text and "- dpkd beat kd overall" in text
     with pytest.raises(ConfigError, match="not rows of this comparison"):
-        from prefkd.experiment import run_experiment
-
         run_experiment(ExperimentConfig(out=str(tmp_path / "x"), methods=["dpkd"], contrasts=["kdd"]))

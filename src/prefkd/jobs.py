@@ -3,8 +3,10 @@ after another or in parallel worker processes (`workers`).
 
 A job is finished when its stage marker is written (stages.py), so an interrupted parallel run resumes like a
 sequential one. Workers are spawned processes with `threads` torch threads each; their console output goes to
-OUT/logs/<job>.log, the parent prints one line per job started and finished. Sample caches shared by several
-runs are built before the workers start (`prepare`), so no two processes sample the same file.
+OUT/logs/<job>.log, the parent prints one line per job as it finishes. The sample caches of SeqKD-like and PLaD
+runs, shared by several runs, are built before the workers start (`prepare`), so no two processes sample them.
+DPKD's optional teacher cache (`distill.dpkd.teacher_samples=cached`) fills during training: two runs of one seed
+may both append to it; appends are locked, and a row is a valid teacher sample whichever run wrote it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from prefkd import stages
 from prefkd.console import console
 from prefkd.data.records import read_records
+from prefkd.methods import get_method
 from prefkd.models import load_tokenizer
 from prefkd.runs import DistillRun, EvaluateRun, SFTRun, run_distill, run_evaluate, run_sft
 
@@ -55,9 +58,10 @@ def run_job(job: Job) -> None:
 
 
 def prepare(jobs: list[Job]) -> None:
-    """Build the sample caches of the distillation jobs here, one after another, before workers share them."""
+    """Build the sample caches of the distillation jobs here, one after another, before workers share them.
+    Methods that train on references or on prompts alone have none (nothing is loaded for them)."""
     for job in jobs:
-        if isinstance(job.run, DistillRun):
+        if isinstance(job.run, DistillRun) and get_method(job.run.method).data not in ("references", "prompts"):
             run_distill(job.run, name=job.name, samples_only=True)
 
 
