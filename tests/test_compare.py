@@ -8,7 +8,9 @@ from typer.testing import CliRunner
 
 from prefkd.cli import app
 from prefkd.errors import ConfigError
-from prefkd.experiment import ExperimentConfig, resolve, run_experiment
+from prefkd.eval_files import read_records_of, read_responses
+from prefkd.evaluate import rouge_l
+from prefkd.experiment import ExperimentConfig, resolve, run_experiment, teacher_win_rates
 from prefkd.runs import DistillRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +26,22 @@ def test_dolly_cpu_config_runs_with_tiny_sizes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the config names ../shared/data relative to the repository root
     out = tmp_path / "dolly"
     res = CliRunner().invoke(app, ["compare", "--config", "configs/dolly-cpu.yaml", f"out={out}", "tag=t", *SMALL,
-                                   "workers=1"])
+                                   "workers=1", "seeds=[0]"])
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results-t.json").read_text())
     names = [r["name"] for r in results["rows"]]
-    assert names == ["teacher", "sft", "sft_continued", "kd", "seqkd", "dpkd", "plad"]
+    assert names == ["teacher", "sft", "sft_continued", "kd", "seqkd", "rkl", "gkd", "akl", "dpkd", "plad"]
+    # T-S WR from the saved predictions, recomputed here with Rouge-L against the references.
+    records = read_records_of(out / "eval" / "test" / "teacher" / "model")
+    teacher = read_responses(out / "eval" / "test" / "teacher" / "model", records)[10]
+    sft = read_responses(out / "eval" / "test" / "sft" / "model", records)[10]
+    wins = []
+    for r, t, s in zip(records, teacher, sft, strict=True):
+        a, b = rouge_l(t, r.references), rouge_l(s, r.references)
+        wins.append(50.0 if t.strip() == s.strip() or a == b else 100.0 * (a > b))
+    by = {r["name"]: r for r in results["rows"]}
+    assert results["ts_judge"] == "rouge" and "ts_win_rate" not in by["teacher"]
+    assert by["sft"]["ts_win_rate"]["mean"] == pytest.approx(sum(wins) / len(wins))
     assert results["n_prompts"] == 10 and results["split"] == "test"
     # Dolly has no `kind`; the length buckets are there.
     assert any(g.startswith("bucket:") for g in results["rows"][0]["breakdown"])
@@ -41,7 +54,8 @@ def test_dolly_cpu_config_runs_with_tiny_sizes(tmp_path, monkeypatch):
     (out / "report-t.md").unlink()
     res = CliRunner().invoke(app, ["report", str(out), "--tag", "t"])
     assert res.exit_code == 0, res.output
-    assert "| plad |" in (out / "report-t.md").read_text() and (out / "report-t.html").is_file()
+    report = (out / "report-t.md").read_text()
+    assert "| plad |" in report and "T-S WR" in report and (out / "report-t.html").is_file()
     assert (out / "plots-t" / "rouge_by_length.png").is_file()
 
 
@@ -125,3 +139,21 @@ def test_contrasts_add_paired_differences_and_verdicts(tmp_path):
     assert "## Against kd (paired on prompts)" in text and "- dpkd beat kd overall" in text
     with pytest.raises(ConfigError, match="not rows of this comparison"):
         run_experiment(ExperimentConfig(out=str(tmp_path / "x"), methods=["dpkd"], contrasts=["kdd"]))
+
+
+def test_teacher_win_rates_pair_each_eval_seed_with_the_teachers():
+    import numpy as np
+
+    # One prompt per column; the teacher has one run, the student two, both two eval seeds.
+    teacher = np.array([[[3.0, 1.0, 2.0], [0.0, 5.0, 2.0]]])
+    student = np.array([[[1.0, 1.0, 4.0], [1.0, 1.0, 1.0]], [[3.0, 0.0, 2.0], [0.0, 0.0, 9.0]]])
+    texts = {"teacher": [{10: ["a", "b", "c"], 20: ["d", "e", "f"]}],
+             "s": [{10: ["x", "y", "z"], 20: ["d", "q", "r"]}, {10: ["x", "y", "z"], 20: ["u", "v", "w"]}]}
+    ts = teacher_win_rates({"teacher": teacher, "s": student}, texts)
+    assert set(ts) == {"s"}
+    # run 0: seed 10 -> win 100 (3>1), tie 50, loss 0; seed 20 -> same text "d" = tie, 100, 100
+    # run 1: seed 10 -> tie (3=3), 100, tie (2=2); seed 20 -> tie (0=0), 100, 0
+    assert ts["s"].tolist() == [[[100, 50, 0], [50, 100, 100]], [[50, 100, 50], [50, 100, 0]]]
+    loose = teacher_win_rates({"teacher": teacher, "s": student}, texts, tie_tolerance=2.0)
+    assert loose["s"][0, 0].tolist() == [50, 50, 50]  # |3-1|, 0 and |2-4| are all within 2
+    assert teacher_win_rates({"s": student}, {"s": texts["s"]}) == {}

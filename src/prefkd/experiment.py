@@ -27,11 +27,12 @@ from prefkd.config import opt, section
 from prefkd.data.records import read_records
 from prefkd.diagnostics import DiagnosticsConfig
 from prefkd.errors import ConfigError
+from prefkd.eval_files import read_responses
 from prefkd.evaluate import EvalConfig, groups
 from prefkd.experiment_data import ExperimentDataConfig, prepare_data
 from prefkd.generation import SamplingConfig
 from prefkd.jobs import Job, run_jobs
-from prefkd.judges import JudgeConfig
+from prefkd.judges import JudgeConfig, preferences
 from prefkd.methods import METHODS, MethodConfig
 from prefkd.models import ModelConfig, load_tokenizer
 from prefkd.report import write_report
@@ -194,7 +195,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         raise ConfigError(f"eval_split '{cfg.eval_split}' is not one of: test, validation")
     records = read_records(split, require_references=True)
     judge = replace(cfg.judge, path=str(out / "teacher" / "model")) if cfg.judge.path == "teacher" else cfg.judge
-    metrics = (*METRICS, "win_rate") if judge.path else METRICS
+    metrics = (*METRICS, "win_rate", "judge_score") if judge.path else METRICS
     eval_jobs: dict[str, list[Job]] = {}
     for name, rs in runs.items():
         eval_jobs[name] = []
@@ -208,8 +209,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     for name, js in eval_jobs.items():
         per_run = [json.loads((j.stage_dir / "prompt_scores.json").read_text(encoding="utf-8")) for j in js]
         scores[name] = {m: np.array([p[m] for p in per_run], dtype=np.float64) for m in metrics}
+    texts = {name: [read_responses(j.stage_dir, records) for j in js] for name, js in eval_jobs.items()}
+    ts_metric = "judge_score" if judge.path else "rougeL"
+    ts = teacher_win_rates({k: v[ts_metric] for k, v in scores.items()}, texts, judge.tie_tolerance)
 
-    results = summarize(scores, records, cfg)
+    results = summarize(scores, records, cfg, ts)
+    results["ts_judge"] = Path(judge.path).name if judge.path else "rouge"
     results.update(wall_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads(), workers=cfg.workers)
     atomic.write_json(out / results_name(cfg.tag), results)
     write_report(out, results)
@@ -220,11 +225,34 @@ def results_name(tag: str = "") -> str:
     return f"results-{tag}.json" if tag else "results.json"
 
 
-def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: ExperimentConfig) -> dict:
-    """Means, spreads and bootstrap intervals per row and prompt group; differences from sft and gap recovered.
+def teacher_win_rates(scores: dict[str, np.ndarray], texts: dict[str, list[dict[int, list[str]]]],
+                      tie_tolerance: float = 0.0) -> dict[str, np.ndarray]:
+    """PLaD's teacher-over-student win rate (T-S WR) of every row but the teacher, from the evaluation's own scores.
+
+    `scores[name]` is [runs, seeds, prompts] of one judge's score per response (Rouge-L against the references, or
+    a judge's score), `texts[name]` one {seed: responses} per run. Each eval seed of a row meets the teacher's
+    response of the same seed: 100 if the teacher's scores higher, 0 if lower, 50 for a tie (within
+    `tie_tolerance`, or the same text). Returns name -> [runs, seeds, prompts]; 50 = the student is as good."""
+    if "teacher" not in scores:
+        return {}
+    t_scores, (t_texts,) = scores["teacher"][0], texts["teacher"]
+    out = {}
+    for name, s in scores.items():
+        if name == "teacher":
+            continue
+        out[name] = np.array([[preferences(t_scores[k], s[r, k], t_texts[seed], run_texts[seed], tie_tolerance)
+                               for k, seed in enumerate(run_texts)] for r, run_texts in enumerate(texts[name])])
+    return out
+
+
+def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: ExperimentConfig,
+              ts: dict[str, np.ndarray] | None = None) -> dict:
+    """Means, spreads and bootstrap intervals per row and prompt group; differences from sft and gap recovered;
+    the teacher-over-student win rate where `ts` (from `teacher_win_rates`) has the row.
 
     Each metric array is [runs, eval seeds, prompts]. Spreads (std, per_seed) are over the runs' eval seeds; the
     intervals come from `prefkd.stats.bootstrap` on per-prompt scores averaged over eval seeds ([runs, prompts])."""
+    ts = ts or {}
     by_group = groups(records)
     bases = (*BASELINES, *(c for c in cfg.contrasts if c not in BASELINES))
     rows = []
@@ -250,8 +278,13 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
                     gap = bootstrap(gap_recovered(name), prompts, cfg.bootstrap, seed=2)
                     stat["gap_recovered"] = {"value": gap.value, "ci95": [gap.low, gap.high]}
                 entry[m] = stat
+            if name in ts:
+                cells = ts[name][:, :, idx].mean(-1)
+                ci = bootstrap(mean_score(name), {name: ts[name].mean(1)[:, idx]}, cfg.bootstrap, seed=3)
+                entry["ts_win_rate"] = {"mean": float(cells.mean()), "per_seed": cells.mean(0).tolist(),
+                                        "per_run": cells.mean(1).tolist(), "ci95": [ci.low, ci.high]}
             row["breakdown"][group] = entry
-        row.update({m: row["breakdown"]["all"][m] for m in metrics})
+        row.update({m: row["breakdown"]["all"][m] for m in (*metrics, "ts_win_rate") if m in row["breakdown"]["all"]})
         rows.append(row)
     return {"tag": cfg.tag, "judge": cfg.judge.path or None, "split": cfg.eval_split, "seeds": cfg.eval.seeds,
             "train_seeds": cfg.seeds, "rows": rows, "methods": cfg.methods, "n_prompts": len(records),

@@ -51,12 +51,16 @@ def results_table(results: dict) -> Table:
     kinds = _kinds(results)
     table = Table(title=f"{results['split']} split ({results['n_prompts']} prompts), eval seeds {results['seeds']}, "
                         f"training seeds {results['train_seeds']}: mean [95% CI]; * = interval excludes 0")
-    for col in ["model", "Rouge-L", "vs sft", "gap recovered", "EM", *(KIND_LABELS[g] for g in kinds)]:
+    ts = any("ts_win_rate" in r for r in results["rows"])
+    for col in ["model", "Rouge-L", "vs sft", "gap recovered", "EM", *(["T-S WR"] if ts else []),
+                *(KIND_LABELS[g] for g in kinds)]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results["rows"]:
         vs = r["rougeL"].get("vs", {}).get("sft")
         table.add_row(r["name"], _ci(r["rougeL"]), _signed(vs) if vs else "", _gap(r["rougeL"]),
-                      f"{r['exact_match']['mean']:.2f}", *(_ci(r["breakdown"][g]["rougeL"]) for g in kinds))
+                      f"{r['exact_match']['mean']:.2f}",
+                      *([f"{r['ts_win_rate']['mean']:.1f}" if "ts_win_rate" in r else ""] if ts else []),
+                      *(_ci(r["breakdown"][g]["rougeL"]) for g in kinds))
     return table
 
 
@@ -64,15 +68,17 @@ def main_table(results: dict) -> str:
     """Table 1 of the DPKD paper, with intervals: one row per model, Rouge-L and EM per evaluation subset."""
     kinds = _kinds(results)
     judged = "win_rate" in results["rows"][0]
+    ts = any("ts_win_rate" in r for r in results["rows"])
     head = ["model", "runs", "Rouge-L", "vs sft", "vs sft_continued", "gap recovered", "EM",
-            *(["win rate vs refs"] if judged else []),
+            *(["win rate vs refs"] if judged else []), *(["T-S WR"] if ts else []),
             *(f"{KIND_LABELS[g]} (n={results['rows'][0]['breakdown'][g]['n']})" for g in kinds)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["rows"]:
         vs = r["rougeL"].get("vs", {})
         cells = [r["name"], str(r["runs"]), _ci(r["rougeL"]),
                  _signed(vs["sft"]) if "sft" in vs else "", _signed(vs["sft_continued"]) if "sft_continued" in vs
-                 else "", _gap(r["rougeL"]), _ci(r["exact_match"]), *([_ci(r["win_rate"])] if judged else [])]
+                 else "", _gap(r["rougeL"]), _ci(r["exact_match"]), *([_ci(r["win_rate"])] if judged else []),
+                 *([_ci(r["ts_win_rate"]) if "ts_win_rate" in r else ""] if ts else [])]
         cells += [_ci(r["breakdown"][g]["rougeL"]) for g in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -152,7 +158,10 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
              f"({results['bootstrap']} replicates, `prefkd.stats`). `*` marks a difference whose interval excludes 0. "
              "Gap recovered = (model - sft) / (teacher - sft)."
              + (f" Win rate vs refs: judge `{results['judge']}` prefers the response to the best reference (ties "
-                "half), x100." if results.get("judge") else "") + "\n",
+                "half), x100." if results.get("judge") else "")
+             + (f" T-S WR: PLaD's teacher-over-student win rate, x100, judge `{results['ts_judge']}`: each response "
+                "of the row against the teacher's of the same eval seed and prompt, ties (equal scores or the same "
+                "text) half; 50 = as good as the teacher." if results.get("ts_judge") else "") + "\n",
              "## Main results (Rouge-L and exact match x100)\n", main_table(results), ""]
     verdicts = [v for m in methods for base in ("sft", "sft_continued") for g in ("all", "kind:D")
                 if (v := verdict(results, m, base, g))]
