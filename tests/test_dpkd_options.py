@@ -1,4 +1,5 @@
-"""dpkd options of prefkd's own: K student samples, the leave-one-out baseline, the KD anchor on y_t."""
+"""dpkd options of prefkd's own: K student samples, the leave-one-out baseline, the KD anchor on y_t, the reverse-KL
+anchor on y_s."""
 
 import pytest
 import torch
@@ -88,10 +89,36 @@ def test_kd_anchor_is_the_forward_kl_on_teacher_samples(pairs, tokenizer):
     assert ce.anchor_name == "anchor_nll" and ce.anchor_nll.item() != pytest.approx(out.anchor_nll.item())
 
 
+def test_rkl_anchor_is_the_reverse_kl_on_the_students_sample(pairs, tokenizer):
+    teacher, student, prompts, y_t, y_s = pairs
+    p_t, p_s = teacher_logps(teacher, prompts, y_t, y_s[:2], [None] * 3, CPU)
+    out = pair_step(_inp(teacher, student, prompts, tokenizer, anchor="rkl", student_samples=2), y_t, y_s[:2],
+                    dpkd_pair_loss, p_t, p_s)
+    assert out.anchor_name == "anchor_rkl" and out.anchor_count == sum(map(len, y_s[0]))
+    # float64 brute force: sum_v q log(q / p) at every token of the first sample y_s[0], mean over its tokens
+    kls = []
+    with torch.no_grad():
+        for p, y in zip(prompts, y_s[0], strict=True):
+            ids = torch.tensor([p + y])
+            log_q = student(input_ids=ids).logits[0, len(p) - 1: -1].double().log_softmax(-1)
+            log_p = teacher(input_ids=ids).logits[0, len(p) - 1: -1].double().log_softmax(-1)
+            kls += (log_q.exp() * (log_q - log_p)).sum(-1).tolist()
+    assert out.anchor_nll.item() == pytest.approx(sum(kls) / len(kls), abs=1e-5)
+    # ce+rkl: one mean over y_t's CE tokens and y_s's reverse-KL tokens
+    both = pair_step(_inp(teacher, student, prompts, tokenizer, anchor="ce+rkl", student_samples=2), y_t, y_s[:2],
+                     dpkd_pair_loss, p_t, p_s)
+    ce = pair_step(_inp(teacher, student, prompts, tokenizer, student_samples=2), y_t, y_s[:2], dpkd_pair_loss, p_t,
+                   p_s)
+    n_t = sum(map(len, y_t))
+    assert both.anchor_name == "anchor_ce_rkl" and both.anchor_count == n_t + len(kls)
+    assert both.anchor_nll.item() == pytest.approx((ce.anchor_nll.item() * n_t + sum(kls)) / (n_t + len(kls)),
+                                                   abs=1e-5)
+
+
 @pytest.mark.parametrize("dpkd, method, match", [
     ({"baseline": "loo"}, "dpkd", "student_samples >= 2"),
     ({"baseline": "loo", "student_samples": 2}, "dpo", "--method dpkd"),
-    ({"anchor": "rkl"}, "dpkd", "anchor must be one of ce, kd"),
+    ({"anchor": "jsd"}, "dpkd", "anchor must be one of ce, kd, rkl, ce\\+rkl"),
     ({"baseline": "mean"}, "dpkd", "baseline must be one of none, loo"),
     ({"student_samples": 0}, "dpkd", "at least 1"),
 ])

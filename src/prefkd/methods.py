@@ -75,8 +75,10 @@ class DPKDConfig:
     student_samples: int = opt(1, "dpkd family: student samples y_s per prompt (K); the loss averages the K pairs")
     baseline: str = opt("none", "dpkd: 'loo' subtracts from each y_s's weight the mean weight of the prompt's other "
                                 "samples (needs student_samples >= 2; prefkd's, not the paper's)")
-    anchor: str = opt("ce", "dpkd family: the kappa anchor on y_t: 'ce' (cross-entropy, the released code's) or "
-                            "'kd' (forward KL to the teacher's token distributions on y_t; prefkd's)")
+    anchor: str = opt("ce", "dpkd family: the kappa anchor: 'ce' (cross-entropy on y_t, the released code's), "
+                            "'kd' (forward KL to the teacher's token distributions on y_t), 'rkl' (reverse KL to "
+                            "them on the student's own sample y_s, the rkl method's loss) or 'ce+rkl' (one token "
+                            "mean over y_t's CE tokens and y_s's reverse-KL tokens); all but 'ce' are prefkd's")
 
 
 @dataclass
@@ -331,25 +333,51 @@ def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[list[int]]],
         r_t = r_t[:, None].expand(b, k)
     else:
         loss, r_t, r_s = pair_loss(q[:b].repeat(k), q[b:], p_t.repeat(k), p_s, n[:b].repeat(k), n[b:], inp.cfg)
-    anchor = (token_mean_nll(q_tok[:b], mask[:b]) if inp.cfg.dpkd.anchor == "ce"
-              else _kd_anchor(inp, prompts, y_t))
+    kind = inp.cfg.dpkd.anchor
+    if kind == "ce":
+        anchor, anchor_count = token_mean_nll(q_tok[:b], mask[:b]), mask[:b].sum().item()
+    elif kind == "kd":
+        anchor, anchor_count = _kd_anchor(inp, prompts, y_t), mask[:b].sum().item()
+    elif kind == "rkl":
+        anchor, anchor_count = _rkl_anchor(inp, prompts, y_s[0]), mask[b: 2 * b].sum().item()
+    else:  # ce+rkl: one token mean over the CE tokens of y_t and the reverse-KL tokens of y_s
+        n_t, n_s = mask[:b].sum().item(), mask[b: 2 * b].sum().item()
+        anchor = (token_mean_nll(q_tok[:b], mask[:b]) * n_t + _rkl_anchor(inp, prompts, y_s[0]) * n_s) / max(
+            n_t + n_s, 1)
+        anchor_count = n_t + n_s
     metrics.update({
         "pref_loss": loss.item(), "reward_chosen": r_t.mean().item(), "reward_rejected": r_s.mean().item(),
         "margin": (r_t - r_s).mean().item(), "pref_accuracy": (r_t > r_s).float().mean().item(),
         "len_teacher": n[:b].mean().item(), "len_student": n[b:].mean().item(),
     })
-    return MethodOutput(loss, anchor, metrics, loss_count=b, anchor_count=mask[:b].sum().item(),
-                        anchor_name="anchor_nll" if inp.cfg.dpkd.anchor == "ce" else "anchor_kl")
+    return MethodOutput(loss, anchor, metrics, loss_count=b, anchor_count=anchor_count,
+                        anchor_name={"ce": "anchor_nll", "kd": "anchor_kl", "rkl": "anchor_rkl",
+                                     "ce+rkl": "anchor_ce_rkl"}[kind])
+
+
+ANCHORS = ("ce", "kd", "rkl", "ce+rkl")
 
 
 def _kd_anchor(inp: StepInputs, prompts: list[list[int]], y_t: list[list[int]]) -> torch.Tensor:
     """Forward KL to the teacher's token distributions on the teacher samples (the `kd` divergence on y_t)."""
+    s_logits, t_logits, batch = _token_logits(inp, prompts, y_t, "kd")
+    return losses.forward_kl(s_logits, t_logits, batch["response_mask"][:, 1:])
+
+
+def _rkl_anchor(inp: StepInputs, prompts: list[list[int]], y_s: list[list[int]]) -> torch.Tensor:
+    """Reverse KL to the teacher's token distributions on the student's own samples (the `rkl` method's loss)."""
+    s_logits, t_logits, batch = _token_logits(inp, prompts, y_s, "rkl")
+    return losses.reverse_kl(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg.rkl.temperature)
+
+
+def _token_logits(inp: StepInputs, prompts: list[list[int]], responses: list[list[int]], kind: str):
+    """(student logits, teacher logits without grad, batch) on prompt + response, for a token-level anchor."""
     if inp.teacher is None:
-        raise ConfigError("distill.dpkd.anchor=kd needs the teacher's logits: use a white-box method")
-    batch = _to(collate([Example(p, y) for p, y in zip(prompts, y_t, strict=True)], inp.pad_id), inp.device)
+        raise ConfigError(f"distill.dpkd.anchor={kind} needs the teacher's logits: use a white-box method")
+    batch = _to(collate([Example(p, y) for p, y in zip(prompts, responses, strict=True)], inp.pad_id), inp.device)
     with torch.no_grad():
         t_logits = _logits(inp.teacher, batch)
-    return losses.forward_kl(_logits(inp.student, batch), t_logits, batch["response_mask"][:, 1:])
+    return _logits(inp.student, batch), t_logits, batch
 
 
 def dpkd_pair_loss(qt, qs, pt, ps, nt, ns, c: MethodConfig):

@@ -32,7 +32,7 @@ from prefkd.evaluate import PROTOCOL, EvalConfig, breakdown, prompt_scores, summ
 from prefkd.generation import SamplingConfig
 from prefkd.judges import JudgeConfig, check_reference_free, head_to_head, judge_against_references, make_judge
 from prefkd.lora import LoRAConfig, apply_lora, save_trained
-from prefkd.methods import Method, MethodConfig, get_method
+from prefkd.methods import ANCHORS, Method, MethodConfig, get_method
 from prefkd.models import ModelConfig, load_model, load_tokenizer, model_from_config, n_params, resolve_device
 from prefkd.scoring import embedding_f1
 from prefkd.train import RunData, TrainConfig, train
@@ -233,7 +233,7 @@ def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: Pre
 
 def check_method_config(d: MethodConfig, method: Method) -> None:
     """Refuse impossible option values before any work."""
-    choices = {"teacher_samples": ("fresh", "cached"), "baseline": ("none", "loo"), "anchor": ("ce", "kd")}
+    choices = {"teacher_samples": ("fresh", "cached"), "baseline": ("none", "loo"), "anchor": ANCHORS}
     for key, allowed in choices.items():
         if getattr(d.dpkd, key) not in allowed:
             raise ConfigError(f"distill.dpkd.{key} must be one of {', '.join(allowed)}, not '{getattr(d.dpkd, key)}'")
