@@ -84,11 +84,13 @@ def _processors(cfg: SamplingConfig) -> LogitsProcessorList:
     return procs
 
 
-def _prefill(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, prompts: list[list[int]] | None):
+def _prefill(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, prompts: list[list[int]] | None,
+             room: int = 0):
     """(logits of each prompt's last token [B, V], KV cache of the left-padded batch, next positions [B, 1]).
 
     With `prompts` and a model that takes packed rows, the prompts run packed (no padding computed) and their
-    keys and values are then laid out left-padded, as one padded forward would have left them."""
+    keys and values are then laid out left-padded, as one padded forward would have left them, in `RoomyLayer`s
+    with `room` free positions for the decoding steps."""
     if prompts is not None and packing_supported(model):
         packed = pack([(p, []) for p in prompts])
         last = packed.starts[:, 0] * packed.input_ids.shape[1] + packed.starts[:, 1] + torch.tensor(
@@ -99,9 +101,9 @@ def _prefill(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, prom
         layers = getattr(out.past_key_values, "layers", None)
         if layers and all(type(layer) is DynamicLayer for layer in layers):  # plain per-token keys and values
             width = ids.shape[1]
-            for layer in layers:
-                layer.keys, layer.values = (_left_padded(t, packed.starts, prompts, width)
-                                            for t in (layer.keys, layer.values))
+            for i, layer in enumerate(layers):
+                layers[i] = RoomyLayer(*(_left_padded(t, packed.starts, prompts, width, room)
+                                         for t in (layer.keys, layer.values)), width)
             rank = keep.cumsum(0) - 1
             lengths = torch.tensor([[len(p)] for p in prompts], device=ids.device)
             return out.logits[rank[last].to(ids.device)], out.past_key_values, lengths
@@ -110,12 +112,48 @@ def _prefill(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, prom
     return out.logits[:, -1], out.past_key_values, positions[:, -1:] + 1
 
 
-def _left_padded(packed_kv: torch.Tensor, starts: torch.Tensor, prompts: list[list[int]],
-                 width: int) -> torch.Tensor:
-    """[rows, heads, L, d] keys or values of packed prompts -> [prompts, heads, width, d], each prompt at the right."""
-    out = packed_kv.new_zeros((len(prompts), packed_kv.shape[1], width, packed_kv.shape[3]))
+class RoomyLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values sit at the front of buffers with room for the tokens still to come.
+
+    DynamicLayer appends each decoding step's key and value with `torch.cat`, copying the whole cache at every step;
+    here the step is written in place and `keys` / `values` are views of the filled part (the same numbers)."""
+
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = key_buffer.dtype, key_buffer.device, True
+        self._k, self._v = key_buffer, value_buffer
+        self._filled(length)
+
+    def _filled(self, n: int) -> None:
+        self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        if n + m > self._k.shape[-2]:  # out of room (not when the room covers max_new_tokens): double it
+            self._k, self._v = (torch.cat([b[..., :n, :], b.new_empty((*b.shape[:-2], max(n, m), b.shape[-1]))], -2)
+                                for b in (self._k, self._v))
+        self._k[..., n: n + m, :], self._v[..., n: n + m, :] = key_states, value_states
+        self._filled(n + m)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        n = self.keys.shape[-2]
+        for name in ("_k", "_v"):  # copy the kept rows' filled part only; the room is written before it is read
+            old = getattr(self, name)
+            new = old.new_empty((len(indices), *old.shape[1:]))
+            new[..., :n, :] = old[indices, :, :n]
+            setattr(self, name, new)
+        self._filled(n)
+
+
+def _left_padded(packed_kv: torch.Tensor, starts: torch.Tensor, prompts: list[list[int]], width: int,
+                 room: int = 0) -> torch.Tensor:
+    """[rows, heads, L, d] keys or values of packed prompts -> [prompts, heads, width + room, d], each prompt ending
+    at position width - 1 (left-padded), then `room` positions for the tokens to come."""
+    out = packed_kv.new_empty((len(prompts), packed_kv.shape[1], width + room, packed_kv.shape[3]))
+    out[:, :, :width] = 0  # padding is masked, but must not be NaN; the room is written before it is read
     for g, ((row, col), p) in enumerate(zip(starts.tolist(), prompts, strict=True)):
-        out[g, :, width - len(p):] = packed_kv[row, :, col: col + len(p)]
+        out[g, :, width - len(p): width] = packed_kv[row, :, col: col + len(p)]
     return out
 
 
@@ -131,7 +169,7 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
     procs = _processors(cfg)
     out: list[list[int]] = [[] for _ in range(len(ids))]
     rows = torch.arange(len(ids), device=ids.device)  # batch row -> output row
-    logits, past, positions = _prefill(model, ids, attn, prompts)
+    logits, past, positions = _prefill(model, ids, attn, prompts, cfg.max_new_tokens)
     seqs = ids
     for t in range(cfg.max_new_tokens):
         scores = procs(seqs, logits.float())
