@@ -14,7 +14,7 @@ from pathlib import Path
 from prefkd import atomic, stages
 from prefkd.data.collate import Example, encode_prompts
 from prefkd.data.records import Instruction, read_records
-from prefkd.experiment_data import ExperimentDataConfig, prepare_data
+from prefkd.experiment_data import DollyConfig, ExperimentDataConfig, prepare_data
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.models import ModelConfig, load_model, load_tokenizer
 from prefkd.runs import DataConfig, SFTRun, run_sft
@@ -31,26 +31,41 @@ class Fixture:
     student_steps: int = 300
     n_pairs: int = 64
     max_new_tokens: int = 128
+    source: str = "suite"  # or "dolly": real instructions with long answers (needs ../shared/data/dolly)
+    batch_size: int = 32  # SFT batch of both models
 
 
-def data_dir() -> Path:
-    d = CACHE / "data"
-    prepare_data(ExperimentDataConfig(), d)
+# Models of the MFU benchmark's size (6x384), where matmuls dominate a step: what bf16 autocast can speed up.
+# Trained briefly (about a minute each) so that `make bench-quick` stays under 10 minutes from a fresh clone.
+BASE = Fixture(teacher_size="base", student_size="base", teacher_steps=40, student_steps=40)
+# Dolly prompts and answers (median reference ~40 words; the models write until EOS or 128 tokens): where decoding,
+# not prefill, is the work of pair generation.
+DOLLY = Fixture(teacher_steps=80, student_steps=80, source="dolly", batch_size=16)
+DOLLY_DATA = ExperimentDataConfig(source="dolly", dolly=DollyConfig(max_train=2000, max_validation=20, max_test=20))
+
+
+def data_dir(source: str = "suite") -> Path:
+    if source == "suite":
+        d = CACHE / "data"
+        prepare_data(ExperimentDataConfig(), d)
+    else:
+        d = CACHE / f"data-{source}"
+        prepare_data(DOLLY_DATA, d)
     return d
 
 
 def models(fx: Fixture = Fixture()) -> tuple[Path, Path]:
     """Paths of the trained teacher and student (SFT on D0 + D and on D0, as the demo, with fewer steps)."""
-    d = data_dir()
+    d = data_dir(fx.source)
     tokenizer = load_tokenizer(str(d / "tokenizer"))
     paths = []
     for name, size, steps, files in (("teacher", fx.teacher_size, fx.teacher_steps, ["d0", "d"]),
                                      ("student", fx.student_size, fx.student_steps, ["d0"])):
-        key = stages.fingerprint(name, size, steps, files)
+        key = stages.fingerprint(name, size, steps, files, fx.source, fx.batch_size)
         out = CACHE / f"{name}-{key}"
         if not stages.is_done(out, key):
             records = [r for f in files for r in read_records(d / f"{f}.jsonl", require_references=True)]
-            tcfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, bf16=True, save_every=0, log_every=50)
+            tcfg = TrainConfig(steps=steps, batch_size=fx.batch_size, lr=1e-3, bf16=True, save_every=0, log_every=50)
             run_sft(SFTRun(str(out), ModelConfig(size=size), str(d / "tokenizer"), DataConfig(), tcfg), records,
                     tokenizer, f"bench {name}")
             stages.mark_done(out, key)
@@ -81,7 +96,7 @@ def pairs(fx: Fixture = Fixture()) -> list[Example]:
     path = CACHE / f"pairs-{key}.json"
     if not path.is_file():
         tokenizer = load_tokenizer(str(teacher_path))
-        records = balanced(read_records(data_dir() / "d.jsonl"), fx.n_pairs)
+        records = balanced(read_records(data_dir(fx.source) / "d.jsonl"), fx.n_pairs)
         prompts = encode_prompts(tokenizer, [r.prompt for r in records])
         sampling = SamplingConfig(max_new_tokens=fx.max_new_tokens)
         pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

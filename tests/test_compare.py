@@ -89,7 +89,7 @@ def test_parallel_workers_give_the_runs_of_one_process(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the workers get 2 // 2 = 1 thread each; the sequential run below gets 1 too
     try:
-        common = ["--config", "configs/dolly-cpu.yaml", *SMALL, "methods=[seqkd, dpkd]", "seeds=[0, 1]"]
+        common = ["--config", "configs/dolly-cpu.yaml", *SMALL, "methods=[seqkd, dpkd]", "seeds=[0, 1]", "contrasts=[]"]
         res = CliRunner().invoke(app, ["compare", *common, f"out={tmp_path / 'par'}", "workers=2"])
         assert res.exit_code == 0, res.output
         assert "jobs on 2 workers x 1 threads" in " ".join(res.output.split())
