@@ -71,7 +71,7 @@ class PrefkdStep:
         self.cpu = torch.device("cpu")
         self.p_t = []  # log p(y_t) per batch, as the teacher cache would hold it
         for b in batches:
-            p_t, _ = teacher_logps(teacher, b["prompt"], b["chosen"], b["rejected"], [None] * len(b["prompt"]),
+            p_t, _ = teacher_logps(teacher, b["prompt"], b["chosen"], [b["rejected"]], [None] * len(b["prompt"]),
                                    self.cpu)
             self.p_t.append(p_t.tolist())
 
@@ -84,8 +84,8 @@ class PrefkdStep:
             inp = StepInputs(self.student, self.student, self.teacher, examples, SamplingConfig(), self.cfg,
                              self.pad, self.eos, self.cpu)
             known = self.p_t[k % len(self.batches)] if cached else [None] * len(examples)
-            p_t, p_s = teacher_logps(self.teacher, b["prompt"], b["chosen"], b["rejected"], known, self.cpu)
-            loss = pair_step(inp, b["chosen"], b["rejected"], dpkd_pair_loss, p_t, p_s).loss
+            p_t, p_s = teacher_logps(self.teacher, b["prompt"], b["chosen"], [b["rejected"]], known, self.cpu)
+            loss = pair_step(inp, b["chosen"], [b["rejected"]], dpkd_pair_loss, p_t, p_s).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
         self.opt.step()
