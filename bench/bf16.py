@@ -69,7 +69,8 @@ def run(quick: bool) -> dict:
                                                 4)}
     settings = {"method": "dpkd", "steps": STEPS, "batch": 16, "replay": 0.5, "lm_weight": 0.1,
                 "max_new_tokens": 160, "student": "gpt2 tiny (2x128)", "teacher": "gpt2 mini (3x192)",
-                "base": "the *_base figures: student and teacher gpt2 base (6x384), SFT 40 steps",
+                "base": f"the *_base figures: student and teacher gpt2 base (6x384), SFT {fixtures.BASE.teacher_steps} "
+                        "steps",
                 "base_steps": base_steps,
                 "seed": 0, "runs_per_precision": rounds, "threads": torch.get_num_threads()}
     details = {"wall_s": {k: round(v, 1) for k, v in wall.items()}, "final_loss": loss,

@@ -91,8 +91,8 @@ def run(quick: bool) -> dict:
     settings = {"prompts": 64, "models": "teacher gpt2 mini + student gpt2 tiny", "max_new_tokens": MAX_NEW,
                 "temperature": 1.0, "top_k": 0, "reps": reps, "threads": torch.get_num_threads(),
                 "fixtures": {"suite": "the demo's suite, models SFT 300 steps",
-                             "dolly": "Dolly prompts (D shard of 2,000 filtered training records), models SFT 150 "
-                                      "steps on Dolly"}}
+                             "dolly": f"Dolly prompts (D shard of 2,000 filtered training records), models SFT "
+                                      f"{fixtures.DOLLY.teacher_steps} steps on Dolly"}}
     common.save("pair_generation", figures, settings, {"suite": suite, "dolly": dolly})
     rows = []
     for name, d in (("suite", suite), ("dolly", dolly)):

@@ -214,7 +214,6 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     ts = teacher_win_rates({k: v[ts_metric] for k, v in scores.items()}, texts, judge.tie_tolerance)
 
     results = summarize(scores, records, cfg, ts)
-    results["ts_judge"] = Path(judge.path).name if judge.path else "rouge"
     results.update(wall_seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads(), workers=cfg.workers)
     atomic.write_json(out / results_name(cfg.tag), results)
     write_report(out, results)
@@ -288,5 +287,5 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: Expe
         rows.append(row)
     return {"tag": cfg.tag, "judge": cfg.judge.path or None, "split": cfg.eval_split, "seeds": cfg.eval.seeds,
             "train_seeds": cfg.seeds, "rows": rows, "methods": cfg.methods, "n_prompts": len(records),
-            "contrasts": list(cfg.contrasts),
+            "contrasts": list(cfg.contrasts), "ts_judge": (cfg.judge.path or "rouge") if ts else None,
             "bootstrap": cfg.bootstrap}
