@@ -81,10 +81,14 @@ def test_a_row_leaves_the_batch_at_its_eos():
     model = _model()
     with torch.no_grad():
         model.lm_head.weight[EOS] += 3.0
-    sizes = []
-    model.transformer.wte.register_forward_hook(lambda m, args, out: sizes.append(out.shape[0]))
+    shapes = []
+    model.transformer.wte.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape[:2])))
     out = sample_responses(model, [[5, 6], [7, 8, 9], [10], [11, 12]], SamplingConfig(max_new_tokens=12, batch_size=4),
                            EOS, EOS, seed=0)
     lengths = sorted(len(r) for r in out)
-    # One prefill (the 4 prompts packed in fewer rows), then per step only the rows still running.
-    assert sizes[0] < 4 and sizes[1:] == [sum(n > t for n in lengths) for t in range(1, max(lengths))]
+    prefill = [s for s in shapes if s[1] > 1]
+    steps = [rows for rows, width in shapes if width == 1]
+    # The 4 prompts packed in 3 rows ([7 8 9], [5 6 10], [11 12]), run in groups cut to their width; then per step
+    # only the rows still running.
+    assert sorted(prefill) == [(1, 2), (2, 3)]
+    assert steps == [sum(n > t for n in lengths) for t in range(1, max(lengths))]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import (
@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from prefkd.config import opt
 from prefkd.console import console
 from prefkd.errors import PrefkdError
-from prefkd.logprobs import pack, packed_forward, packing_supported
+from prefkd.logprobs import Packed, pack, packed_forward, packing_supported
 
 
 @dataclass
@@ -88,28 +88,90 @@ def _prefill(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, prom
              room: int = 0):
     """(logits of each prompt's last token [B, V], KV cache of the left-padded batch, next positions [B, 1]).
 
-    With `prompts` and a model that takes packed rows, the prompts run packed (no padding computed) and their
-    keys and values are then laid out left-padded, as one padded forward would have left them, in `RoomyLayer`s
-    with `room` free positions for the decoding steps."""
+    With `prompts` (the unpadded rows of `ids`) and a model that takes packed rows, the prompts run packed: see
+    `_packed_prefill`. Otherwise one forward of the left-padded batch."""
     if prompts is not None and packing_supported(model):
-        packed = pack([(p, []) for p in prompts])
-        last = packed.starts[:, 0] * packed.input_ids.shape[1] + packed.starts[:, 1] + torch.tensor(
-            [len(p) - 1 for p in prompts])
-        keep = torch.zeros(packed.input_ids.numel(), dtype=torch.bool)
-        keep[last] = True
-        out = packed_forward(model, packed, keep.view(packed.input_ids.shape), ids.device, use_cache=True)
-        layers = getattr(out.past_key_values, "layers", None)
-        if layers and all(type(layer) is DynamicLayer for layer in layers):  # plain per-token keys and values
-            width = ids.shape[1]
-            for i, layer in enumerate(layers):
-                layers[i] = RoomyLayer(*(_left_padded(t, packed.starts, prompts, width, room)
-                                         for t in (layer.keys, layer.values)), width)
-            rank = keep.cumsum(0) - 1
-            lengths = torch.tensor([[len(p)] for p in prompts], device=ids.device)
-            return out.logits[rank[last].to(ids.device)], out.past_key_values, lengths
+        done = _packed_prefill(model, prompts, ids.shape[1], room, ids.device)
+        if done is not None:
+            return done
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], out.past_key_values, positions[:, -1:] + 1
+
+
+def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int, room: int,
+                    device: torch.device):
+    """`_prefill` of packed prompts, or None for a model whose cache is not plain per-token keys and values.
+
+    The packed rows run in groups of similar filled width, each cut to its widest row, so that neither padding
+    nor the long rows' width is computed for short prompts. The keys and values are then laid out left-padded to
+    `width`, as one padded forward would have left them, in `RoomyLayer`s with `room` free positions for the
+    decoding steps."""
+    packed = pack([(p, []) for p in prompts])
+    lengths = torch.tensor([len(p) for p in prompts])
+    logits = None
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for rows in _row_groups(packed, lengths):
+        members = torch.isin(packed.starts[:, 0], rows).nonzero().squeeze(1)
+        w = int((packed.starts[members, 1] + lengths[members]).max())
+        local = torch.zeros(len(packed.input_ids), dtype=torch.long)
+        local[rows] = torch.arange(len(rows))
+        src_row, src_col = local[packed.starts[members, 0]], packed.starts[members, 1]
+        keep = torch.zeros((len(rows), w), dtype=torch.bool)
+        keep[src_row, src_col + lengths[members] - 1] = True
+        sub = replace(packed, input_ids=packed.input_ids[rows, :w], position_ids=packed.position_ids[rows, :w],
+                      attention=packed.attention[rows][..., :w, :w])
+        out = packed_forward(model, sub, keep, device, use_cache=True)
+        layers = getattr(out.past_key_values, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return None
+        if logits is None:
+            logits = out.logits.new_empty((len(prompts), out.logits.shape[-1]))
+            buffers = [tuple(_room_buffer(t, len(prompts), width, room) for t in (layer.keys, layer.values))
+                       for layer in layers]
+        order = (src_row * w + src_col).argsort()  # the kept logits come in row-major order
+        logits[members[order].to(device)] = out.logits
+        for (kb, vb), layer in zip(buffers, layers, strict=True):
+            for buffer, t in ((kb, layer.keys), (vb, layer.values)):
+                _lay_out_left_padded(buffer, t, members, src_row, src_col, lengths[members], width)
+    past = out.past_key_values
+    past.layers = [RoomyLayer(kb, vb, width) for kb, vb in buffers]
+    return logits, past, lengths[:, None].to(device)
+
+
+def _row_groups(packed: Packed, lengths: torch.Tensor, fill: float = 0.8) -> list[torch.Tensor]:
+    """Packed rows in groups of similar filled width, widest first: each group runs cut to its own widest row, so
+    short rows do not compute the long rows' padding (a new group starts below `fill` of the group's width)."""
+    used = torch.zeros(len(packed.input_ids), dtype=torch.long)
+    used.scatter_reduce_(0, packed.starts[:, 0], packed.starts[:, 1] + lengths, "amax")
+    groups: list[list[int]] = []
+    top = 0
+    for r in used.argsort(descending=True, stable=True).tolist():
+        if not groups or used[r] < fill * top:
+            groups.append([])
+            top = int(used[r])
+        groups[-1].append(r)
+    return [torch.tensor(g) for g in groups]
+
+
+def _room_buffer(like: torch.Tensor, batch: int, width: int, room: int) -> torch.Tensor:
+    """[batch, heads, width + room, d] for left-padded keys or values: the padding is masked but must not be NaN (so
+    zeros); the room after the prompts is written before it is read (so left as it is)."""
+    buffer = like.new_empty((batch, like.shape[1], width + room, like.shape[3]))
+    buffer[:, :, :width] = 0
+    return buffer
+
+
+def _lay_out_left_padded(buffer: torch.Tensor, packed_kv: torch.Tensor, members: torch.Tensor,
+                         src_row: torch.Tensor, src_col: torch.Tensor, lengths: torch.Tensor, width: int) -> None:
+    """Copy the keys or values of packed prompts `members` ([rows, heads, L, d], prompt i at row src_row[i] from
+    column src_col[i]) into `buffer` rows `members`, each prompt ending at position width - 1, in one indexed copy."""
+    prompt = torch.repeat_interleave(torch.arange(len(members)), lengths)
+    j = torch.arange(len(prompt)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    dev = packed_kv.device
+    dst = buffer.transpose(1, 2)  # [batch, length, heads, d], a view: the copy lands in `buffer`
+    dst[members[prompt].to(dev), (width - lengths[prompt] + j).to(dev)] = \
+        packed_kv.transpose(1, 2)[src_row[prompt].to(dev), (src_col[prompt] + j).to(dev)]
 
 
 class RoomyLayer(DynamicLayer):
@@ -146,17 +208,6 @@ class RoomyLayer(DynamicLayer):
         self._filled(n)
 
 
-def _left_padded(packed_kv: torch.Tensor, starts: torch.Tensor, prompts: list[list[int]], width: int,
-                 room: int = 0) -> torch.Tensor:
-    """[rows, heads, L, d] keys or values of packed prompts -> [prompts, heads, width + room, d], each prompt ending
-    at position width - 1 (left-padded), then `room` positions for the tokens to come."""
-    out = packed_kv.new_empty((len(prompts), packed_kv.shape[1], width + room, packed_kv.shape[3]))
-    out[:, :, :width] = 0  # padding is masked, but must not be NaN; the room is written before it is read
-    for g, ((row, col), p) in enumerate(zip(starts.tolist(), prompts, strict=True)):
-        out[g, :, width - len(p): width] = packed_kv[row, :, col: col + len(p)]
-    return out
-
-
 def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: SamplingConfig,
             eos_id: int, prompts: list[list[int]] | None = None) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; a row leaves the batch at its EOS.
@@ -170,6 +221,12 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
     out: list[list[int]] = [[] for _ in range(len(ids))]
     rows = torch.arange(len(ids), device=ids.device)  # batch row -> output row
     logits, past, positions = _prefill(model, ids, attn, prompts, cfg.max_new_tokens)
+    # A 4-D mask of the whole batch, filled in place, spares the model building one at every step (for attention
+    # that takes custom masks: packing_supported checked that); the room is all True, written tokens attend.
+    full = _custom_mask_ok(model)
+    if full:
+        width = attn.shape[1]
+        visible = torch.cat([attn.bool(), attn.new_ones((len(attn), cfg.max_new_tokens), dtype=torch.bool)], 1)
     seqs = ids
     for t in range(cfg.max_new_tokens):
         scores = procs(seqs, logits.float())
@@ -183,12 +240,23 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
             keep = alive.nonzero().squeeze(1)
             past.batch_select_indices(keep)
             rows, attn, positions, seqs, nxt = rows[keep], attn[keep], positions[keep], seqs[keep], nxt[keep]
-        attn = torch.cat([attn, attn.new_ones((len(attn), 1))], dim=1)
+            if full:
+                visible = visible[keep]
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=positions, past_key_values=past,
+        if full:
+            mask = visible[:, None, None, : width + t + 1]
+        else:
+            attn = torch.cat([attn, attn.new_ones((len(attn), 1))], dim=1)
+            mask = attn
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=past,
                        use_cache=True).logits[:, -1]
         positions = positions + 1
     return out
+
+
+def _custom_mask_ok(model: PreTrainedModel) -> bool:
+    """Whether decoding steps may pass a ready boolean 4-D mask: sdpa attention in a model that honours custom masks."""
+    return getattr(model.config, "_attn_implementation", None) == "sdpa" and packing_supported(model)
 
 
 def _fit_context(model: PreTrainedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
