@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from prefkd.generation import SamplingConfig, _decode, sample_responses
+from prefkd.generation import SamplingConfig, _decode, left_padded, sample_responses
+from prefkd.logprobs import packing_supported
 
 EOS = 0
 
@@ -92,3 +93,43 @@ def test_a_row_leaves_the_batch_at_its_eos():
     # only the rows still running.
     assert sorted(prefill) == [(1, 2), (2, 3)]
     assert steps == [sum(n > t for n in lengths) for t in range(1, max(lengths))]
+
+
+TEMPLATE = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3]  # 18 tokens: prompts sharing it run it once
+OTHER = TEMPLATE[:6] + [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]  # another template, 6 tokens in common
+
+
+def test_shared_prefixes_find_templates_and_leave_each_prompt_a_token():
+    from prefkd.generation import _shared_prefixes
+
+    prompts = [TEMPLATE + [10, 11], OTHER + [12], TEMPLATE + [10, 12, 13], [7, 7], TEMPLATE, OTHER + [13, 14]]
+    groups = sorted(_shared_prefixes(prompts))
+    # TEMPLATE alone keeps its last token; the two OTHER prompts share all of OTHER; [7, 7] shares nothing.
+    assert groups == [(17, [4, 0, 2]), (18, [1, 5])]
+
+
+def _eager():
+    model = _model()
+    model.config._attn_implementation = "eager"  # adds the mask to the scores: the packed path converts it
+    return model
+
+
+@pytest.mark.parametrize("make", [_model, _llama, _eager])
+@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=0, max_new_tokens=8), SamplingConfig(max_new_tokens=8)])
+def test_prompts_sharing_a_template_sample_exactly_what_generate_samples(make, cfg):
+    model = make().eval()
+    prompts = [TEMPLATE + [10, 11], OTHER + [12], TEMPLATE + [10, 12, 13], [7, 7, 8], TEMPLATE, OTHER + [13, 14]]
+    ids, attn = left_padded(prompts, EOS)
+    assert packing_supported(model)  # (its probe runs the model once per kind: before the count below)
+    forwards = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: forwards.append(tuple(out.shape[:2])))
+    torch.manual_seed(1)
+    ours = _decode(model, ids, attn, cfg, UNREACHABLE, prompts=prompts)
+    # The two templates (17 and 18 tokens) run once, then the prompts' own 14 tokens (packed), then the steps.
+    own = [(r, w) for r, w in forwards[1:] if w > 1]
+    assert forwards[0] == (2, 18) and sum(r * w for r, w in own) <= 16 < sum(map(len, prompts))
+    torch.manual_seed(1)
+    mode = dict(do_sample=True, top_k=0) if cfg.temperature > 0 else dict(do_sample=False)
+    theirs = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=8, pad_token_id=EOS,
+                            eos_token_id=UNREACHABLE, **mode)
+    assert ours == theirs[:, ids.shape[1]:].tolist()

@@ -14,7 +14,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from prefkd.config import opt
 from prefkd.console import console
@@ -103,40 +103,134 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
                     device: torch.device):
     """`_prefill` of packed prompts, or None for a model whose cache is not plain per-token keys and values.
 
-    The packed rows run in groups of similar filled width, each cut to its widest row, so that neither padding
-    nor the long rows' width is computed for short prompts. The keys and values are then laid out left-padded to
-    `width`, as one padded forward would have left them, in `RoomyLayer`s with `room` free positions for the
-    decoding steps."""
-    packed = pack([(p, []) for p in prompts])
+    - Prompts that begin with the same template (`_shared_prefixes`) run that prefix once: its keys and values are
+      the past of their remaining tokens, as they would be inside each prompt (causal attention, same positions).
+    - The packed rows of the remaining tokens run in groups of similar filled width, each cut to its widest row, so
+      that neither padding nor the long rows' width is computed for short prompts.
+    - The keys and values are then laid out left-padded to `width`, as one padded forward would have left them, in
+      `RoomyLayer`s with `room` free positions for the decoding steps."""
+    n = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
+    shared = torch.zeros(n, dtype=torch.long)  # leading tokens each prompt takes from the shared past
+    past_at = torch.zeros(n, dtype=torch.long)  # where they begin in it
+    past = None
+    clusters = _shared_prefixes(prompts)
+    if clusters:
+        past = _prefix_cache(model, [prompts[members[0]][:k] for k, members in clusters], device)
+        if past is None:
+            return None
+        at = 0
+        for k, members in clusters:
+            shared[members], past_at[members] = k, at
+            at += k
+    n_past = past[0][0].shape[2] if past else 0
+    rest = lengths - shared
+    packed = pack([(p[k:], []) for p, k in zip(prompts, shared.tolist(), strict=True)])
     logits = None
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for rows in _row_groups(packed, lengths):
+    for rows in _row_groups(packed, rest):
         members = torch.isin(packed.starts[:, 0], rows).nonzero().squeeze(1)
-        w = int((packed.starts[members, 1] + lengths[members]).max())
+        w = int((packed.starts[members, 1] + rest[members]).max())
         local = torch.zeros(len(packed.input_ids), dtype=torch.long)
         local[rows] = torch.arange(len(rows))
         src_row, src_col = local[packed.starts[members, 0]], packed.starts[members, 1]
         keep = torch.zeros((len(rows), w), dtype=torch.bool)
-        keep[src_row, src_col + lengths[members] - 1] = True
-        sub = replace(packed, input_ids=packed.input_ids[rows, :w], position_ids=packed.position_ids[rows, :w],
-                      attention=packed.attention[rows][..., :w, :w])
-        out = packed_forward(model, sub, keep, device, use_cache=True)
+        keep[src_row, src_col + rest[members] - 1] = True
+        attention, positions, cache = packed.attention[rows][..., :w, :w], packed.position_ids[rows, :w], None
+        if n_past:
+            owner = torch.full((len(rows), w), -1, dtype=torch.long)  # the prompt of each token; -1 = padding
+            run, j = _runs(rest[members])
+            owner[src_row[run], src_col[run] + j] = members[run]
+            mine = owner.clamp(min=0)
+            first = torch.where(owner >= 0, past_at[mine], n_past)  # padding sees no past
+            at = torch.arange(n_past)
+            seen = (at >= first[..., None]) & (at < (first + shared[mine])[..., None])
+            attention = torch.cat([seen[:, None], attention], -1)
+            positions = positions + torch.where(owner >= 0, shared[mine], 0)
+            cache = DynamicCache([(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)) for k, v in past])
+        sub = replace(packed, input_ids=packed.input_ids[rows, :w], position_ids=positions, attention=attention)
+        out = packed_forward(model, sub, keep, device, use_cache=True, past_key_values=cache)
         layers = getattr(out.past_key_values, "layers", None)
         if not layers or any(type(layer) is not DynamicLayer for layer in layers):
             return None
         if logits is None:
-            logits = out.logits.new_empty((len(prompts), out.logits.shape[-1]))
-            buffers = [tuple(_room_buffer(t, len(prompts), width, room) for t in (layer.keys, layer.values))
-                       for layer in layers]
+            logits = out.logits.new_empty((n, out.logits.shape[-1]))
+            buffers = [tuple(_room_buffer(t, n, width, room) for t in (layer.keys, layer.values)) for layer in layers]
+            if n_past:  # every prompt's shared prefix, from the past
+                everyone = torch.arange(n)
+                for kv_buffers, kv_past in zip(buffers, past, strict=True):
+                    for buffer, t in zip(kv_buffers, kv_past, strict=True):
+                        _copy_runs(buffer, everyone, width - lengths, t, torch.zeros(n, dtype=torch.long),
+                                   past_at, shared)
         order = (src_row * w + src_col).argsort()  # the kept logits come in row-major order
         logits[members[order].to(device)] = out.logits
-        for (kb, vb), layer in zip(buffers, layers, strict=True):
-            for buffer, t in ((kb, layer.keys), (vb, layer.values)):
-                _lay_out_left_padded(buffer, t, members, src_row, src_col, lengths[members], width)
-    past = out.past_key_values
-    past.layers = [RoomyLayer(kb, vb, width) for kb, vb in buffers]
-    return logits, past, lengths[:, None].to(device)
+        for kv_buffers, layer in zip(buffers, layers, strict=True):
+            for buffer, t in zip(kv_buffers, (layer.keys, layer.values), strict=True):
+                _copy_runs(buffer, members, width - rest[members], t, src_row, n_past + src_col, rest[members])
+    past_layers = out.past_key_values
+    past_layers.layers = [RoomyLayer(kb, vb, width) for kb, vb in buffers]
+    return logits, past_layers, lengths[:, None].to(device)
+
+
+def _shared_prefixes(prompts: list[list[int]], min_share: int = 16) -> list[tuple[int, list[int]]]:
+    """(prefix length, prompts) of groups of at least two prompts whose first `min_share` or more tokens agree (an
+    instruction template), each prompt keeping one token of its own. Sorted prompts with a common prefix are
+    neighbours, so one pass finds the groups."""
+    groups: list[tuple[int, list[int]]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: prompts[i]):
+        p = prompts[i]
+        if groups:
+            k, members = groups[-1]
+            head = prompts[members[0]]
+            common = 0
+            limit = min(k, len(p) - 1)
+            while common < limit and head[common] == p[common]:
+                common += 1
+            if common >= min_share:
+                groups[-1] = (common, members + [i])
+                continue
+        groups.append((len(p) - 1, [i]))
+    return [(k, members) for k, members in groups if len(members) > 1]
+
+
+def _prefix_cache(model: PreTrainedModel, prefixes: list[list[int]], device: torch.device
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer, ([1, heads, total, d] keys, values) of the prefixes one after another (one packed forward), or None
+    for a model whose cache is not plain per-token keys and values."""
+    packed = pack([(p, []) for p in prefixes])
+    keep = torch.zeros(packed.input_ids.shape, dtype=torch.bool)
+    keep[packed.starts[0, 0], packed.starts[0, 1]] = True  # the model wants some logits; these are not used
+    out = packed_forward(model, packed, keep, device, use_cache=True)
+    layers = getattr(out.past_key_values, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    sizes = torch.tensor([len(p) for p in prefixes])
+    to, zero = sizes.cumsum(0) - sizes, torch.zeros(1, dtype=torch.long)
+    past = []
+    for layer in layers:
+        kv = []
+        for t in (layer.keys, layer.values):
+            flat = t.new_empty((1, t.shape[1], int(sizes.sum()), t.shape[3]))
+            _copy_runs(flat, zero.expand(len(prefixes)), to, t, packed.starts[:, 0], packed.starts[:, 1], sizes)
+            kv.append(flat)
+        past.append((kv[0], kv[1]))
+    return past
+
+
+def _runs(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(run, j) over the tokens of runs of `counts` tokens: which run each token is in and its index within it."""
+    run = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return run, torch.arange(len(run)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+
+
+def _copy_runs(dst: torch.Tensor, dst_rows: torch.Tensor, dst_at: torch.Tensor, src: torch.Tensor,
+               src_rows: torch.Tensor, src_at: torch.Tensor, counts: torch.Tensor) -> None:
+    """dst[dst_rows[i], :, dst_at[i] + j] = src[src_rows[i], :, src_at[i] + j] for j < counts[i] ([rows, heads,
+    positions, d] keys or values), in one indexed copy."""
+    run, j = _runs(counts)
+    dev = dst.device
+    dst.transpose(1, 2)[dst_rows[run].to(dev), (dst_at[run] + j).to(dev)] = \
+        src.transpose(1, 2)[src_rows[run].to(dev), (src_at[run] + j).to(dev)]  # transpose: views, the copy lands
 
 
 def _row_groups(packed: Packed, lengths: torch.Tensor, fill: float = 0.8) -> list[torch.Tensor]:
@@ -160,18 +254,6 @@ def _room_buffer(like: torch.Tensor, batch: int, width: int, room: int) -> torch
     buffer = like.new_empty((batch, like.shape[1], width + room, like.shape[3]))
     buffer[:, :, :width] = 0
     return buffer
-
-
-def _lay_out_left_padded(buffer: torch.Tensor, packed_kv: torch.Tensor, members: torch.Tensor,
-                         src_row: torch.Tensor, src_col: torch.Tensor, lengths: torch.Tensor, width: int) -> None:
-    """Copy the keys or values of packed prompts `members` ([rows, heads, L, d], prompt i at row src_row[i] from
-    column src_col[i]) into `buffer` rows `members`, each prompt ending at position width - 1, in one indexed copy."""
-    prompt = torch.repeat_interleave(torch.arange(len(members)), lengths)
-    j = torch.arange(len(prompt)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    dev = packed_kv.device
-    dst = buffer.transpose(1, 2)  # [batch, length, heads, d], a view: the copy lands in `buffer`
-    dst[members[prompt].to(dev), (width - lengths[prompt] + j).to(dev)] = \
-        packed_kv.transpose(1, 2)[src_row[prompt].to(dev), (src_col[prompt] + j).to(dev)]
 
 
 class RoomyLayer(DynamicLayer):

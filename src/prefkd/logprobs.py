@@ -207,15 +207,18 @@ def _probe(model: torch.nn.Module) -> bool:
 
 
 def packed_forward(model: torch.nn.Module, packed: Packed, keep: torch.Tensor, device: torch.device,
-                   use_cache: bool = False):
-    """The model on packed rows, logits only at the `keep` positions ([K, V], row-major order of `keep`)."""
+                   use_cache: bool = False, past_key_values=None):
+    """The model on packed rows, logits only at the `keep` positions ([K, V], row-major order of `keep`).
+
+    With `past_key_values` (P positions), `packed.attention` is [R, 1, L, P + L]: what each token sees of the past,
+    then of its row."""
     mask = packed.attention.to(device)
     if _config(model)._attn_implementation == "eager":  # eager adds the mask to the scores
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     keep = keep.to(device)
     out = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                attention_mask=mask, logits_to_keep=keep, use_cache=use_cache)
+                attention_mask=mask, logits_to_keep=keep, use_cache=use_cache, past_key_values=past_key_values)
     if out.logits.dim() == 3:  # a model that ignores a mask in logits_to_keep
         out.logits = out.logits[keep]
     return out
