@@ -136,19 +136,14 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
         src_row, src_col = local[packed.starts[members, 0]], packed.starts[members, 1]
         keep = torch.zeros((len(rows), w), dtype=torch.bool)
         keep[src_row, src_col + rest[members] - 1] = True
-        attention, positions, cache = packed.attention[rows][..., :w, :w], packed.position_ids[rows, :w], None
+        sub = replace(packed, input_ids=packed.input_ids[rows, :w], position_ids=packed.position_ids[rows, :w],
+                      attention=packed.attention[rows][..., :w, :w])
+        cache = None
         if n_past:
             owner = torch.full((len(rows), w), -1, dtype=torch.long)  # the prompt of each token; -1 = padding
             run, j = _runs(rest[members])
             owner[src_row[run], src_col[run] + j] = members[run]
-            mine = owner.clamp(min=0)
-            first = torch.where(owner >= 0, past_at[mine], n_past)  # padding sees no past
-            at = torch.arange(n_past)
-            seen = (at >= first[..., None]) & (at < (first + shared[mine])[..., None])
-            attention = torch.cat([seen[:, None], attention], -1)
-            positions = positions + torch.where(owner >= 0, shared[mine], 0)
-            cache = DynamicCache([(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)) for k, v in past])
-        sub = replace(packed, input_ids=packed.input_ids[rows, :w], position_ids=positions, attention=attention)
+            sub, cache = _after_shared_prefix(sub, owner, past, shared, past_at)
         out = packed_forward(model, sub, keep, device, use_cache=True, past_key_values=cache)
         layers = getattr(out.past_key_values, "layers", None)
         if not layers or any(type(layer) is not DynamicLayer for layer in layers):
@@ -170,6 +165,21 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
     past_layers = out.past_key_values
     past_layers.layers = [RoomyLayer(kb, vb, width) for kb, vb in buffers]
     return logits, past_layers, lengths[:, None].to(device)
+
+
+def _after_shared_prefix(rows: Packed, owner: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]],
+                         shared: torch.Tensor, past_at: torch.Tensor) -> tuple[Packed, DynamicCache]:
+    """Packed rows of prompts' own tokens (prompt `owner` of each token, -1 = padding) made to continue their shared
+    prefixes: positions shifted by the prefix's length, the mask widened to see the prompt's prefix in `past`
+    (the prefixes one after another), and the cache holding `past` for every row."""
+    mine = owner.clamp(min=0)
+    first = torch.where(owner >= 0, past_at[mine], past[0][0].shape[2])  # padding sees no past
+    past_pos = torch.arange(past[0][0].shape[2])
+    seen = (past_pos >= first[..., None]) & (past_pos < (first + shared[mine])[..., None])
+    n = len(owner)
+    cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past])
+    return replace(rows, attention=torch.cat([seen[:, None], rows.attention], -1),
+                   position_ids=rows.position_ids + torch.where(owner >= 0, shared[mine], 0)), cache
 
 
 def _shared_prefixes(prompts: list[list[int]], min_share: int = 16) -> list[tuple[int, list[int]]]:
