@@ -270,34 +270,32 @@ class RoomyLayer(DynamicLayer):
     """A DynamicLayer whose keys and values sit at the front of buffers with room for the tokens still to come.
 
     DynamicLayer appends each decoding step's key and value with `torch.cat`, copying the whole cache at every step;
-    here the step is written in place and `keys` / `values` are views of the filled part (the same numbers)."""
+    here the step is written in place and `keys` / `values` are views of the filled part (the same numbers). Rows
+    that leave the batch are dropped in place too: the kept rows move to the front of the same buffers."""
 
     def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int):
         super().__init__()
         self.dtype, self.device, self.is_initialized = key_buffer.dtype, key_buffer.device, True
         self._k, self._v = key_buffer, value_buffer
-        self._filled(length)
+        self._filled(len(key_buffer), length)
 
-    def _filled(self, n: int) -> None:
-        self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+    def _filled(self, rows: int, n: int) -> None:
+        self.keys, self.values = self._k[:rows, :, :n], self._v[:rows, :, :n]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n, m = self.keys.shape[-2], key_states.shape[-2]
+        rows, n, m = len(self.keys), self.keys.shape[-2], key_states.shape[-2]
         if n + m > self._k.shape[-2]:  # out of room (not when the room covers max_new_tokens): double it
-            self._k, self._v = (torch.cat([b[..., :n, :], b.new_empty((*b.shape[:-2], max(n, m), b.shape[-1]))], -2)
+            self._k, self._v = (torch.cat([b[:rows, :, :n], b.new_empty((rows, b.shape[1], max(n, m), b.shape[3]))], 2)
                                 for b in (self._k, self._v))
-        self._k[..., n: n + m, :], self._v[..., n: n + m, :] = key_states, value_states
-        self._filled(n + m)
+        self._k[:rows, :, n: n + m], self._v[:rows, :, n: n + m] = key_states, value_states
+        self._filled(rows, n + m)
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         n = self.keys.shape[-2]
-        for name in ("_k", "_v"):  # copy the kept rows' filled part only; the room is written before it is read
-            old = getattr(self, name)
-            new = old.new_empty((len(indices), *old.shape[1:]))
-            new[..., :n, :] = old[indices, :, :n]
-            setattr(self, name, new)
-        self._filled(n)
+        for b in (self._k, self._v):  # the kept rows' filled part only; the room is written before it is read
+            b[: len(indices), :, :n] = b[indices, :, :n]
+        self._filled(len(indices), n)
 
 
 def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: SamplingConfig,
