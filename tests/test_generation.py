@@ -133,3 +133,21 @@ def test_prompts_sharing_a_template_sample_exactly_what_generate_samples(make, c
     theirs = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=8, pad_token_id=EOS,
                             eos_token_id=UNREACHABLE, **mode)
     assert ours == theirs[:, ids.shape[1]:].tolist()
+
+
+def test_a_model_whose_cache_is_not_plain_falls_back_to_one_padded_prefill():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)  # a sliding window: its cache layers are not plain keys and values
+    model = MistralForCausalLM(MistralConfig(vocab_size=40, num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=32, max_position_embeddings=64,
+                                             sliding_window=8)).eval()
+    prompts = [TEMPLATE + [10, 11], TEMPLATE + [12], [7, 7, 8]]
+    ids, attn = left_padded(prompts, EOS)
+    cfg = SamplingConfig(max_new_tokens=8)
+    torch.manual_seed(1)
+    ours = _decode(model, ids, attn, cfg, UNREACHABLE, prompts=prompts)
+    torch.manual_seed(1)
+    theirs = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=8, pad_token_id=EOS,
+                            eos_token_id=UNREACHABLE, do_sample=True, top_k=0)
+    assert ours == theirs[:, ids.shape[1]:].tolist()

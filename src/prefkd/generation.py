@@ -311,9 +311,9 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
     out: list[list[int]] = [[] for _ in range(len(ids))]
     rows = torch.arange(len(ids), device=ids.device)  # batch row -> output row
     logits, past, positions = _prefill(model, ids, attn, prompts, cfg.max_new_tokens)
-    # A 4-D mask of the whole batch, filled in place, spares the model building one at every step (for attention
-    # that takes custom masks: packing_supported checked that); the room is all True, written tokens attend.
-    full = _custom_mask_ok(model)
+    # A 4-D mask of the whole batch, filled in place, spares the model building one at every step; the room is all
+    # True, written tokens attend.
+    full = _custom_mask_ok(model, past)
     if full:
         width = attn.shape[1]
         visible = torch.cat([attn.bool(), attn.new_ones((len(attn), cfg.max_new_tokens), dtype=torch.bool)], 1)
@@ -344,9 +344,11 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
     return out
 
 
-def _custom_mask_ok(model: PreTrainedModel) -> bool:
-    """Whether decoding steps may pass a ready boolean 4-D mask: sdpa attention in a model that honours custom masks."""
-    return getattr(model.config, "_attn_implementation", None) == "sdpa" and packing_supported(model)
+def _custom_mask_ok(model: PreTrainedModel, past) -> bool:
+    """Whether decoding steps may pass a ready boolean 4-D mask over every position so far: sdpa attention in a
+    model that honours custom masks, with a cache that keeps every position (a sliding window's does not)."""
+    plain = all(type(layer) in (DynamicLayer, RoomyLayer) for layer in getattr(past, "layers", [None]))
+    return plain and getattr(model.config, "_attn_implementation", None) == "sdpa" and packing_supported(model)
 
 
 def _fit_context(model: PreTrainedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
