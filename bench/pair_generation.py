@@ -47,8 +47,8 @@ def generate_per_batch(model, prompts: list[list[int]], cfg: SamplingConfig, pad
     return out
 
 
-def measure(fx: fixtures.Fixture, reps: int) -> dict:
-    """Median seconds of the three ways on one fixture's 64 prompts, teacher then student, alternating."""
+def workload(fx: fixtures.Fixture):
+    """(teacher, student, the fixture's 64 prompts, pad id, eos id)."""
     t_path, s_path = fixtures.models(fx)
     tokenizer = load_tokenizer(str(s_path))
     teacher, student = load_model(str(t_path)).eval(), load_model(str(s_path)).eval()
@@ -56,7 +56,12 @@ def measure(fx: fixtures.Fixture, reps: int) -> dict:
     # `sample_responses` would cut them; `generate` alone would run past the position table).
     room = min(m.config.n_positions for m in (teacher, student)) - MAX_NEW
     prompts = [e.prompt_ids[-room:] for e in fixtures.pairs(fx)]
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return teacher, student, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id
+
+
+def measure(fx: fixtures.Fixture, reps: int) -> dict:
+    """Median seconds of the three ways on one fixture's 64 prompts, teacher then student, alternating."""
+    teacher, student, prompts, pad, eos = workload(fx)
     sampling = SamplingConfig(max_new_tokens=MAX_NEW)
     new_tokens: dict[str, list[int]] = {"batched": [], "naive": []}
 
