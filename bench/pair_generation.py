@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from bench import common, fixtures
-from prefkd.generation import SamplingConfig, left_padded, sample_responses
+from prefkd.generation import SamplingConfig, _shared_prefixes, left_padded, sample_responses
 from prefkd.models import load_model, load_tokenizer
 
 MAX_NEW = 128
@@ -59,6 +59,18 @@ def workload(fx: fixtures.Fixture):
     return teacher, student, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id
 
 
+def shared_template_share(prompts: list[list[int]], batch_size: int) -> list[float]:
+    """Per batch of `sample_responses` (prompts sorted by length), the share of prompt tokens that a template shared
+    with other prompts of the batch spares the prefill."""
+    order = sorted(prompts, key=len, reverse=True)
+    shares = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start: start + batch_size]
+        saved = sum(k * (len(members) - 1) for k, members in _shared_prefixes(batch))
+        shares.append(round(saved / sum(map(len, batch)), 3))
+    return shares
+
+
 def measure(fx: fixtures.Fixture, reps: int) -> dict:
     """Median seconds of the three ways on one fixture's 64 prompts, teacher then student, alternating."""
     teacher, student, prompts, pad, eos = workload(fx)
@@ -84,6 +96,7 @@ def measure(fx: fixtures.Fixture, reps: int) -> dict:
     return {"ratio": round(med["naive"] / med["batched"], 2),
             "median_s": {k: round(v, 2) for k, v in med.items()},
             "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
+            "prefill_tokens_saved_by_shared_templates": shared_template_share(prompts, sampling.batch_size),
             "mean_new_tokens_per_pass": {k: round(sum(v) / (len(v) / 2)) for k, v in new_tokens.items()},
             "previous_implementation_vs_batched": round(med["previous"] / med["batched"], 2),
             "batch_size": sampling.batch_size, "load_avg_start": load_before, "load_avg_end": common.load_avg()}
@@ -95,7 +108,7 @@ def run(quick: bool) -> dict:
     figures = {"pair_generation_vs_naive": suite.pop("ratio"), "pair_generation_vs_naive_dolly": dolly.pop("ratio")}
     settings = {"prompts": 64, "models": "teacher gpt2 mini + student gpt2 tiny", "max_new_tokens": MAX_NEW,
                 "temperature": 1.0, "top_k": 0, "reps": reps, "threads": torch.get_num_threads(),
-                "fixtures": {"suite": "the demo's suite, models SFT 300 steps",
+                "fixtures": {"suite": f"the demo's suite, models SFT {fixtures.Fixture().teacher_steps} steps",
                              "dolly": f"Dolly prompts (D shard of 2,000 filtered training records), models SFT "
                                       f"{fixtures.DOLLY.teacher_steps} steps on Dolly"}}
     common.save("pair_generation", figures, settings, {"suite": suite, "dolly": dolly})

@@ -145,9 +145,9 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
             owner[src_row[run], src_col[run] + j] = members[run]
             sub, cache = _after_shared_prefix(sub, owner, past, shared, past_at)
         out = packed_forward(model, sub, keep, device, use_cache=True, past_key_values=cache)
-        layers = getattr(out.past_key_values, "layers", None)
-        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        if not _plain(out.past_key_values):
             return None
+        layers = out.past_key_values.layers
         if logits is None:
             logits = out.logits.new_empty((n, out.logits.shape[-1]))
             buffers = [tuple(_room_buffer(t, n, width, room) for t in (layer.keys, layer.values)) for layer in layers]
@@ -211,13 +211,12 @@ def _prefix_cache(model: PreTrainedModel, prefixes: list[list[int]], device: tor
     keep = torch.zeros(packed.input_ids.shape, dtype=torch.bool)
     keep[packed.starts[0, 0], packed.starts[0, 1]] = True  # the model wants some logits; these are not used
     out = packed_forward(model, packed, keep, device, use_cache=True)
-    layers = getattr(out.past_key_values, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    if not _plain(out.past_key_values):
         return None
     sizes = torch.tensor([len(p) for p in prefixes])
     to, zero = sizes.cumsum(0) - sizes, torch.zeros(1, dtype=torch.long)
     past = []
-    for layer in layers:
+    for layer in out.past_key_values.layers:
         kv = []
         for t in (layer.keys, layer.values):
             flat = t.new_empty((1, t.shape[1], int(sizes.sum()), t.shape[3]))
@@ -225,6 +224,12 @@ def _prefix_cache(model: PreTrainedModel, prefixes: list[list[int]], device: tor
             kv.append(flat)
         past.append((kv[0], kv[1]))
     return past
+
+
+def _plain(cache) -> bool:
+    """Whether a cache holds every position's keys and values as they are (not a sliding window's, say)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in (DynamicLayer, RoomyLayer) for layer in layers)
 
 
 def _runs(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,9 +334,11 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
         if not alive.all():
             keep = alive.nonzero().squeeze(1)
             past.batch_select_indices(keep)
-            rows, attn, positions, seqs, nxt = rows[keep], attn[keep], positions[keep], seqs[keep], nxt[keep]
+            rows, positions, seqs, nxt = rows[keep], positions[keep], seqs[keep], nxt[keep]
             if full:
                 visible = visible[keep]
+            else:
+                attn = attn[keep]
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         if full:
             mask = visible[:, None, None, : width + t + 1]
@@ -347,8 +354,7 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
 def _custom_mask_ok(model: PreTrainedModel, past) -> bool:
     """Whether decoding steps may pass a ready boolean 4-D mask over every position so far: sdpa attention in a
     model that honours custom masks, with a cache that keeps every position (a sliding window's does not)."""
-    plain = all(type(layer) in (DynamicLayer, RoomyLayer) for layer in getattr(past, "layers", [None]))
-    return plain and getattr(model.config, "_attn_implementation", None) == "sdpa" and packing_supported(model)
+    return _plain(past) and getattr(model.config, "_attn_implementation", None) == "sdpa" and packing_supported(model)
 
 
 def _fit_context(model: PreTrainedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
