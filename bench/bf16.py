@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from bench import common, fixtures
-from prefkd.data.records import read_records
+from prefkd.data.loaders import load_instructions
 from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig
 from prefkd.models import ModelConfig
-from prefkd.runs import DataConfig, DistillRun, run_distill
+from prefkd.recipes.common import DataConfig
+from prefkd.recipes.distill import DistillRun, run_distill
 from prefkd.train import TrainConfig
 
 STEPS = 50
@@ -55,7 +56,7 @@ def _alternate(fx: fixtures.Fixture, rounds: int, steps: int = STEPS) -> tuple[d
 
 def run(quick: bool) -> dict:
     rounds = 1 if quick else 2
-    read_records(fixtures.data_dir() / "d_prompts.jsonl")  # builds the data if needed
+    load_instructions(fixtures.data_dir() / "d_prompts.jsonl")  # builds the data if needed
     fixtures.models(fixtures.BASE)  # trained before any timing starts
     load_before = common.load_avg()
     wall, loss = _alternate(fixtures.Fixture(), rounds)

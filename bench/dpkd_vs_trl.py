@@ -27,7 +27,8 @@ from bench import common, fixtures
 from prefkd.data.collate import Example, collate
 from prefkd.generation import SamplingConfig
 from prefkd.logprobs import _padded_response_token_logps
-from prefkd.methods import MethodConfig, StepInputs, dpkd_pair_loss, pair_step, teacher_logps
+from prefkd.methods import MethodConfig, StepInputs
+from prefkd.methods.dpkd import dpkd_pair_loss, pair_step, teacher_logps
 from prefkd.models import load_model, load_tokenizer
 
 BATCH = 16

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from prefkd import atomic, stages
 from prefkd.data.collate import Example, encode_prompts
-from prefkd.data.records import Instruction, read_records
+from prefkd.data.loaders import load_instructions
+from prefkd.data.records import Instruction
 from prefkd.experiment_data import DollyConfig, ExperimentDataConfig, prepare_data
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.models import ModelConfig, load_model, load_tokenizer
-from prefkd.runs import DataConfig, SFTRun, run_sft
+from prefkd.recipes.common import DataConfig
+from prefkd.recipes.sft import SFTRun, run_sft
 from prefkd.train import TrainConfig
 
 CACHE = Path(__file__).parent / ".cache"
@@ -41,7 +43,9 @@ BASE = Fixture(teacher_size="base", student_size="base", teacher_steps=40, stude
 # Dolly prompts and answers (median reference ~40 words; the models write until EOS or 128 tokens): where decoding,
 # not prefill, is the work of pair generation.
 DOLLY = Fixture(teacher_steps=80, student_steps=80, source="dolly", batch_size=16)
-DOLLY_DATA = ExperimentDataConfig(source="dolly", dolly=DollyConfig(max_train=2000, max_validation=20, max_test=20))
+DOLLY_DATA = ExperimentDataConfig(source="dolly", dolly=DollyConfig(
+    dolly="../shared/data/dolly/databricks-dolly-15k.jsonl", test="../shared/data/dolly/test-minillm-500.jsonl",
+    validation="../shared/data/dolly/dev-minillm-1000.jsonl", max_train=2000, max_validation=20, max_test=20))
 
 
 def data_dir(source: str = "suite") -> Path:
@@ -64,7 +68,7 @@ def models(fx: Fixture = Fixture()) -> tuple[Path, Path]:
         key = stages.fingerprint(name, size, steps, files, fx.source, fx.batch_size)
         out = CACHE / f"{name}-{key}"
         if not stages.is_done(out, key):
-            records = [r for f in files for r in read_records(d / f"{f}.jsonl", require_references=True)]
+            records = [r for f in files for r in load_instructions(d / f"{f}.jsonl")]
             tcfg = TrainConfig(steps=steps, batch_size=fx.batch_size, lr=1e-3, bf16=True, save_every=0, log_every=50)
             run_sft(SFTRun(str(out), ModelConfig(size=size), str(d / "tokenizer"), DataConfig(), tcfg), records,
                     tokenizer, f"bench {name}")
@@ -96,7 +100,7 @@ def pairs(fx: Fixture = Fixture()) -> list[Example]:
     path = CACHE / f"pairs-{key}.json"
     if not path.is_file():
         tokenizer = load_tokenizer(str(teacher_path))
-        records = balanced(read_records(data_dir(fx.source) / "d.jsonl"), fx.n_pairs)
+        records = balanced(load_instructions(data_dir(fx.source) / "d.jsonl"), fx.n_pairs)
         prompts = encode_prompts(tokenizer, [r.prompt for r in records])
         sampling = SamplingConfig(max_new_tokens=fx.max_new_tokens)
         pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from bench import common, fixtures
-from prefkd.data.records import read_records
+from prefkd.data.loaders import load_instructions
 from prefkd.generation import SamplingConfig
-from prefkd.methods import DPKDConfig, MethodConfig
+from prefkd.methods import MethodConfig
+from prefkd.methods.dpkd import DPKDConfig
 from prefkd.models import ModelConfig
-from prefkd.runs import DataConfig, DistillRun, run_distill
+from prefkd.recipes.common import DataConfig
+from prefkd.recipes.distill import DistillRun, run_distill
 from prefkd.train import TrainConfig
 
 PROMPTS = 64
@@ -45,7 +47,7 @@ def _run(out: Path, mode: str, seed: int, prompts) -> list[float]:
 
 def run(quick: bool) -> dict:
     rounds = 2 if quick else 3
-    prompts = fixtures.balanced(read_records(fixtures.data_dir() / "d_prompts.jsonl"), PROMPTS)
+    prompts = fixtures.balanced(load_instructions(fixtures.data_dir() / "d_prompts.jsonl"), PROMPTS)
     per_epoch = PROMPTS // BATCH
     epoch1, epoch2, fresh = [], [], []
     load_before = common.load_avg()

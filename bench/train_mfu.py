@@ -18,7 +18,7 @@ import torch
 
 from bench import common, fixtures
 from prefkd.data.collate import collate, encode_examples
-from prefkd.data.records import read_records
+from prefkd.data.loaders import load_instructions
 from prefkd.generation import SamplingConfig
 from prefkd.logprobs import _padded_response_token_logps, token_mean_nll
 from prefkd.methods import MethodConfig, StepInputs, get_method
@@ -42,7 +42,7 @@ class SFTBench:
     def __init__(self, size: str = SIZE):
         d = fixtures.data_dir()
         self.tokenizer = load_tokenizer(str(d / "tokenizer"))
-        records = read_records(d / "d0.jsonl", require_references=True)
+        records = load_instructions(d / "d0.jsonl")
         self.examples, _ = encode_examples(self.tokenizer, [r.prompt for r in records],
                                            [r.references[0] for r in records])
         self.model = build_model("gpt2", size, self.tokenizer, seed=0)

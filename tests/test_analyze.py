@@ -11,12 +11,12 @@ from tests_support import tiny_files
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from prefkd.analyze import NoiseConfig, correlations, perturb, plan, response_logps
 from prefkd.cli import app
 from prefkd.data.loaders import load_instructions
 from prefkd.evaluate import rouge_l
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.models import resolve_device
+from prefkd.recipes.analyze import NoiseConfig, correlations, perturb, plan, response_logps
 
 
 def test_perturb_draws_seeded_noise_of_the_requested_scale(tokenizer, tmp_path):

@@ -10,8 +10,8 @@ from prefkd.cli import app
 from prefkd.errors import ConfigError
 from prefkd.eval_files import read_records_of, read_responses
 from prefkd.evaluate import rouge_l
-from prefkd.experiment import ExperimentConfig, resolve, run_experiment, teacher_win_rates
-from prefkd.runs import DistillRun
+from prefkd.recipes.compare import ExperimentConfig, resolve, run_experiment, teacher_win_rates
+from prefkd.recipes.distill import DistillRun
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.vocab_size=512", "data.dolly.max_train=80", "data.dolly.max_validation=6", "data.dolly.max_test=10",
@@ -113,7 +113,7 @@ def test_contrasts_add_paired_differences_and_verdicts(tmp_path):
     import numpy as np
 
     from prefkd.data.records import Instruction
-    from prefkd.experiment import summarize
+    from prefkd.recipes.compare import summarize
     from prefkd.report import write_report
 
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@ import pytest
 
 from prefkd import config
 from prefkd.errors import ConfigError
-from prefkd.experiment import ExperimentConfig
+from prefkd.recipes.compare import ExperimentConfig
 
 
 def test_overrides_and_yaml(tmp_path):

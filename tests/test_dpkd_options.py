@@ -8,9 +8,9 @@ from prefkd import losses
 from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
 from prefkd.generation import SamplingConfig
-from prefkd.methods import DPKDConfig, MethodConfig, StepInputs, dpkd_pair_loss, get_method, pair_step, teacher_logps
+from prefkd.methods import MethodConfig, StepInputs, get_method
+from prefkd.methods.dpkd import DPKDConfig, dpkd_pair_loss, pair_step, teacher_logps
 from prefkd.models import build_model
-from prefkd.runs import check_method_config
 
 CPU = torch.device("cpu")
 
@@ -123,5 +123,6 @@ def test_rkl_anchor_is_the_reverse_kl_on_the_students_sample(pairs, tokenizer):
     ({"student_samples": 0}, "dpkd", "at least 1"),
 ])
 def test_impossible_options_are_refused(dpkd, method, match):
+    """Impossible values are refused when the config is built; impossible combinations by the method's check."""
     with pytest.raises(ConfigError, match=match):
-        check_method_config(MethodConfig(dpkd=DPKDConfig(**dpkd)), get_method(method))
+        get_method(method).check(MethodConfig(dpkd=DPKDConfig(**dpkd)))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from prefkd.cache import read_cache
 from prefkd.cli import app
 from prefkd.data.loaders import load_instructions
-from prefkd.data.records import read_records, write_records
+from prefkd.data.records import write_records
 from prefkd.eval_files import per_prompt_matrix, read_predictions, read_responses
 from prefkd.evaluate import score
 from prefkd.judges import LogLikelihoodJudge, head_to_head
@@ -128,7 +128,7 @@ def test_interrupted_evaluation_resumes_to_the_same_predictions(setup, tmp_path)
 
 
 def test_minillm_format_gives_category_breakdowns(setup, tmp_path):
-    records = read_records(setup["test"])[:4]
+    records = load_instructions(setup["test"])[:4]
     topics = ["open_qa", "open_qa", "brainstorming", "classification"]
     path = tmp_path / "minillm.jsonl"
     path.write_text("".join(json.dumps({"instruction": r.instruction, "input": r.input, "output": r.references[0],
@@ -138,7 +138,7 @@ def test_minillm_format_gives_category_breakdowns(setup, tmp_path):
     _ok(["evaluate", "--model", setup["student"], "--data", str(path), "--seeds", "1", "--out", str(out), *FAST])
     scores = _json(out / "scores.json")
     assert scores["category:open_qa"]["n"] == 2 and scores["category:classification"]["n"] == 1
-    assert [r.id for r in read_records(out / "records.jsonl")] == [f"minillm.jsonl:{i}" for i in range(1, 5)]
+    assert [r.id for r in load_instructions(out / "records.jsonl")] == [f"minillm.jsonl:{i}" for i in range(1, 5)]
 
 
 def test_evaluate_errors_are_one_line(setup, tmp_path):
@@ -149,7 +149,7 @@ def test_evaluate_errors_are_one_line(setup, tmp_path):
 
     assert "set model=" in fails(["evaluate", "--data", setup["test"]])
     assert "no records.jsonl in this evaluation directory" in fails(["evaluate", "--rescore", str(tmp_path)])
-    write_records(tmp_path / "records.jsonl", read_records(setup["test"]))
+    write_records(tmp_path / "records.jsonl", load_instructions(setup["test"]))
     assert "predictions.json: no predictions file" in fails(["evaluate", "--rescore", str(tmp_path)])
     # a judge that needs the references cannot judge them; said before any generation
     text = fails(["evaluate", "--model", setup["student"], "--data", setup["test"], "--judge", "rouge", "--out",
@@ -176,7 +176,7 @@ def test_winrate_between_evaluations_and_between_models(setup, tmp_path):
 
     # models on prompts without references (a distillation set), sampled here, judged by a reward model
     prompts = tmp_path / "d_prompts.jsonl"
-    write_records(prompts, [replace(r, references=()) for r in read_records(setup["train"])[:5]])
+    write_records(prompts, [replace(r, references=()) for r in load_instructions(setup["train"])[:5]])
     out2 = tmp_path / "models.json"
     _ok(["winrate", "--a", setup["teacher"], "--b", setup["student"], "--data", str(prompts), "--judge", setup["rm"],
          "--out", str(out2), "eval.seeds=4", "eval.sampling.max_new_tokens=6"])

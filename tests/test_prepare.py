@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from prefkd.data.loaders import load_instructions
 from prefkd.data.prepare import dolly_splits, filter_for_training, load_corpus, plad_shards, write_splits
-from prefkd.data.records import Instruction, read_records
+from prefkd.data.records import Instruction
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DOLLY = DATA / "dolly"
@@ -95,7 +96,7 @@ def test_write_splits_writes_once(tmp_path):
     assert write_splits(splits, out, seed=0, extra={"removed": 3}) is True
     summary = json.loads((out / "splits.json").read_text())
     assert summary["counts"] == {"train": 1, "test": 1} and summary["seed"] == 0 and summary["removed"] == 3
-    assert read_records(out / "test.jsonl") == splits["test"]
+    assert load_instructions(out / "test.jsonl") == splits["test"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert write_splits(splits, out, seed=0, extra={"removed": 3}) is False
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
@@ -103,7 +104,7 @@ def test_write_splits_writes_once(tmp_path):
     assert write_splits(splits, out, seed=1) is True
     changed = {**splits, "train": [Instruction("x", references=("y",), id="1")]}
     assert write_splits(changed, out, seed=1) is True
-    assert read_records(out / "train.jsonl") == changed["train"]
+    assert load_instructions(out / "train.jsonl") == changed["train"]
 
 
 def test_load_corpus_wikitext_articles():

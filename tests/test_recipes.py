@@ -8,7 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from prefkd.cli import app
-from prefkd.data.records import read_records, write_records
+from prefkd.data.loaders import load_instructions
+from prefkd.data.records import write_records
 from prefkd.models import build_model, save_pretrained, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_data_recipes_make_minillm_splits(prepared):
     assert report["corpus_documents"] > 10
     plad = json.loads((prepared / "plad-dolly" / "splits.json").read_text())["report"]
     assert abs(plad["d0"] - plad["d"]) <= 1 and plad["d0"] + plad["d"] == plad["train"]
-    assert all(not r.references for r in read_records(prepared / "plad-dolly" / "d_prompts.jsonl"))
+    assert all(not r.references for r in load_instructions(prepared / "plad-dolly" / "d_prompts.jsonl"))
 
 
 @pytest.mark.parametrize("recipe", ["dpkd-dolly", "plad-dolly"])
@@ -58,8 +59,8 @@ def test_training_recipes_run_with_small_models(prepared, recipe, tmp_path):
     for f in ("train", "d0", "d_prompts", "test"):
         if (data_dir / f"{f}.jsonl").is_file():
             small[f] = tmp_path / f"{f}.jsonl"
-            write_records(small[f], read_records(data_dir / f"{f}.jsonl")[:24])
-    texts = [r.prompt + (r.references[0] if r.references else "") for r in read_records(small["train"])]
+            write_records(small[f], load_instructions(data_dir / f"{f}.jsonl")[:24])
+    texts = [r.prompt + (r.references[0] if r.references else "") for r in load_instructions(small["train"])]
     tok = train_tokenizer(texts * 4, vocab_size=400)
     for role, size in (("teacher", "micro"), ("student", "nano")):
         save_pretrained(build_model("gpt2", size, tok), tok, tmp_path / f"base-{role}")

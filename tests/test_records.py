@@ -1,13 +1,14 @@
 import pytest
 
-from prefkd.data.records import Instruction, read_records, write_records
+from prefkd.data.loaders import load_instructions
+from prefkd.data.records import Instruction, write_records
 from prefkd.errors import DataError
 
 
 def test_round_trip(tmp_path):
     recs = [Instruction("Say hi", "", ("hi",), "x", "skill", "1"), Instruction("Add", "1 2", ("3", "three"))]
     write_records(tmp_path / "r.jsonl", recs)
-    assert read_records(tmp_path / "r.jsonl") == recs
+    assert load_instructions(tmp_path / "r.jsonl") == recs
 
 
 @pytest.mark.parametrize("line, field, msg", [
@@ -21,7 +22,7 @@ def test_bad_lines_name_file_line_and_field(tmp_path, line, field, msg):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"instruction": "fine", "references": ["ok"]}\n' + line + "\n")
     with pytest.raises(DataError, match=msg) as e:
-        read_records(f)
+        load_instructions(f)
     assert f"{f}:2" in str(e.value)
     if field:
         assert f"field '{field}'" in str(e.value)
@@ -31,10 +32,10 @@ def test_missing_references_and_invalid_utf8(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text('{"instruction": "a"}\n')
     with pytest.raises(DataError, match="field 'references'"):
-        read_records(f, require_references=True)
+        load_instructions(f)
     f.write_bytes(b'{"instruction": "\xff"}\n')
     with pytest.raises(DataError, match="invalid UTF-8"):
-        read_records(f)
+        load_instructions(f)
     f.write_text("")
     with pytest.raises(DataError, match="empty"):
-        read_records(f)
+        load_instructions(f)

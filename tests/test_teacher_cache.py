@@ -10,9 +10,11 @@ from prefkd.cache import TeacherCache
 from prefkd.data.collate import Example, collate
 from prefkd.generation import SamplingConfig
 from prefkd.logprobs import _padded_response_token_logps
-from prefkd.methods import DPKDConfig, MethodConfig, StepInputs, dpkd_pair_loss, pair_step, teacher_logps
+from prefkd.methods import MethodConfig, StepInputs
+from prefkd.methods.dpkd import DPKDConfig, dpkd_pair_loss, pair_step, teacher_logps
 from prefkd.models import ModelConfig, build_model, load_model, save_pretrained
-from prefkd.runs import DataConfig, DistillRun, run_distill
+from prefkd.recipes.common import DataConfig
+from prefkd.recipes.distill import DistillRun, run_distill
 from prefkd.train import TrainConfig
 
 N_PROMPTS, BATCH = 8, 4  # two steps per epoch

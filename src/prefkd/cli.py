@@ -43,24 +43,13 @@ def _run(fn, debug: bool):
         sys.exit(2)
 
 
-from prefkd.experiment import ExperimentConfig  # noqa: E402  (after the helpers: help text is built at import time)
+from prefkd.recipes.compare import ExperimentConfig  # noqa: E402  (after the helpers: help text is built at import)
 
 
-def _experiment(config_file: str | None, overrides: list[str], base: dict) -> None:
-    from prefkd.experiment import results_name, run_experiment
-    from prefkd.report import results_table, verdict
+def _compare(config_file: str | None, overrides: list[str], base: dict) -> None:
+    from prefkd.recipes.compare import run_compare
 
-    cfg = config.load(ExperimentConfig, config_file, overrides, base=base)
-    results = run_experiment(cfg)
-    console.print(results_table(results))
-    for m in cfg.methods:
-        for baseline in ("sft", "sft_continued"):
-            for group in ("all", "kind:D"):
-                if line := verdict(results, m, baseline, group):
-                    console.print(line)
-    report = f"report{'-' + cfg.tag if cfg.tag else ''}"
-    console.print(f"wrote {cfg.out}/{results_name(cfg.tag)}, {report}.md and {report}.html in "
-                  f"{results['wall_seconds']:.0f} s")
+    run_compare(config.load(ExperimentConfig, config_file, overrides, base=base))
 
 
 @app.command(epilog=_keys_help(ExperimentConfig))
@@ -70,13 +59,13 @@ def demo(overrides: Overrides = None, config_file: ConfigFile = None, debug: Deb
                                                                      "(same as methods=...)")] = None) -> None:
     """Build the embedded suite, SFT a teacher and a student, distil the student, evaluate, report (runs/demo)."""
     extra = ([f"out={out}"] if out else []) + ([f"methods={methods}"] if methods else [])
-    _run(lambda: _experiment(config_file, (overrides or []) + extra, {"out": "runs/demo"}), debug)
+    _run(lambda: _compare(config_file, (overrides or []) + extra, {"out": "runs/demo"}), debug)
 
 
 @app.command(epilog=_keys_help(ExperimentConfig))
 def compare(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
     """A methods x seeds matrix from one config: train, evaluate, and a table with 95% intervals (resumable)."""
-    _run(lambda: _experiment(config_file, overrides or [], {}), debug)
+    _run(lambda: _compare(config_file, overrides or [], {}), debug)
 
 
 @app.command()
@@ -84,33 +73,28 @@ def report(run_dir: Annotated[str, typer.Argument(help="an experiment's output d
            tag: Annotated[str, typer.Option("--tag", help="the comparison's tag (results-TAG.json)")] = "",
            debug: Debug = False) -> None:
     """Rebuild report.md and report.html (plots embedded) of a finished experiment."""
-    import json
-    from pathlib import Path
-
-    from prefkd.errors import PrefkdError
-    from prefkd.report import write_report
+    from prefkd.recipes.compare import rebuild_report
 
     def go():
-        from prefkd.experiment import results_name
-
-        path = Path(run_dir) / results_name(tag)
-        if not path.is_file():
-            raise PrefkdError(f"{path} not found: pass the output directory of `prefkd compare` or `prefkd demo`")
-        md = write_report(run_dir, json.loads(path.read_text(encoding="utf-8")))
+        md = rebuild_report(run_dir, tag)
         console.print(f"wrote {md} and {md.with_suffix('.html')}")
 
     _run(go, debug)
 
 
 from prefkd.evaluate import scores_text  # noqa: E402
-from prefkd.runs import DistillRun, EvaluateRun, GenerateRun, SFTRun, WinRateRun  # noqa: E402
+from prefkd.recipes.distill import DistillRun  # noqa: E402
+from prefkd.recipes.evaluate import EvaluateRun  # noqa: E402
+from prefkd.recipes.generate import GenerateRun  # noqa: E402
+from prefkd.recipes.sft import SFTRun  # noqa: E402
+from prefkd.recipes.winrate import WinRateRun  # noqa: E402
 
 
 @app.command(epilog=_keys_help(SFTRun))
 def sft(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False, resume: Resume = False,
         overwrite: Overwrite = False) -> None:
     """Supervised fine-tuning on records with references (teacher, or the student's initialisation)."""
-    from prefkd.runs import run_sft
+    from prefkd.recipes.sft import run_sft
 
     def go():
         cfg = config.load(SFTRun, config_file, overrides or [])
@@ -128,7 +112,7 @@ def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
                                                                           "(e.g. with vLLM, before a multi-GPU "
                                                                           "launch)")] = False) -> None:
     """Distil a teacher into a student with one method (see `prefkd methods`)."""
-    from prefkd.runs import run_distill
+    from prefkd.recipes.distill import run_distill
 
     def go():
         cfg = config.load(DistillRun, config_file, (overrides or []) + ([f"method={method}"] if method else []))
@@ -139,13 +123,13 @@ def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
     _run(go, debug)
 
 
-from prefkd.data.dolly import PrepareRun  # noqa: E402
+from prefkd.recipes.prepare import PrepareRun  # noqa: E402
 
 
 @app.command(epilog=_keys_help(PrepareRun))
 def prepare(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False) -> None:
     """Dolly splits as MiniLLM/DPKD use them (test 500, validation 1000, train = the rest), optional PLaD shards."""
-    from prefkd.data.dolly import run_prepare
+    from prefkd.recipes.prepare import run_prepare
 
     _run(lambda: run_prepare(config.load(PrepareRun, config_file, overrides or [])), debug)
 
@@ -154,7 +138,7 @@ def prepare(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
 def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
              resume: Resume = False, overwrite: Overwrite = False) -> None:
     """Sample one response per prompt into a keyed, resumable jsonl cache (SeqKD and PLaD consume these)."""
-    from prefkd.runs import run_generate
+    from prefkd.recipes.generate import run_generate
 
     def go():
         cfg = config.load(GenerateRun, config_file, overrides or [])
@@ -183,7 +167,7 @@ def evaluate(overrides: Overrides = None, config_file: ConfigFile = None, debug:
              ) -> None:
     """Sampled generation on a test set over several seeds: Rouge-L, exact match and optional judge win rates,
     overall, by kind, category and length bucket; predictions saved for re-scoring."""
-    from prefkd.runs import run_evaluate
+    from prefkd.recipes.evaluate import run_evaluate
 
     def go():
         extra = _flags(model=model, data=data, out=out, rescore=rescore, **{"eval.seeds": seeds,
@@ -208,7 +192,7 @@ def winrate(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
             out: Annotated[str | None, typer.Option("--out", help="json file for the result (out=...)")] = None,
             ) -> None:
     """Win rate of A's responses over B's under a judge, e.g. teacher vs student on the distillation set (T-S WR)."""
-    from prefkd.runs import run_winrate
+    from prefkd.recipes.winrate import run_winrate
 
     def go():
         cfg = config.load(WinRateRun, config_file,
@@ -226,7 +210,7 @@ def winrate(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
 analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Analyses of trained models.")
 app.add_typer(analyze_app, name="analyze")
 
-from prefkd.analyze import NoiseRun  # noqa: E402
+from prefkd.recipes.analyze import NoiseRun  # noqa: E402
 
 
 @analyze_app.command(epilog=_keys_help(NoiseRun))
@@ -237,7 +221,7 @@ def noise(overrides: Overrides = None, config_file: ConfigFile = None, debug: De
           scales: Annotated[str | None, typer.Option("--scales", help="e.g. 0,0.01,0.05 (noise.scales=...)")] = None,
           out: Annotated[str | None, typer.Option("--out", help="output directory (out=...)")] = None) -> None:
     """DPKD Fig. 2: Gaussian weight noise at several scales; rKL, implicit reward and Rouge-L per perturbed model."""
-    from prefkd.analyze import run_noise
+    from prefkd.recipes.analyze import run_noise
 
     def go():
         extra = _flags(model=model, teacher=teacher, data=data, out=out, **{"noise.scales": scales})
@@ -249,11 +233,9 @@ def noise(overrides: Overrides = None, config_file: ConfigFile = None, debug: De
 @app.command("methods")
 def list_methods() -> None:
     """List the distillation methods with one-line descriptions."""
-    from prefkd.methods import METHODS
+    from prefkd.methods import describe
 
-    for m in METHODS.values():
-        box = "white-box" if m.needs_teacher else "black-box"
-        print(f"{m.name:12s} {m.description} [{m.paper}; {box}; trains on {m.data}]")
+    print("\n".join(describe()))
 
 
 def main() -> None:

@@ -2,10 +2,12 @@
 
 Every verb takes `--config FILE key.sub=value ...`. Unknown keys are rejected with the closest valid one.
 A field's help lives once, in its `metadata["help"]`; `describe()` prints keys, defaults and help for `--help`.
+A renamed key stays loadable through its class's `ALIASES` ({old dotted key: new dotted key}).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from prefkd.console import console
 from prefkd.errors import ConfigError
 
 T = TypeVar("T")
@@ -85,6 +88,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T
     starts from its field's default (e.g. the demo's `teacher_train`), so overriding one key keeps the others."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    data = _renamed(data, getattr(cls, "ALIASES", {}), prefix)
     hints, fields = _hints(cls), {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -95,7 +99,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T
             raise ConfigError(f"unknown config key '{full}'{hint}")
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
-            default = getattr(base, key) if base is not None else _default(fields[key])
+            default = getattr(base, key) if base is not None else field_default(fields[key])
             kwargs[key] = from_dict(typ, value or {}, f"{full}.", default)
         else:
             kwargs[key] = _coerce(value, typ, full)
@@ -104,7 +108,41 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T
     return cls(**kwargs)
 
 
-def _default(f: dataclasses.Field) -> Any:
+def _renamed(data: dict, aliases: dict[str, str], prefix: str) -> dict:
+    """`data` with the old keys of a class's `ALIASES` ({old dotted key: new dotted key}, relative to the class)
+    moved to their new names, so saved configs still load; each one found prints a deprecation message."""
+    data = copy.deepcopy(data) if aliases else data
+    for old, new in aliases.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if parents and not node:  # an emptied old section (e.g. `pref`) is not a key of the new class
+            _pop_path(data, parents)
+        *new_parents, new_leaf = new.split(".")
+        target = data
+        for p in new_parents:
+            target = target.setdefault(p, {})
+        if new_leaf in target:
+            raise ConfigError(f"config keys '{prefix}{old}' and '{prefix}{new}' are the same setting: give only "
+                              f"'{prefix}{new}'")
+        target[new_leaf] = value
+        console.print(f"[yellow]deprecated:[/] config key '{prefix}{old}' is now '{prefix}{new}'; the old name "
+                      "still works but will be removed", soft_wrap=True)
+    return data
+
+
+def _pop_path(data: dict, parts: list[str]) -> None:
+    node = data
+    for p in parts[:-1]:
+        node = node[p]
+    node.pop(parts[-1])
+
+
+def field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory()  # type: ignore[misc]
@@ -159,7 +197,7 @@ def describe(cls: type, prefix: str = "", base: Any = None) -> list[str]:
     """One line per key: `key = default  help`, for `--help` (defaults as the verb really uses them)."""
     lines = []
     for f in dataclasses.fields(cls):
-        default = getattr(base, f.name) if base is not None else _default(f)
+        default = getattr(base, f.name) if base is not None else field_default(f)
         if dataclasses.is_dataclass(_hints(cls)[f.name]):
             lines += describe(_hints(cls)[f.name], f"{prefix}{f.name}.", default)
             continue

@@ -38,7 +38,7 @@ class DiagnosticsConfig:
 class HeldOutDiagnostics:
     def __init__(self, teacher: PreTrainedModel, prompt_ids: list[list[int]], sampling: SamplingConfig, beta: float,
                  pad_id: int, eos_id: int, seed: int = 1234):
-        self.teacher, self.prompts, self.sampling, self.beta = teacher, prompt_ids, sampling, beta
+        self.teacher, self.prompts, self.sampling, self.beta = teacher.eval(), prompt_ids, sampling, beta
         self.pad, self.eos, self.seed = pad_id, eos_id, seed
         # Sampled at the first call, where the student (and, after train() placed it, the teacher) lives: on a GPU
         # run the teacher is still on the CPU here.
@@ -66,7 +66,7 @@ class HeldOutDiagnostics:
         q = (selective_log_softmax(s_logits, labels) * mask).sum(-1)
         p = (selective_log_softmax(t_logits, labels) * mask).sum(-1)
         n = mask.sum(-1).clamp(min=1)
-        r = self.beta * (q - p) / n  # length-normalised implicit reward (Eq. 9)
+        r = losses.implicit_reward(q, p, n, self.beta)  # length-normalised (Eq. 9), as in the loss
         # The first response token's distribution depends on the prompt only: read it off the y_t half.
         first = torch.zeros_like(mask[:b])
         first[torch.arange(b), torch.tensor([len(x) - 1 for x in self.prompts], device=device)] = 1

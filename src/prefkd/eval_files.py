@@ -20,7 +20,8 @@ import numpy as np
 
 from prefkd import atomic
 from prefkd.cache import read_cache
-from prefkd.data.records import Instruction, read_records, write_records
+from prefkd.data.loaders import load_instructions
+from prefkd.data.records import Instruction, write_records
 from prefkd.errors import DataError
 from prefkd.evaluate import groups
 
@@ -109,7 +110,7 @@ def read_records_of(eval_dir: str | Path) -> list[Instruction]:
     if not p.is_file():
         raise DataError("no records.jsonl in this evaluation directory; pass data=... with the evaluated records",
                         str(p))
-    return read_records(p)
+    return load_instructions(str(p), format="prefkd")
 
 
 def read_prompt_scores(eval_dir: str | Path) -> dict:

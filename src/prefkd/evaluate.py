@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from rouge_score import rouge_scorer, tokenizers
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefkd.config import opt
-from prefkd.console import progress
-from prefkd.data.collate import encode_prompts
 from prefkd.data.records import Instruction
-from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.generation import SamplingConfig
 from prefkd.stats import bootstrap, mean_score, t_interval
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # exactly MiniLLM's default_rouge_scorer
@@ -97,16 +94,6 @@ def length_bucket(reference: str) -> str:
     return f"(0,{BUCKETS[0][1]}]"  # empty reference
 
 
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
-             sampling: SamplingConfig, seed: int, name: str = "generate") -> list[str]:
-    prompts = encode_prompts(tokenizer, [r.prompt for r in records])
-    with progress() as bar:
-        task = bar.add_task(name, total=len(prompts), info=f"seed {seed}")
-        ids = sample_responses(model, prompts, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id, seed,
-                               on_batch=lambda n: bar.update(task, advance=n))
-    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
-
-
 def groups(records: Sequence[Instruction]) -> dict[str, list[int]]:
     """Prompt indices of each breakdown, in this order: "all", "kind:K" and "category:C" (when records have them,
     sorted), "bucket:(lo,hi]" (shortest first)."""
@@ -174,13 +161,3 @@ def scores_text(scores: dict) -> str:
                      + " ".join(f"{s[m]['mean']:7.2f} ±{s[m]['std']:5.2f}" for m in metrics)
                      + f"  {low:.2f} to {high:.2f}")
     return "\n".join(["mean ± std over sampling seeds", *lines])
-
-
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
-             cfg: EvalConfig, name: str = "eval") -> tuple[dict, dict[int, list[str]], dict[str, np.ndarray]]:
-    """(scores, predictions per seed, per-prompt scores [seeds, prompts]) of a loaded model on `records`, in memory
-    (`prefkd evaluate` goes through resumable sample caches instead)."""
-    preds = {seed: generate(model, tokenizer, records, cfg.sampling, seed, f"{name} seed {seed}")
-             for seed in cfg.seeds}
-    per_prompt = prompt_scores(records, preds)
-    return score(records, preds, per_prompt), preds, per_prompt

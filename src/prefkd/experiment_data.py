@@ -24,14 +24,12 @@ from prefkd.data.synthetic import SuiteConfig, build_suite
 from prefkd.errors import ConfigError
 from prefkd.models import train_tokenizer
 
-SHARED = "../shared/data"
-
 
 @dataclass
 class DollyConfig:
-    dolly: str = opt(f"{SHARED}/dolly/databricks-dolly-15k.jsonl", "Dolly 15k in its own format")
-    test: str = opt(f"{SHARED}/dolly/test-minillm-500.jsonl", "MiniLLM's 500-record Dolly test set")
-    validation: str = opt(f"{SHARED}/dolly/dev-minillm-1000.jsonl", "MiniLLM's 1000-record validation set")
+    dolly: str = opt("databricks/databricks-dolly-15k", "Dolly 15k: the hub id or a local copy in its own format")
+    test: str = opt("", "MiniLLM's 500-record Dolly test set (a local file from MiniLLM's data release)")
+    validation: str = opt("", "MiniLLM's 1000-record Dolly validation set (a local file from MiniLLM's data release)")
     min_response_words: int = opt(11, "drop training records whose response is shorter (papers' filter)")
     d0_fraction: float = opt(0.5, "share of the training split in the labelled shard D0 (PLaD: 0.5)")
     max_train: int = opt(0, "keep at most this many training records before sharding (0 = all)")

@@ -23,10 +23,12 @@ import torch
 
 from prefkd import stages
 from prefkd.console import console
-from prefkd.data.records import read_records
+from prefkd.data.loaders import load_instructions
 from prefkd.methods import get_method
 from prefkd.models import load_tokenizer
-from prefkd.runs import DistillRun, EvaluateRun, SFTRun, run_distill, run_evaluate, run_sft
+from prefkd.recipes.distill import DistillRun, run_distill
+from prefkd.recipes.evaluate import EvaluateRun, run_evaluate
+from prefkd.recipes.sft import SFTRun, run_sft
 
 
 @dataclass(frozen=True)
@@ -46,22 +48,21 @@ def run_job(job: Job) -> None:
     """Run one stage and mark it done."""
     run, info = job.run, None
     if isinstance(run, SFTRun):
-        logs = run_sft(run, read_records(job.records, require_references=True), load_tokenizer(run.tokenizer),
-                       job.name)
+        logs = run_sft(run, load_instructions(job.records), load_tokenizer(run.tokenizer), job.name)
         info = {"final": logs[-1] if logs else {}}
     elif isinstance(run, DistillRun):
         logs = run_distill(run, name=job.name)
         info = {"final": logs[-1] if logs else {}, "method": run.method}
     else:
-        run_evaluate(run, read_records(job.records, require_references=True), job.name)
+        run_evaluate(run, load_instructions(job.records), job.name)
     stages.mark_done(job.stage_dir, job.key, info)
 
 
 def prepare(jobs: list[Job]) -> None:
     """Build the sample caches of the distillation jobs here, one after another, before workers share them.
-    Methods that train on references or on prompts alone have none (nothing is loaded for them)."""
+    Methods that draw no samples before training have none (nothing is loaded for them)."""
     for job in jobs:
-        if isinstance(job.run, DistillRun) and get_method(job.run.method).data not in ("references", "prompts"):
+        if isinstance(job.run, DistillRun) and get_method(job.run.method).samples_before_training:
             run_distill(job.run, name=job.name, samples_only=True)
 
 

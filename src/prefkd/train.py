@@ -53,6 +53,8 @@ class TrainConfig:
     save_every: int = opt(100, "steps between resumable checkpoints (0 = never)")
     max_prompt_tokens: int = opt(256, "drop examples whose prompt is longer (MiniLLM/DPKD filter)")
     max_length: int = opt(512, "drop examples whose prompt + response is longer")
+    disable_dropout: bool = opt(True, "train the student with dropout off (TRL's DPO default: log-probs of one "
+                                      "sequence must not depend on the dice); the teacher always scores in eval mode")
 
 
 class BatchStream:
@@ -116,6 +118,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                       dataloader_config=DataLoaderConfiguration(split_batches=True))
     main = acc.is_main_process
     torch.manual_seed(distributed.process_seed(cfg.seed, acc))  # each process samples its own stream
+    if cfg.disable_dropout:
+        disable_dropout(student)
     trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.steps),
@@ -131,14 +135,14 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     model, optimizer, scheduler = acc.prepare(student, optimizer, scheduler)
     if teacher is not None:
         teacher = distributed.place_teacher(acc, teacher)
-    uses_replay = method.name != "sft" and data.replay is not None and method_cfg.replay > 0
+    uses_replay = method.auxiliary_losses and data.replay is not None and method_cfg.replay > 0
     n_method, n_replay = _split(cfg.batch_size, method_cfg.replay, uses_replay)
     streams = {"method": BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in data.examples], n_method,
                                      cfg.seed)}
     if n_replay:
         streams["replay"] = BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in data.replay], n_replay,
                                         cfg.seed + 1)
-    use_lm = method.name != "sft" and method_cfg.lm_weight > 0 and data.corpus is not None
+    use_lm = method.auxiliary_losses and method_cfg.lm_weight > 0 and data.corpus is not None
     if use_lm:
         streams["lm"] = BatchStream([1] * len(data.corpus), n_method, cfg.seed + 2, group_by_length=False)
     for what, s in streams.items():
@@ -214,6 +218,16 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
             board.close()
     acc.wait_for_everyone()
     return logs
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout of `model`: nn.Dropout modules (as TRL's `disable_dropout_in_model`) and the float
+    `attention_dropout` that Llama-style attention passes to its kernel in training mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def _restore(acc: Accelerator, root: Path, state_path: Path, run_key: str, strict: bool, name: str

@@ -1,6 +1,10 @@
-"""Instruction records, the prompt template, tokenisation and the embedded suite."""
+"""Instruction records, the readers of every data format, the prompt template and the embedded suite.
 
-from prefkd.data.records import Instruction, read_records, write_records
+`load_instructions` is the one reader: every verb takes what it takes (prefkd jsonl, Dolly, MiniLLM, csv, parquet,
+a hub dataset id)."""
+
+from prefkd.data.loaders import load_instructions
+from prefkd.data.records import Instruction, write_records
 from prefkd.data.templates import render_prompt
 
-__all__ = ["Instruction", "read_records", "render_prompt", "write_records"]
+__all__ = ["Instruction", "load_instructions", "render_prompt", "write_records"]

@@ -45,15 +45,15 @@ class _BadRecord(DataError):
 Row = tuple[int, object]  # (1-based line or row number, parsed row or the _BadRecord that reading it raised)
 
 
-def load_instructions(source: str, format: str = "auto", skip_bad: bool = False, split: str = "train",
+def load_instructions(source: str | Path, format: str = "auto", skip_bad: bool = False, split: str = "train",
                       require_references: bool = True, **field_map: str) -> list[Instruction]:
     """Records from `source`; see `load_instructions_with_report` for the arguments."""
     records, _ = load_instructions_with_report(source, format, skip_bad, split, require_references, **field_map)
     return records
 
 
-def load_instructions_with_report(source: str, format: str = "auto", skip_bad: bool = False, split: str = "train",
-                                  require_references: bool = True, **field_map: str
+def load_instructions_with_report(source: str | Path, format: str = "auto", skip_bad: bool = False,
+                                  split: str = "train", require_references: bool = True, **field_map: str
                                   ) -> tuple[list[Instruction], dict[str, int]]:
     """Records plus counts: `loaded`, `skipped`, and one key per skip reason (e.g. `malformed_json`).
 
@@ -62,6 +62,7 @@ def load_instructions_with_report(source: str, format: str = "auto", skip_bad: b
     `split` is used only for Hugging Face dataset ids. `require_references=False` accepts prompts without a
     response (their `references` are empty), e.g. a distillation set.
     """
+    source = str(source)
     if format not in FORMATS:
         raise ConfigError(f"unknown format '{format}'; use one of {list(FORMATS)}")
     bad_keys = sorted(set(field_map) - set(_MAPPABLE))

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from prefkd import atomic
 from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction, write_records
-from prefkd.errors import DataError
+from prefkd.errors import ConfigError, DataError
 
 # A WikiText article title, " = Title = " (sections are " = = Section = = ", so one '=' on each side only).
 _WIKI_TITLE = re.compile(r"^ = [^=](?:.*[^=])? = $")
@@ -67,6 +67,11 @@ def dolly_splits(dolly_path: str | Path, test_path: str | Path, valid_path: str 
     The report has `source` (15k records), `removed` (dropped from train, duplicates in the 15k included) and
     the size of each split, so that train + removed == source.
     """
+    for path, what in ((test_path, "test"), (valid_path, "validation")):
+        if not str(path):
+            raise ConfigError(f"set the {what} file (e.g. data.dolly.{what}=... or {what}=...): MiniLLM's "
+                              f"{'500' if what == 'test' else '1000'}-record Dolly {what} set from MiniLLM's data "
+                              "release, which defines the papers' splits")
     test = load_instructions(str(test_path), format="minillm")
     validation = load_instructions(str(valid_path), format="minillm")
     dolly = load_instructions(str(dolly_path), format="dolly")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,31 +54,6 @@ def parse_record(row: object, path: str, line: int, require_references: bool) ->
                         "references")
     return Instruction(row["instruction"], row.get("input", ""), tuple(refs), row.get("category"),
                        row.get("kind"), row.get("id"))
-
-
-def read_records(path: str | Path, require_references: bool = False) -> list[Instruction]:
-    """Read prefkd's jsonl record format; any bad line is a DataError naming file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found; pass an existing jsonl file of instruction records", str(path))
-    records = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"invalid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8",
-                                str(path), lineno) from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", str(path), lineno) from None
-            records.append(parse_record(row, str(path), lineno, require_references))
-    if not records:
-        raise DataError("no records; the file is empty", str(path))
-    return records
 
 
 def write_records(path: str | Path, records: list[Instruction]) -> None:

@@ -25,7 +25,7 @@ import torch
 from scipy import stats as scipy_stats
 from transformers import PreTrainedModel
 
-from prefkd import atomic
+from prefkd import atomic, losses
 from prefkd.config import opt, section
 from prefkd.console import console, progress
 from prefkd.data.collate import Example, collate, encode_prompts
@@ -35,7 +35,7 @@ from prefkd.evaluate import rouge_l
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.logprobs import sequence_logps
 from prefkd.models import load_model, load_tokenizer, resolve_device
-from prefkd.runs import _need, check_same_vocabulary, write_run_config
+from prefkd.recipes.common import check_same_vocabulary, need, write_run_config
 
 
 @dataclass
@@ -54,7 +54,7 @@ class NoiseRun:
     data: str = opt("", "records with references (any format `prefkd evaluate` reads)")
     out: str = opt("", "output directory for noise.json and noise.png; default: MODEL/noise")
     n_prompts: int = opt(200, "use the first N records (0 = all)")
-    beta: float = opt(0.1, "beta of the implicit reward beta/|y| log q(y)/p(y)")
+    beta: float = opt(0.1, "DPKD's beta in the implicit reward beta/|y| log q(y)/p(y)")
     seeds: list[int] = opt([10, 20, 30], "sampling seeds, the same for every model; values are averaged over them, "
                                          "and the unperturbed model's spread over them shows how much Rouge-L moves "
                                          "without any noise")
@@ -110,12 +110,12 @@ def plan(cfg: NoiseConfig) -> list[tuple[float, int, int]]:
 
 
 def run_noise(cfg: NoiseRun) -> dict:
-    model_path, teacher_path = _need(cfg.model, "model"), _need(cfg.teacher, "teacher")
+    model_path, teacher_path = need(cfg.model, "model"), need(cfg.teacher, "teacher")
     if not cfg.seeds:
         raise ConfigError("seeds must hold at least one sampling seed")
     out = Path(cfg.out) if cfg.out else Path(model_path) / "noise"
     device = resolve_device(cfg.device)
-    records = load_instructions(_need(cfg.data, "data"))
+    records = load_instructions(need(cfg.data, "data"))
     records = records[: cfg.n_prompts] if cfg.n_prompts else records
     tokenizer = load_tokenizer(model_path)
     check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), "the noise analysis")
@@ -142,9 +142,9 @@ def run_noise(cfg: NoiseRun) -> dict:
                 (p_teacher, n_t) = p_t[seed]
                 texts = [tokenizer.decode(y, skip_special_tokens=True).strip() for y in y_s]
                 rkl = float(np.mean((q_s - p_s) / np.maximum(n_s, 1)))
-                r_t = float(cfg.beta * np.mean((q_t - p_teacher) / np.maximum(n_t, 1)))
+                r_t, r_s = _mean_reward(q_t, p_teacher, n_t, cfg.beta), _mean_reward(q_s, p_s, n_s, cfg.beta)
                 per_seed.append({"seq_rkl": rkl, "reward_teacher_samples": r_t,
-                                 "reward_student_samples": cfg.beta * rkl, "reward_margin": r_t - cfg.beta * rkl,
+                                 "reward_student_samples": r_s, "reward_margin": r_t - r_s,
                                  "rougeL": float(np.mean([rouge_l(t, r.references)
                                                           for t, r in zip(texts, records, strict=True)])),
                                  "len_student": float(n_s.mean())})
@@ -173,6 +173,12 @@ def run_noise(cfg: NoiseRun) -> dict:
                   + (f"; the unperturbed model's Rouge-L std over seeds is {seed_std:.2f}" if seed_std is not None
                      else "") + f"; wrote {out}/noise.json, noise.png")
     return result
+
+
+def _mean_reward(policy: np.ndarray, reference: np.ndarray, lengths: np.ndarray, beta: float) -> float:
+    """Mean over prompts of DPKD's implicit reward, the loss's own definition (losses.implicit_reward)."""
+    return float(losses.implicit_reward(torch.from_numpy(policy), torch.from_numpy(reference),
+                                        torch.from_numpy(lengths), beta).mean())
 
 
 def correlations(rows: list[dict]) -> dict[str, float]:

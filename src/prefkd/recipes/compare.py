@@ -24,9 +24,10 @@ import torch
 
 from prefkd import atomic, config, rundir, stages
 from prefkd.config import opt, section
-from prefkd.data.records import read_records
+from prefkd.console import console
+from prefkd.data.loaders import load_instructions
 from prefkd.diagnostics import DiagnosticsConfig
-from prefkd.errors import ConfigError
+from prefkd.errors import ConfigError, PrefkdError
 from prefkd.eval_files import read_responses
 from prefkd.evaluate import EvalConfig, groups
 from prefkd.experiment_data import ExperimentDataConfig, prepare_data
@@ -35,15 +36,11 @@ from prefkd.jobs import Job, run_jobs
 from prefkd.judges import JudgeConfig, preferences
 from prefkd.methods import METHODS, MethodConfig
 from prefkd.models import ModelConfig, load_tokenizer
-from prefkd.report import write_report
-from prefkd.runs import (
-    DataConfig,
-    DistillRun,
-    EvaluateRun,
-    SFTRun,
-    run_sft,
-    write_run_config,
-)
+from prefkd.recipes.common import DataConfig, write_run_config
+from prefkd.recipes.distill import DistillRun
+from prefkd.recipes.evaluate import EvaluateRun
+from prefkd.recipes.sft import SFTRun, run_sft
+from prefkd.report import results_table, verdict, write_report
 from prefkd.stats import bootstrap, difference, gap_recovered, mean_score
 from prefkd.train import TrainConfig
 
@@ -153,7 +150,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             init = ModelConfig(path=str(pdir / "model"))
         keys[role] = stages.fingerprint(base_key, asdict(model), asdict(tcfg))  # = the demo's key without pretraining
         if not stages.is_done(out / role, keys[role]):
-            records = [r for f in files for r in read_records(data / f"{f}.jsonl", require_references=True)]
+            records = [r for f in files for r in load_instructions(str(data / f"{f}.jsonl"))]
             logs = run_sft(SFTRun(str(out / role), init, tok, DataConfig(), tcfg), records, tokenizer, role)
             stages.mark_done(out / role, keys[role], {"final": logs[-1] if logs else {}})
         runs[role] = [Run("", out / role / "model", keys[role])]
@@ -193,7 +190,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     split = data / f"{cfg.eval_split}.jsonl"
     if cfg.eval_split not in ("test", "validation"):
         raise ConfigError(f"eval_split '{cfg.eval_split}' is not one of: test, validation")
-    records = read_records(split, require_references=True)
+    records = load_instructions(str(split))
     judge = replace(cfg.judge, path=str(out / "teacher" / "model")) if cfg.judge.path == "teacher" else cfg.judge
     metrics = (*METRICS, "win_rate", "judge_score") if judge.path else METRICS
     eval_jobs: dict[str, list[Job]] = {}
@@ -222,6 +219,29 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
 def results_name(tag: str = "") -> str:
     return f"results-{tag}.json" if tag else "results.json"
+
+
+def run_compare(cfg: ExperimentConfig) -> dict:
+    """Run the comparison, then print its table, the verdicts against sft and the control, and where it wrote."""
+    results = run_experiment(cfg)
+    console.print(results_table(results))
+    for m in cfg.methods:
+        for baseline in BASELINES:
+            for group in ("all", "kind:D"):
+                if line := verdict(results, m, baseline, group):
+                    console.print(line)
+    report = f"report{'-' + cfg.tag if cfg.tag else ''}"
+    console.print(f"wrote {cfg.out}/{results_name(cfg.tag)}, {report}.md and {report}.html in "
+                  f"{results['wall_seconds']:.0f} s")
+    return results
+
+
+def rebuild_report(run_dir: str, tag: str = "") -> Path:
+    """`prefkd report`: report.md and report.html of a finished comparison, from its results file."""
+    path = Path(run_dir) / results_name(tag)
+    if not path.is_file():
+        raise PrefkdError(f"{path} not found: pass the output directory of `prefkd compare` or `prefkd demo`")
+    return write_report(run_dir, json.loads(path.read_text(encoding="utf-8")))
 
 
 def teacher_win_rates(scores: dict[str, np.ndarray], texts: dict[str, list[dict[int, list[str]]]],

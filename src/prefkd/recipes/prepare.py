@@ -10,15 +10,13 @@ from prefkd.config import opt
 from prefkd.console import console
 from prefkd.data.prepare import dolly_splits, load_corpus, plad_shards, write_splits
 
-SHARED = "../shared/data"
-
 
 @dataclass
 class PrepareRun:
     out: str = opt("data/dolly", "directory for train/validation/test (and d0 / d_prompts) jsonl")
-    dolly: str = opt(f"{SHARED}/dolly/databricks-dolly-15k.jsonl", "Dolly 15k in its own format")
-    test: str = opt(f"{SHARED}/dolly/test-minillm-500.jsonl", "MiniLLM's 500-record Dolly test set")
-    validation: str = opt(f"{SHARED}/dolly/dev-minillm-1000.jsonl", "MiniLLM's 1000-record validation set")
+    dolly: str = opt("databricks/databricks-dolly-15k", "Dolly 15k: the hub id or a local copy in its own format")
+    test: str = opt("", "MiniLLM's 500-record Dolly test set (a local file from MiniLLM's data release)")
+    validation: str = opt("", "MiniLLM's 1000-record Dolly validation set (a local file from MiniLLM's data release)")
     min_response_words: int = opt(11, "drop training records whose response is shorter (papers' filter)")
     plad_fraction: float = opt(0.0, "0 = no shards; else share of train in the SFT shard d0 (PLaD: 0.5); the rest "
                                     "becomes d (references kept for the teacher) and d_prompts (prompts only)")

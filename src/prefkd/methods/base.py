@@ -1,0 +1,90 @@
+"""What a method is: one data preparation, one step function, optional option checks. The loop knows nothing else.
+
+A step gets the method's share of the batch and returns its loss, the anchor cross-entropy it can offer (on the
+teacher sample y_t or the reference) for the `kappa` mix, and metrics to log. Replay of labelled data and the
+LM-loss term are added by the loop, the same way for every method that has `auxiliary_losses`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import PreTrainedModel
+
+from prefkd.cache import TeacherCache
+from prefkd.data.collate import Example
+from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.logprobs import selective_log_softmax, token_mean_nll
+
+if TYPE_CHECKING:
+    from prefkd.methods.config import MethodConfig
+    from prefkd.methods.data import MethodData, PrepareContext
+
+
+@dataclass
+class StepInputs:
+    student: PreTrainedModel  # as prepared by Accelerate: forward with grad
+    student_sampler: PreTrainedModel  # the unwrapped student, for sampling
+    teacher: PreTrainedModel | None
+    examples: list[Example]  # prompts; response_ids hold the reference / teacher sample where the method uses one
+    sampling: SamplingConfig
+    cfg: MethodConfig
+    pad_id: int
+    eos_id: int
+    device: torch.device
+    # Identical on every process (seeded from seed and step): for a random choice about the whole global batch.
+    shared_rng: torch.Generator | None = None
+    teacher_cache: TeacherCache | None = None  # dpkd family, teacher_samples=cached
+
+
+@dataclass
+class MethodOutput:
+    loss: torch.Tensor
+    anchor_nll: torch.Tensor | None  # CE on the teacher sample or reference, when the method has one
+    metrics: dict[str, float]
+    # What `loss` and `anchor_nll` are means over (tokens or sequences; None = examples), so that several
+    # processes can weight their slices into the mean over the global batch (distributed.py).
+    loss_count: float | None = None
+    anchor_count: float | None = None
+    anchor_name: str = "anchor_nll"  # how the logs name the anchor term (anchor_kl for a KD anchor)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    paper: str
+    trains_on: str  # what the examples hold, for `prefkd methods`
+    needs_teacher: bool  # the teacher model runs during training (white-box: same tokenizer)
+    prepare: Callable[[PrepareContext], MethodData]  # the examples (and any cache) the step consumes
+    step: Callable[[StepInputs], MethodOutput]
+    key_params: str = ""
+    # prepare() draws sample caches before training: `prefkd compare` builds them before its workers start.
+    samples_before_training: bool = False
+    auxiliary_losses: bool = True  # the loop adds replay and the LM loss (not for sft: it is cross-entropy already)
+    check: Callable[[MethodConfig], None] | None = None  # refuses option combinations this method cannot run
+
+    @property
+    def black_box(self) -> bool:
+        return not self.needs_teacher
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def shifted_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits aligned with batch['input_ids'][:, 1:] (position t scores token t+1)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+
+
+def nll_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch["response_mask"][:, 1:].float()
+    return token_mean_nll(selective_log_softmax(logits, batch["input_ids"][:, 1:]) * mask, mask)
+
+
+def sample(model: PreTrainedModel, examples: list[Example], inp: StepInputs) -> list[list[int]]:
+    return sample_responses(model, [e.prompt_ids for e in examples], inp.sampling, inp.pad_id, inp.eos_id)

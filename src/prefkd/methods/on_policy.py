@@ -1,0 +1,81 @@
+"""On-policy token-level distillation: divergences on the student's own samples (MiniLLM-style reverse KL, GKD)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from prefkd import losses
+from prefkd.config import opt
+from prefkd.data.collate import Example, collate
+from prefkd.logprobs import response_token_logps, token_mean_nll
+from prefkd.methods import data
+from prefkd.methods.base import (
+    Method,
+    MethodOutput,
+    StepInputs,
+    nll_from_logits,
+    sample,
+    shifted_logits,
+    to_device,
+)
+from prefkd.methods.token_kd import Divergence
+
+if TYPE_CHECKING:
+    from prefkd.methods.config import MethodConfig
+
+
+@dataclass
+class RKLConfig:
+    temperature: float = opt(1.0, "rkl: softmax temperature of both distributions")
+
+
+@dataclass
+class GKDConfig:
+    beta: float = opt(0.5, "gkd: GKD's beta, the JSD interpolation; 0 = forward KL, 1 = reverse KL (TRL's "
+                           "convention)")
+    lmbda: float = opt(0.5, "gkd: GKD's lambda, the probability that a batch uses student samples instead of the "
+                            "sequences")
+    temperature: float = opt(1.0, "gkd: softmax temperature of both distributions")
+
+
+def on_policy(divergence: Divergence, student_share: Callable[[MethodConfig], float]):
+    """A step applying a divergence on student samples (with probability `student_share`, else the sequences)."""
+
+    def step(inp: StepInputs) -> MethodOutput:
+        on = torch.rand((), generator=inp.shared_rng).item() < student_share(inp.cfg)
+        seqs = [Example(e.prompt_ids, r) for e, r in zip(inp.examples, sample(inp.student_sampler, inp.examples, inp),
+                                                          strict=True)] if on else inp.examples
+        batch = to_device(collate(seqs, inp.pad_id), inp.device)
+        s_logits = shifted_logits(inp.student, batch)
+        with torch.no_grad():
+            t_logits = shifted_logits(inp.teacher, batch)
+        loss = divergence(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg)
+        n = batch["response_mask"][:, 1:].sum().item()
+        anchor, n_anchor = None, None
+        if inp.cfg.kappa < 1 and inp.examples[0].response_ids:
+            if not on:
+                anchor, n_anchor = nll_from_logits(s_logits, batch), n
+            else:
+                token_logps, mask = response_token_logps(inp.student, to_device(collate(inp.examples, inp.pad_id),
+                                                                                inp.device))
+                anchor, n_anchor = token_mean_nll(token_logps, mask), mask.sum().item()
+        return MethodOutput(loss, anchor, {"divergence": loss.item(), "on_policy": float(on)}, loss_count=n,
+                            anchor_count=n_anchor)
+
+    return step
+
+
+METHODS = [
+    Method("rkl", "on-policy token-level reverse KL on student samples (MiniLLM-style, not MiniLLM's policy "
+           "gradient)", "MiniLLM (Gu et al. 2024), simplified", "student samples; anchor on the sequences", True,
+           data.sequences, on_policy(lambda s, t, m, c: losses.reverse_kl(s, t, m, c.rkl.temperature),
+                                     lambda c: 1.0), samples_before_training=True),
+    Method("gkd", "generalized JSD on student samples with probability lmbda, else the sequences",
+           "GKD (Agarwal et al. 2024)", "student samples or the sequences", True, data.sequences,
+           on_policy(lambda s, t, m, c: losses.generalized_jsd(s, t, m, c.gkd.beta, c.gkd.temperature),
+                     lambda c: c.gkd.lmbda), "gkd.beta 0.5, gkd.lmbda 0.5", samples_before_training=True),
+]

@@ -1,0 +1,89 @@
+"""What every recipe does with its run directory and inputs: claim it, write the resolved config, read data."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+from prefkd import atomic, config, rundir
+from prefkd.config import opt
+from prefkd.distributed import process_state
+from prefkd.errors import DataError, PrefkdError
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("", "SFT: records with references (any format `prefkd.data.load_instructions` reads: prefkd "
+                         "jsonl, Dolly, MiniLLM, csv, parquet or a hub dataset id)")
+    prompts: str = opt("", "distillation: records whose prompts the method uses (references unused unless the "
+                           "method needs them); same formats")
+    replay: str = opt("", "records with references replayed with cross-entropy (distill.replay share)")
+    corpus: str = opt("", "plain-text pretraining corpus for the LM loss; documents separated by blank lines")
+    heldout: str = opt("", "distillation: records whose prompts form the fixed diagnostics batch (e.g. the "
+                           "validation split); default: the first distillation prompts")
+
+
+def check_run(out: Path, cfg: object, existing: str) -> bool:
+    """Before any work: may this run use `out` (rundir.claim, on every process)? Returns whether to clear it."""
+    return rundir.claim(out, config.to_dict(cfg), existing)
+
+
+def begin_run(out: Path, cfg: object, clear: bool) -> None:
+    """Once the inputs are read and checked: the main process clears `out` if asked and writes the config, so a
+    run that fails on bad input leaves nothing behind."""
+    state = process_state()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if clear:
+            rundir.clear(out)
+        write_run_config(out, cfg)
+    state.wait_for_everyone()
+
+
+def write_run_config(out: Path, cfg: object) -> None:
+    """The resolved config and the code version, next to the run's outputs."""
+    data = config.to_dict(cfg)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    data["_git_commit"] = commit or "unknown"
+    atomic.write_text(Path(out) / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+
+
+def need(value: str, key: str) -> str:
+    if not value:
+        raise PrefkdError(f"set {key}=... (on the command line or in --config)")
+    return value
+
+
+def read_corpus(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("corpus file not found", path)
+    return [d for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+
+
+def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,
+                          method: str) -> None:
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise PrefkdError(f"method '{method}' is white-box: it scores the same token ids with teacher and student, "
+                          f"but their tokenizers differ (student '{student_tok.name_or_path}': {len(student_tok)} "
+                          f"tokens; teacher '{teacher_tok.name_or_path}': {len(teacher_tok)} tokens). Use a teacher "
+                          f"with the student's tokenizer, or a black-box method such as seqkd or plad.")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("prefkd", "torch", "transformers", "rouge-score"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out

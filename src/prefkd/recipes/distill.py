@@ -1,0 +1,141 @@
+"""`prefkd distill`: distil a teacher into a student with one method (see `prefkd methods`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from prefkd.cache import model_identity
+from prefkd.config import opt, section
+from prefkd.console import console
+from prefkd.data.collate import encode_prompts
+from prefkd.data.corpus import token_blocks
+from prefkd.data.loaders import load_instructions
+from prefkd.data.records import Instruction
+from prefkd.diagnostics import DiagnosticsConfig, HeldOutDiagnostics
+from prefkd.distributed import process_state
+from prefkd.errors import DataError
+from prefkd.generation import SamplingConfig
+from prefkd.lora import LoRAConfig, apply_lora, save_trained
+from prefkd.methods import MethodConfig, get_method
+from prefkd.methods.data import PrepareContext, cache_dir, reference_examples
+from prefkd.models import ModelConfig, load_model, load_tokenizer
+from prefkd.recipes.common import DataConfig, begin_run, check_run, check_same_vocabulary, need, read_corpus
+from prefkd.train import RunData, TrainConfig, train
+from prefkd.vllm_backend import VLLMConfig
+
+
+@dataclass
+class DistillRun:
+    out: str = opt("runs/distill", "output directory")
+    method: str = opt("dpkd", "distillation method (see `prefkd methods`)")
+    student: ModelConfig = section(ModelConfig, "the student, usually an SFT checkpoint (student.path)")
+    teacher: ModelConfig = section(ModelConfig, "the frozen teacher (teacher.path)")
+    data: DataConfig = section(DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
+    distill: MethodConfig = section(MethodConfig)
+    sampling: SamplingConfig = section(SamplingConfig, "sampling of teacher/student responses during training")
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
+    diagnostics: DiagnosticsConfig = section(DiagnosticsConfig, "implicit reward and KL to the teacher on a fixed "
+                                                                "held-out batch during training")
+    vllm: VLLMConfig = section(VLLMConfig, "vLLM for the sample caches built before training (GPU only)")
+
+
+def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
+                corpus: list[str] | None = None, name: str | None = None, existing: str = "auto",
+                samples_only: bool = False) -> list[dict]:
+    """`existing`: what to do with a run already in `cfg.out` (rundir.py); "auto" resumes the same settings.
+    `samples_only`: build the method's sample caches and stop (e.g. with vLLM, before a multi-GPU launch)."""
+    # Set-up: the method and its options are checked, and the output claimed, before any work.
+    out = Path(cfg.out)
+    method = get_method(cfg.method)
+    if method.check is not None:
+        method.check(cfg.distill)
+    cache_dir(cfg)  # fails before any work when distill.cache_dir leaves the run directory
+    # With samples_only, `out` is not claimed: the caches are keyed files under cache_dir, not a run.
+    clear = check_run(out, cfg, existing) if not samples_only else False
+
+    # Models.
+    student_path = need(cfg.student.path, "student.path")
+    tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
+    student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
+    teacher = _teacher(cfg, method.needs_teacher, tokenizer, samples_only)
+
+    # Data: the method's examples (sample caches drawn here), replay references and the LM corpus.
+    # References are checked by the methods that train on them, with the record that lacks one.
+    prompts = prompts or load_instructions(need(cfg.data.prompts, "data.prompts"), require_references=False)
+    if replay is None and cfg.data.replay and cfg.distill.replay > 0:
+        replay = load_instructions(cfg.data.replay)
+    if corpus is None and cfg.data.corpus and cfg.distill.lm_weight > 0:
+        corpus = read_corpus(cfg.data.corpus)
+    if cfg.distill.replay > 0 and not replay:
+        console.print("no replay data (data.replay): running without replay")
+    source = cfg.data.prompts or "prompts"
+    ctx = PrepareContext(cfg, _short_prompts(prompts, tokenizer, cfg.train.max_prompt_tokens, source), source,
+                         tokenizer, student, teacher)
+    with process_state().main_process_first():  # the main process samples the caches, the others then read them
+        prepared = method.prepare(ctx)
+    if samples_only:
+        console.print(f"{cfg.method}: sample caches ready for {len(prepared.examples)} prompts under "
+                      f"{cache_dir(cfg)}")
+        return []
+    data = RunData(prepared.examples,
+                   replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
+                   else None,
+                   corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None,
+                   teacher_cache=prepared.teacher_cache)
+    d = cfg.distill
+    console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
+                  f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
+
+    # Loop and save.
+    diagnostics = held_out_diagnostics(cfg, teacher, tokenizer, prompts)
+    model = apply_lora(student, cfg.lora)
+    begin_run(out, cfg, clear)
+    identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
+    return train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
+                 name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
+                 diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
+                 identity=identity)
+
+
+def _teacher(cfg: DistillRun, needed: bool, tokenizer: PreTrainedTokenizerBase,
+             samples_only: bool) -> PreTrainedModel | None:
+    """The teacher when the method runs it in training (white-box: same vocabulary), or for the diagnostics alone."""
+    if needed:
+        teacher_path = need(cfg.teacher.path, "teacher.path")
+        check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
+        if samples_only and cfg.vllm.enabled:  # vLLM loads its own copy; a 13B teacher is not loaded twice
+            return None
+        return load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+    if cfg.diagnostics.every and cfg.teacher.path and not samples_only:
+        if load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code).get_vocab() == tokenizer.get_vocab():
+            return load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+        console.print("diagnostics off: they score the student's tokens with the teacher, whose tokenizer differs")
+    return None
+
+
+def _short_prompts(prompts: list[Instruction], tokenizer: PreTrainedTokenizerBase, max_tokens: int,
+                   source: str) -> list[Instruction]:
+    """As MiniLLM/DPKD: long prompts are dropped before anything is sampled for them."""
+    lengths = [len(p) for p in encode_prompts(tokenizer, [r.prompt for r in prompts])]
+    kept = [r for r, n in zip(prompts, lengths, strict=True) if n <= max_tokens]
+    if len(kept) < len(prompts):
+        console.print(f"{source}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts over {max_tokens} "
+                      "tokens")
+    if not kept:
+        raise DataError(f"no prompt is left under train.max_prompt_tokens={max_tokens}", source)
+    return kept
+
+
+def held_out_diagnostics(cfg: DistillRun, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
+                         prompts: list[Instruction]) -> HeldOutDiagnostics | None:
+    if not cfg.diagnostics.every or teacher is None:
+        return None
+    records = load_instructions(cfg.data.heldout, require_references=False) if cfg.data.heldout else prompts
+    ids = [p for p in encode_prompts(tokenizer, [r.prompt for r in records]) if len(p) <= cfg.train.max_prompt_tokens]
+    return HeldOutDiagnostics(teacher, ids[: cfg.diagnostics.prompts], cfg.sampling, cfg.distill.dpkd.beta,
+                              tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.diagnostics.seed)
+

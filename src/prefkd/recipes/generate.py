@@ -1,0 +1,54 @@
+"""`prefkd generate`: one sampled response per prompt into a keyed, resumable jsonl cache (SeqKD and PLaD consume
+these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefkd import rundir
+from prefkd.cache import cache_key, generate_cached, model_identity, read_cache
+from prefkd.config import opt, section
+from prefkd.data.loaders import load_instructions
+from prefkd.errors import PrefkdError
+from prefkd.generation import SamplingConfig
+from prefkd.methods.data import backend
+from prefkd.models import load_model, load_tokenizer
+from prefkd.recipes.common import need
+from prefkd.vllm_backend import VLLMConfig, VLLMSampler
+
+
+@dataclass
+class GenerateRun:
+    model: str = opt("", "model path or hub id")
+    data: str = opt("", "records whose prompts are sampled (any format `prefkd.data.load_instructions` reads)")
+    out: str = opt("", "jsonl cache file; a rerun with the same settings reuses it, an interrupted one resumes")
+    seed: int = opt(0, "sampling seed (each batch is seeded from it and its first index)")
+    overwrite: bool = opt(False, "replace a cache file written with other settings")
+    sampling: SamplingConfig = section(SamplingConfig)
+    vllm: VLLMConfig = section(VLLMConfig, "sample with vLLM on GPUs instead of transformers")
+
+
+def run_generate(cfg: GenerateRun, existing: str = "auto") -> list[dict]:
+    """`existing` (see rundir.py) says what to do with a file already at `out`: the CLI refuses unless told."""
+    model_path, out = need(cfg.model, "model"), need(cfg.out, "out")
+    records = load_instructions(need(cfg.data, "data"), require_references=False)
+    key = cache_key(model_identity(model_path), records, cfg.sampling, cfg.seed, backend(cfg.vllm))
+    if existing == "refuse" and Path(out).exists():
+        raise rundir.RunDirError(f"{out} already holds {_describe_cache(Path(out), key)}; pass --resume to complete "
+                                 f"or reuse it, or --overwrite to sample it afresh")
+    if existing == "overwrite":
+        rundir.remove(Path(out))  # even a readable cache of these settings: --overwrite samples afresh
+    sampler = VLLMSampler(model_path, cfg.vllm) if cfg.vllm.enabled else None
+    return generate_cached(None if sampler else load_model(model_path), load_tokenizer(model_path), records,
+                           cfg.sampling, out, key, cfg.seed, overwrite=cfg.overwrite, sampler=sampler)
+
+
+def _describe_cache(path: Path, key: str) -> str:
+    try:
+        header, rows = read_cache(path)
+    except PrefkdError as e:
+        return f"a file that is not a readable sample cache ({e})"
+    if header.get("cache_key") != key:
+        return "samples of other settings (model, prompts, sampling or seed)"
+    return f"{len(rows)} of {header['n']} samples of these settings"
