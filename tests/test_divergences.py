@@ -65,16 +65,24 @@ def _srkl(alpha):
     return lambda p, q: _kl(q, [(1 - alpha) * pv + alpha * qv for pv, qv in zip(p, q, strict=True)])
 
 
-def _akl(mu):
+def _akl(mu, head="official"):
     def f(p, q):
-        head, cumulative = set(), 0.0
-        for v in sorted(range(len(p)), key=lambda i: -p[i]):
-            if cumulative >= mu:
-                break
-            head.add(v)
-            cumulative += p[v]
-        g_head = sum(abs(p[v] - q[v]) for v in head)
-        g_tail = sum(abs(p[v] - q[v]) for v in range(len(p)) if v not in head)
+        in_head, cumulative = set(), 0.0
+        # Python's sort is stable: tied probabilities in vocabulary order.
+        for rank, v in enumerate(sorted(range(len(p)), key=lambda i: -p[i])):
+            if head == "official":
+                # LLM_KD_AKL: the tail is `cum_sum > mu`, cumulative *including* the token; the top-1 is never tail.
+                cumulative += p[v]
+                if rank > 0 and cumulative > mu:
+                    break
+            else:
+                # crossing: take tokens until the mass before the next one already reaches mu.
+                if cumulative >= mu:
+                    break
+                cumulative += p[v]
+            in_head.add(v)
+        g_head = sum(abs(p[v] - q[v]) for v in in_head)
+        g_tail = sum(abs(p[v] - q[v]) for v in range(len(p)) if v not in in_head)
         w = g_head / (g_head + g_tail)
         return w * _kl(p, q) + (1 - w) * _kl(q, p)
     return f
@@ -135,6 +143,8 @@ CASES = [
     ("srkl_0.4", lambda s, t, m: skew_reverse_kl(s, t, m, alpha=0.4), _srkl(0.4)),
     ("akl", lambda s, t, m: adaptive_kl(s, t, m), _akl(0.5)),
     ("akl_0.8", lambda s, t, m: adaptive_kl(s, t, m, mu=0.8), _akl(0.8)),
+    ("akl_crossing", lambda s, t, m: adaptive_kl(s, t, m, head="crossing"), _akl(0.5, "crossing")),
+    ("akl_crossing_0.8", lambda s, t, m: adaptive_kl(s, t, m, mu=0.8, head="crossing"), _akl(0.8, "crossing")),
     ("dpkd_token", lambda s, t, m: dpkd_token_loss(s, t, m), _dpkd_token(0.1)),
     ("dpkd_token_1", lambda s, t, m: dpkd_token_loss(s, t, m, beta=1.0), _dpkd_token(1.0)),
 ]
@@ -294,40 +304,94 @@ def test_gradcheck(index):
 # ---------------------------------------------------------------- hand-built examples
 
 
-def test_akl_head_selection_hand_built():
-    p = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
-    assert _head_mask(p, 0.5).tolist() == [False, True, False, True]  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
-    assert _head_mask(p, 0.4).tolist() == [False, True, False, False]  # 0.4 alone reaches mu exactly
-    assert _head_mask(p, 0.3).tolist() == [False, True, False, False]
-    assert _head_mask(p, 0.8).tolist() == [False, True, True, True]
-    assert _head_mask(p, 1.0).tolist() == [True, True, True, True]
+def _head(p, mu, head):
+    return [v for v, inside in enumerate(_head_mask(torch.tensor(p, dtype=torch.float64), mu, head).tolist()) if inside]
 
-    q = torch.tensor([0.1, 0.1, 0.4, 0.4], dtype=torch.float64)
+
+# Dyadic probabilities: every cumulative sum is exact, so the boundary cases test the comparison, not rounding.
+# Sorted: 0.5 (token 1), 0.25 (2), 0.125 (0), 0.125 (3), cumulative 0.5, 0.75, 0.875, 1; tokens 0 and 3 tie.
+DYADIC = [0.125, 0.5, 0.25, 0.125]
+
+
+@pytest.mark.parametrize("mu,expected", [
+    (0.25, [1]),           # the top-1 alone exceeds mu: still the head (the released code forces it)
+    (0.5, [1]),            # cumulative 0.5 <= 0.5: the boundary is inclusive
+    (0.6, [1]),            # 0.75 > 0.6: the crossing token is tail
+    (0.75, [1, 2]),
+    (0.8, [1, 2]),
+    (0.875, [0, 1, 2]),    # of the tied tokens 0 and 3, the lower vocabulary index enters first
+    (1.0, [0, 1, 2, 3]),
+])
+def test_akl_official_head_hand_built(mu, expected):
+    assert _head(DYADIC, mu, "official") == expected
+
+
+@pytest.mark.parametrize("mu,expected", [
+    (0.25, [1]),
+    (0.5, [1]),            # 0.5 alone reaches mu exactly: nothing more is needed
+    (0.6, [1, 2]),         # the token that crosses mu is head
+    (0.75, [1, 2]),
+    (0.8, [0, 1, 2]),      # ties again in vocabulary order
+    (0.875, [0, 1, 2]),
+    (1.0, [0, 1, 2, 3]),
+])
+def test_akl_crossing_head_hand_built(mu, expected):
+    assert _head(DYADIC, mu, "crossing") == expected
+
+
+def test_akl_head_rule_is_validated():
+    student, teacher, mask = _inputs(0)
+    with pytest.raises(ValueError, match="official, crossing.*'top-p'"):
+        adaptive_kl(student, teacher, mask, head="top-p")
+    with pytest.raises(ValueError, match="official, crossing"):
+        _head_mask(torch.tensor(DYADIC), 0.5, "Official")
+
+
+def test_akl_rules_differ_on_the_brute_force_inputs():
+    """The brute-force comparison in CASES tells the two rules apart (else it could not catch a swapped rule)."""
+    student, teacher, mask = _inputs(0)
+    official = adaptive_kl(student.double(), teacher.double(), mask).item()
+    crossing = adaptive_kl(student.double(), teacher.double(), mask, head="crossing").item()
+    assert abs(official - crossing) > 1e-3
+    assert abs(official - _brute(_akl(0.5, "crossing"), student, teacher, mask)) > 1e-3
+
+
+# P and Q over 4 tokens; |P - Q| = [0, 0.3, 0.2, 0.1]. P sorted: 0.4 (1), 0.3 (3), 0.2 (2), 0.1 (0).
+AKL_P = [0.1, 0.4, 0.2, 0.3]
+AKL_Q = [0.1, 0.1, 0.4, 0.4]
+
+
+@pytest.mark.parametrize("head,mu,w", [
+    ("official", 0.5, 1 / 2),   # head {1}: 0.4 + 0.3 > 0.5; g_head 0.3, g_tail 0.3
+    ("official", 0.3, 1 / 2),   # head {1}: the top-1 even though 0.4 > 0.3
+    ("official", 0.8, 2 / 3),   # head {1, 3}: 0.9 > 0.8; g_head 0.4, g_tail 0.2
+    ("official", 0.95, 1.0),    # head {1, 3, 2} holds all the gap: pure forward KL
+    ("crossing", 0.5, 2 / 3),   # head {1, 3}: 0.4 < 0.5 <= 0.7
+    ("crossing", 0.3, 1 / 2),   # head {1}
+    ("crossing", 0.8, 1.0),     # head {1, 3, 2}
+])
+def test_akl_weight_hand_built(head, mu, w):
+    p, q = torch.tensor(AKL_P, dtype=torch.float64), torch.tensor(AKL_Q, dtype=torch.float64)
     teacher, student = p.log().view(1, 1, 4), q.log().view(1, 1, 4)
     mask = torch.ones(1, 1)
-    fkl = sum(pv * math.log(pv / qv) for pv, qv in zip(p.tolist(), q.tolist(), strict=True))
-    rkl = sum(qv * math.log(qv / pv) for pv, qv in zip(p.tolist(), q.tolist(), strict=True))
-    # |P - Q| = [0, 0.3, 0.2, 0.1].
-    # mu 0.5: head {1, 3}, g_head 0.4, g_tail 0.2 -> w = 2/3.
-    assert abs(adaptive_kl(student, teacher, mask, mu=0.5).item() - (2 / 3 * fkl + 1 / 3 * rkl)) < 1e-12
-    # mu 0.3: head {1}, g_head 0.3, g_tail 0.3 -> w = 1/2.
-    assert abs(adaptive_kl(student, teacher, mask, mu=0.3).item() - (fkl + rkl) / 2) < 1e-12
-    # mu 0.8: head {1, 2, 3} holds all the gap -> w = 1, pure forward KL.
-    assert abs(adaptive_kl(student, teacher, mask, mu=0.8).item() - fkl) < 1e-12
+    fkl = sum(pv * math.log(pv / qv) for pv, qv in zip(AKL_P, AKL_Q, strict=True))
+    rkl = sum(qv * math.log(qv / pv) for pv, qv in zip(AKL_P, AKL_Q, strict=True))
+    assert abs(adaptive_kl(student, teacher, mask, mu=mu, head=head).item() - (w * fkl + (1 - w) * rkl)) < 1e-12
 
 
-def test_akl_weight_is_detached():
-    """With w detached, d AKL = w d FKL + (1 - w) d RKL at the hand-built point (w = 2/3)."""
-    p = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
-    q = torch.tensor([0.1, 0.1, 0.4, 0.4], dtype=torch.float64)
+@pytest.mark.parametrize("head,w", [("official", 1 / 2), ("crossing", 2 / 3)])
+def test_akl_weight_is_detached(head, w):
+    """With w detached, d AKL = w d FKL + (1 - w) d RKL at the hand-built point (mu 0.5)."""
+    p = torch.tensor(AKL_P, dtype=torch.float64)
+    q = torch.tensor(AKL_Q, dtype=torch.float64)
     teacher, mask = p.log().view(1, 1, 4), torch.ones(1, 1)
     grads = []
-    for fn in (lambda s: adaptive_kl(s, teacher, mask, mu=0.5), lambda s: forward_kl(s, teacher, mask),
+    for fn in (lambda s: adaptive_kl(s, teacher, mask, mu=0.5, head=head), lambda s: forward_kl(s, teacher, mask),
                lambda s: reverse_kl(s, teacher, mask)):
         s = q.log().view(1, 1, 4).clone().requires_grad_()
         fn(s).backward()
         grads.append(s.grad)
-    assert torch.allclose(grads[0], 2 / 3 * grads[1] + 1 / 3 * grads[2], atol=1e-12)
+    assert torch.allclose(grads[0], w * grads[1] + (1 - w) * grads[2], atol=1e-12)
 
 
 def test_dpkd_token_loss_hand_computed():

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -89,13 +90,14 @@ def test_dpkd_loo_value_is_dpkd_mean_and_gradient_is_baselined():
                                  nt[:, None].expand(b, k).reshape(-1), ns.reshape(-1), beta)
     assert torch.allclose(loss, ref)
     loss.backward()
-    # Hand-derived gradient: s_i = sigmoid(r_s_i - r_t); d/d qs_i = (s_i - mean_{j!=i} s_j) beta/|y_i| / (B K);
-    # d/d qt = -sum_i s_i beta/|y_t| / (B K).
+    # Hand-derived gradient: s_i = sigmoid(r_s_i - r_t), c_i = s_i beta/|y_i| (the coefficient of d log q(y_i));
+    # d/d qs_i = (c_i - mean_{j!=i} c_j) / (B K); d/d qt = -sum_i s_i beta/|y_t| / (B K).
     rt = beta * (qt.detach() - pt) / nt
     rs = beta * (qs.detach() - ps) / ns
     s = torch.sigmoid(rs - rt[:, None])
-    loo = (s.sum(1, keepdim=True) - s) / (k - 1)
-    assert torch.allclose(qs.grad, (s - loo) * beta / ns / (b * k))
+    c = s * beta / ns
+    loo = (c.sum(1, keepdim=True) - c) / (k - 1)
+    assert torch.allclose(qs.grad, (c - loo) / (b * k))
     assert torch.allclose(qt.grad, -s.sum(1) * beta / nt / (b * k))
     assert torch.allclose(r_t, rt) and torch.allclose(r_s, rs)
 
@@ -104,3 +106,88 @@ def test_dpkd_loo_needs_two_samples():
     with pytest.raises(ValueError, match="K >= 2"):
         losses.dpkd_loo_loss(torch.zeros(2), torch.zeros(2, 1), torch.zeros(2), torch.zeros(2, 1), torch.ones(2),
                              torch.ones(2, 1))
+
+
+def test_implicit_reward_hand_computed():
+    q, p = torch.tensor([-4.0, -10.0, -3.0]), torch.tensor([-2.0, -8.0, -5.0])
+    n = torch.tensor([2.0, 4.0, 0.0])
+    # beta/|y| (q - p): 0.5/2 * -2, 0.5/4 * -2, and the empty response counted as length 1: 0.5/1 * 2.
+    assert losses.implicit_reward(q, p, n, 0.5).tolist() == [-0.5, -0.25, 1.0]
+    assert losses.implicit_reward(q, p, n, 0.5, length_normalize=False).tolist() == [-1.0, -1.0, 1.0]
+    # The losses use it: dpkd's returned rewards are exactly these.
+    _, r_t, r_s = dpkd_loss(q, q.flip(0), p, p.flip(0), n, n.flip(0), beta=0.5)
+    assert r_t.tolist() == [-0.5, -0.25, 1.0] and r_s.tolist() == [1.0, -0.25, -0.5]
+    # It carries the gradient: d r / d log q = beta/|y|.
+    q = q.requires_grad_()
+    losses.implicit_reward(q, p, n, 0.5).sum().backward()
+    assert q.grad.tolist() == [0.25, 0.125, 0.5]
+
+
+# ---------------------------------------------------------------- leave-one-out: expected gradient, enumerated
+
+# A toy "language model": one softmax over five whole responses of 1 and 2 tokens, so that every K-tuple of
+# student samples can be enumerated and the expectation of a gradient estimator computed exactly.
+_TOY_LENGTHS = torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0], dtype=torch.float64)
+_TOY_TEACHER = torch.tensor([0.35, 0.05, 0.3, 0.1, 0.2], dtype=torch.float64)
+_TOY_THETA = torch.tensor([0.3, 1.2, -0.5, 0.8, -1.0], dtype=torch.float64)
+
+
+def _old_loo_loss(q_t, q_s, p_t, p_s, n_t, n_s, beta, length_normalize):
+    """The former dpkd_loo_loss, kept here as the counter-example: the baseline was of s_i, not of c_i."""
+    r_t, r_s = beta * (q_t - p_t), beta * (q_s - p_s)
+    if length_normalize:
+        r_t, r_s = r_t / n_t, r_s / n_s
+    logits = r_t[:, None] - r_s
+    s = torch.sigmoid(-logits).detach()
+    baseline = (s.sum(-1, keepdim=True) - s) / (s.shape[-1] - 1)
+    return -torch.nn.functional.logsigmoid(logits).mean() - (baseline * (r_s - r_s.detach())).mean()
+
+
+def _plain_loss(q_t, q_s, p_t, p_s, n_t, n_s, beta, length_normalize):
+    """Plain DPKD over the B*K pairs (y_t, y_s_i)."""
+    b, k = q_s.shape
+    return dpkd_loss(*(x[:, None].expand(b, k).reshape(-1) if x.dim() == 1 else x.reshape(-1)
+                       for x in (q_t, q_s, p_t, p_s, n_t, n_s)), beta, length_normalize)[0]
+
+
+def _loo_loss(q_t, q_s, p_t, p_s, n_t, n_s, beta, length_normalize):
+    return losses.dpkd_loo_loss(q_t, q_s, p_t, p_s, n_t, n_s, beta, length_normalize)[0]
+
+
+def _enumerate_gradients(loss_fn, k, beta, length_normalize):
+    """(E_{y_t ~ p, y_s_1..K ~ q iid}[grad_theta estimator], the gradient of every outcome), exactly, in float64.
+
+    Every outcome (y_t, y_s_1..K) is one batch row with its own copy of theta, so that one backward pass gives each
+    outcome's gradient: the batch mean scales it by 1/#rows.
+    """
+    n_out = len(_TOY_LENGTHS)
+    outcomes = torch.tensor(list(itertools.product(range(n_out), repeat=k + 1)))
+    t, s = outcomes[:, 0], outcomes[:, 1:]
+    theta = _TOY_THETA.repeat(len(outcomes), 1).requires_grad_()
+    log_q, log_p = torch.log_softmax(theta, -1), _TOY_TEACHER.log()
+    loss = loss_fn(log_q.gather(1, t[:, None])[:, 0], log_q.gather(1, s), log_p[t], log_p[s], _TOY_LENGTHS[t],
+                   _TOY_LENGTHS[s], beta, length_normalize)
+    loss.backward()
+    per_outcome = theta.grad * len(outcomes)
+    probability = _TOY_TEACHER[t] * log_q.detach().gather(1, s).exp().prod(1)
+    assert abs(probability.sum().item() - 1) < 1e-12
+    return (probability[:, None] * per_outcome).sum(0), per_outcome
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_dpkd_loo_expected_gradient_is_dpkd_by_exact_enumeration(k, length_normalize):
+    beta = 1.0
+    plain, plain_each = _enumerate_gradients(_plain_loss, k, beta, length_normalize)
+    loo, loo_each = _enumerate_gradients(_loo_loss, k, beta, length_normalize)
+    old, _ = _enumerate_gradients(_old_loo_loss, k, beta, length_normalize)
+    assert plain.abs().max() > 1e-2  # a point where DPKD still moves the student
+    assert torch.allclose(loo, plain, rtol=0, atol=1e-10), (loo, plain)
+    # The baseline does change the per-outcome gradients (it is not zero), only not their expectation.
+    assert (loo_each - plain_each).abs().max() > 1e-2
+    if length_normalize:
+        # The former baseline of s_i alone: biased once responses have different lengths.
+        assert (old - plain).abs().max() > 1e-3, (old, plain)
+    else:
+        # Without length normalisation c_i = beta s_i, so the former form was already this one.
+        assert torch.allclose(old, plain, rtol=0, atol=1e-10)

@@ -116,31 +116,48 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return _masked_mean(_kl(log_q, _log_mix(log_p, log_q, 1 - alpha)), mask)
 
 
-def _head_mask(p: torch.Tensor, mu: float) -> torch.Tensor:
-    """Bool [..., V]: the fewest top-P tokens whose cumulative P >= mu (AKL's head), in vocabulary order."""
-    sorted_p, order = p.sort(dim=-1, descending=True)
-    # A token is in the head while the mass strictly before it is still short of mu; that includes the crossing token.
-    # Shifting the cumsum (rather than subtracting sorted_p) keeps the boundary exact: [0.4, 0.3], mu 0.4 -> 1 token.
+AKL_HEAD_RULES = ("official", "crossing")
+
+
+def _head_mask(p: torch.Tensor, mu: float, head: str = "official") -> torch.Tensor:
+    """Bool [..., V]: AKL's head, the top-P tokens chosen by rule `head` (see `adaptive_kl`), in vocabulary order."""
+    # stable: tied probabilities enter the head in vocabulary order, so the head (and w) is deterministic.
+    sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
     cumulative = sorted_p.cumsum(-1)
-    before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
-    in_head_sorted = before < mu
+    if head == "official":
+        in_head_sorted = cumulative <= mu
+        in_head_sorted[..., 0] = True
+    elif head == "crossing":
+        # Shifting the cumsum (rather than subtracting sorted_p) keeps the boundary exact: [0.4, 0.3], mu 0.4 -> 1.
+        before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+        in_head_sorted = before < mu
+    else:
+        raise ValueError(f"head must be one of {', '.join(AKL_HEAD_RULES)}, got {head!r}")
     return torch.zeros_like(in_head_sorted).scatter(-1, order, in_head_sorted)
 
 
 def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                mu: float = 0.5) -> torch.Tensor:
+                mu: float = 0.5, head: str = "official") -> torch.Tensor:
     """mean_positions [w FKL + (1 - w) RKL], w = g_head / (g_head + g_tail) detached (AKL, Wu et al. 2024).
 
-    Head = the fewest top-teacher-probability tokens whose cumulative P >= mu; g_head = sum_head |P - Q|,
-    g_tail = sum_rest |P - Q|.
+    g_head = sum_head |P - Q|, g_tail = sum_rest |P - Q|. The head is a prefix of the tokens sorted by descending
+    teacher probability P, ties in vocabulary order:
+    - `head="official"` (wutaiqiang/LLM_KD_AKL, `get_ratio`): a token is in the head while the cumulative P up to
+      and including it is <= mu (`cum_sum > mu` marks the tail there, so the boundary is inclusive); the top-1 token
+      is always in the head, even when its P alone exceeds mu. The released code breaks ties in P by
+      `torch.sort`'s order, which is unspecified; here it is the vocabulary order.
+    - `head="crossing"` (prefkd's earlier rule): the fewest top tokens whose cumulative P >= mu, i.e. also the
+      token whose cumulative P crosses mu, which the official rule leaves in the tail unless it is the top-1.
     """
+    if head not in AKL_HEAD_RULES:
+        raise ValueError(f"head must be one of {', '.join(AKL_HEAD_RULES)}, got {head!r}")
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
     with torch.no_grad():
         p = log_p.exp()
         gap = (p - log_q.exp()).abs()
-        head = _head_mask(p, mu)
-        g_head = (gap * head).sum(-1)
-        g_tail = (gap * ~head).sum(-1)
+        in_head = _head_mask(p, mu, head)
+        g_head = (gap * in_head).sum(-1)
+        g_tail = (gap * ~in_head).sum(-1)
         # P == Q exactly gives 0/0; both KLs are 0 there, so any weight will do.
         w = g_head / (g_head + g_tail).clamp(min=torch.finfo(gap.dtype).tiny)
     per_position = w * _kl(log_p, log_q) + (1 - w) * _kl(log_q, log_p)
