@@ -27,7 +27,7 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -q
 
-# Benchmarks (BENCHMARKS.md): every figure is a ratio measured side by side in one run -> bench/results.json.
+# Benchmarks (docs/benchmarks.md): every figure is a ratio measured side by side in one run -> bench/results.json.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
 

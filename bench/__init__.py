@@ -1,1 +1,1 @@
-"""Benchmarks of prefkd (see BENCHMARKS.md): every figure is a ratio measured side by side in one run."""
+"""Benchmarks of prefkd (see docs/benchmarks.md): every figure is a ratio measured side by side in one run."""

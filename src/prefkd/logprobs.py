@@ -2,7 +2,7 @@
 
 Position t of the logits scores token t+1; only response tokens (the EOS included) count, never prompt or pad.
 
-Two things make this cheap (BENCHMARKS.md measures them):
+Two things make this cheap (docs/benchmarks.md measures them):
 - **Packing with shared prompts.** Sequences are laid out as groups `[prompt, response 1, response 2, ...]`, several
   groups per row, with a 4-D attention mask in which each response sees its own prompt and its own earlier tokens
   only, and position ids restarting after the prompt. A DPKD pair therefore runs its prompt once for both responses,
