@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from prefkd.data.loaders import load_instructions
@@ -8,7 +10,8 @@ from prefkd.errors import DataError
 def test_round_trip(tmp_path):
     recs = [Instruction("Say hi", "", ("hi",), "x", "skill", "1"), Instruction("Add", "1 2", ("3", "three"))]
     write_records(tmp_path / "r.jsonl", recs)
-    assert load_instructions(tmp_path / "r.jsonl") == recs
+    # A record without an id gets FILE:LINE, so its generations and scores can be traced back.
+    assert load_instructions(tmp_path / "r.jsonl") == [recs[0], replace(recs[1], id="r.jsonl:2")]
 
 
 @pytest.mark.parametrize("line, field, msg", [
@@ -33,6 +36,7 @@ def test_missing_references_and_invalid_utf8(tmp_path):
     f.write_text('{"instruction": "a"}\n')
     with pytest.raises(DataError, match="field 'references'"):
         load_instructions(f)
+    assert load_instructions(f, require_references=False)[0].references == ()  # a prompt set
     f.write_bytes(b'{"instruction": "\xff"}\n')
     with pytest.raises(DataError, match="invalid UTF-8"):
         load_instructions(f)

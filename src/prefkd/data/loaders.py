@@ -234,6 +234,9 @@ def _detect(rows: list[Row], where: str, has_field_map: bool) -> str:
         return "dolly"
     if "references" in keys and "instruction" in keys and not has_field_map:
         return "prefkd"
+    # A prompt-only record of prefkd's own fields (a distillation prompt set) has nothing else to go by.
+    if "instruction" in keys and keys <= {"instruction", "input", "category", "kind", "id"} and not has_field_map:
+        return "prefkd"
     if has_field_map:
         return "custom"
     raise DataError(f"cannot tell the format from the first record's fields {sorted(keys)}; pass format= "
