@@ -1,15 +1,18 @@
-"""Bad input, a busy output directory, corrupt checkpoints and caches, non-finite losses: each through the real CLI,
-each a one-line error (exit 2, no traceback) that names the file, line and field where there is one and says what
-to do, with nothing half-written left behind."""
+"""Bad input, a busy output directory (another run's, or one another live process holds), corrupt checkpoints and
+caches, non-finite losses: each through the real CLI, each a one-line error (exit 2, no traceback) that names the
+file, line and field where there is one and says what to do, with nothing half-written left behind."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
 
-from prefkd import distributed
+from prefkd import distributed, rundir
 from prefkd.cli import app
 from prefkd.data.collate import encode_examples, encode_prompts
 from prefkd.distributed import TrainingDiverged
@@ -211,3 +214,104 @@ def test_installed_command_prints_one_line_and_exits_2(tmp_path):
     res = runner.invoke(app, ["sft", f"out={tmp_path}", "train.stesp=1", "--debug"])
     assert res.exit_code == 1 and isinstance(res.exception, ConfigError)  # --debug lets the traceback through
 
+
+
+def _sft_args(files, out, steps, *extra):
+    return ["sft", f"out={out}", f"tokenizer={files['tokenizer']}", "model.size=nano", f"data.train={files['train']}",
+            f"train.steps={steps}", "train.batch_size=4", "train.log_every=1", *extra]
+
+
+def _start_sft(files, out, steps, *extra):
+    from tests_support import cli_env
+
+    return subprocess.Popen([sys.executable, "-m", "prefkd.cli", *_sft_args(files, out, steps, *extra)],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lock(proc, out):
+    """Until `proc` holds out's lock (it writes its pid right after taking it); fails if it ends first."""
+    lock = out / rundir.LOCK
+    while proc.poll() is None:
+        if lock.is_file() and lock.read_text().strip() == str(proc.pid):
+            return
+        time.sleep(0.01)
+    pytest.fail(f"the run ended (exit {proc.returncode}) before it took the lock:\n{proc.stderr.read()[-3000:]}")
+
+
+def _stop(*procs):
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)  # a stopped process does not act on SIGKILL until continued on some systems
+            p.kill()
+            p.wait()
+
+
+def test_run_directory_lock_refuses_another_process_and_is_released(tmp_path):
+    """In-process claim() takes the lock; a second process claiming the same out is refused with this pid; after
+    release the lock file is gone, and so is the directory claim() created for a run that wrote nothing."""
+    out = tmp_path / "new" / "run"
+    assert rundir.claim(out, {"a": 1}, "refuse") is False
+    try:
+        assert (out / rundir.LOCK).read_text().strip() == str(os.getpid())
+        assert rundir.claim(out, {"a": 1}, "refuse") is False  # re-entrant within the holding process
+        probe = f"from prefkd import rundir; rundir.claim({str(out)!r}, {{'a': 1}}, 'refuse')"
+        res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and "RunDirBusy" in res.stderr, res.stderr[-2000:]
+        assert f"{out} is in use by another run (pid {os.getpid()}" in res.stderr
+        # A process of rank 1 in a launch does not take it: rank 0 holds it for the launch.
+        res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "RANK": "1"})
+        assert res.returncode == 0, res.stderr[-2000:]
+    finally:
+        rundir.release_all()
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_second_run_into_a_busy_directory_is_refused_with_the_holders_pid(files, tmp_path):
+    """Two real `prefkd sft` processes on one out=: the second is refused while the first holds the directory
+    (stopped with SIGSTOP once it holds the lock, so the overlap does not depend on timing), the first finishes,
+    and its log has every step once."""
+    out, steps = tmp_path / "run", 30
+    first = _start_sft(files, out, steps)
+    second = None
+    try:
+        _wait_for_lock(first, out)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = _start_sft(files, out, steps)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2, err[-3000:]
+        line = [x for x in err.splitlines() if x.startswith("error:")]
+        assert len(line) == 1 and f"is in use by another run (pid {first.pid}" in line[0], err[-3000:]
+        assert "wait for it to finish" in line[0] and "Traceback" not in err
+        os.kill(first.pid, signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-3000:]
+    finally:
+        _stop(first, *([second] if second else []))
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert (out / "model").is_dir() and not (out / rundir.LOCK).exists()
+
+
+@pytest.mark.slow
+def test_run_killed_while_holding_the_lock_resumes_without_cleanup(files, tmp_path):
+    """kill -9 leaves the lock file behind, but the kernel dropped the lock with the process: --resume goes on."""
+    out, steps = tmp_path / "run", 60  # the kill lands after checkpoint 5, long before the end
+    first = _start_sft(files, out, steps, "train.save_every=5")
+    try:
+        while first.poll() is None and not list((out / "checkpoint").glob("step-*")):
+            time.sleep(0.01)
+        assert first.poll() is None, f"the run ended before its first checkpoint:\n{first.stderr.read()[-3000:]}"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        _stop(first)
+    assert (out / rundir.LOCK).read_text().strip() == str(first.pid)  # stale: its holder is gone
+    resumed = _start_sft(files, out, steps, "train.save_every=5", "--resume")
+    try:
+        _, err = resumed.communicate(timeout=300)
+    finally:
+        _stop(resumed)
+    assert resumed.returncode == 0, err[-3000:]
+    assert json.loads((out / "train_state.json").read_text())["finished"] and not (out / rundir.LOCK).exists()

@@ -1,6 +1,7 @@
 """Multi-process training: `accelerate launch` with 2 CPU processes (gloo) gives the single-process loss curve for
 the same global batch, for a teacher-forced method (kd) and an on-policy one (dpkd, greedy so both runs draw the
-same samples); and the weighting that makes it so (distributed.combine) is exact."""
+same samples), under DDP and under FSDP2 (configs/accelerate/fsdp.yaml); the weighting that makes it so
+(distributed.combine) is exact; and a launch whose processes Accelerate does not see as one is refused."""
 
 import json
 import socket
@@ -22,6 +23,7 @@ from prefkd.models import load_model
 # instead of 8 sequences, gloo's all-reduce of gradients), so values agree to float32 rounding, not bit for bit.
 # Measured: at most 1e-6 apart on the logged values (the log keeps 6 decimals), 1.5e-7 on the weights after 4 steps.
 LOG_TOL, WEIGHT_TOL = 1e-4, 1e-5
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
 class FakeAccelerator(SimpleNamespace):
@@ -110,15 +112,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two(args):
+def _launch_two(args, config_file=None) -> str:
     accelerate = Path(sys.executable).parent / "accelerate"
     # --multi_gpu selects accelerate's multi-process (torchrun) launcher; on a machine without GPUs prefkd's
-    # Accelerator runs on CPU with gloo (`accelerate launch --cpu` alone would start a single process).
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    # Accelerator runs on CPU with gloo (`accelerate launch --cpu` alone would start a single process). A config
+    # file (FSDP) selects the same launcher; the flags given here override its GPU settings.
+    how = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
+    cmd = [str(accelerate), "launch", *how, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "prefkd.cli", *args]
     res = subprocess.run(cmd, env=_cpu_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return res.stdout + res.stderr  # prefkd's console writes to stderr
 
 
 def _run_one(args):
@@ -139,9 +144,26 @@ def _log(out):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "dpkd"])
 def test_two_processes_match_the_single_process_curve(files, tmp_path, method):
+    _compare_one_and_two(files, tmp_path, method)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_the_single_process_curve(files, tmp_path):
+    """configs/accelerate/fsdp.yaml on CPU: each process holds half of the student and of the teacher (FSDP2 under
+    gloo, distributed.setup), the checkpoint at step 2 is written sharded, and the final model is gathered from the
+    shards. kd with teacher samples drawn at temperature 1 (once, seeded, before training: the same in both runs),
+    so the divergence goes through the sharded teacher's forward; greedy ones are empty on these tiny models.
+    Not dpkd: prefkd's decoder runs as many forwards as its own prompts need, and with a sharded student each
+    forward is a collective, so on-policy sampling under FSDP breaks (gloo aborts on mismatched collectives)."""
+    output = _compare_one_and_two(files, tmp_path, "kd", CONFIGS / "fsdp.yaml", ["sampling.temperature=1"])
+    assert "FSDP2 on CPU: 2 processes" in output  # the config took effect; Accelerate alone would have run DDP
+    assert all(row["divergence"] > 0 for row in _log(tmp_path / "two"))
+
+
+def _compare_one_and_two(files, tmp_path, method, config_file=None, extra=()) -> str:
     single, double = tmp_path / "one", tmp_path / "two"
-    _run_one(_args(files, method, single))
-    _launch_two(_args(files, method, double))
+    _run_one([*_args(files, method, single), *extra])
+    output = _launch_two([*_args(files, method, double), *extra], config_file)
     assert json.loads((single / "train_state.json").read_text())["processes"] == 1
     assert json.loads((double / "train_state.json").read_text())["processes"] == 2
 
@@ -160,4 +182,39 @@ def test_two_processes_match_the_single_process_curve(files, tmp_path, method):
         assert torch.allclose(p1, p2, atol=WEIGHT_TOL, rtol=0), (name, (p1 - p2).abs().max().item())
     weight_gap = max((p1 - p2).abs().max().item() for p1, p2 in zip(m1.state_dict().values(),
                                                                       m2.state_dict().values(), strict=True))
-    print(f"{method}: 1 vs 2 processes, largest gap: {log_gap:.1e} on the log, {weight_gap:.1e} on the weights")
+    print(f"{method}{' ' + config_file.stem if config_file else ''}: 1 vs 2 processes, largest gap: {log_gap:.1e} "
+          f"on the log, {weight_gap:.1e} on the weights")
+    return output
+
+
+@pytest.mark.slow
+def test_launch_that_accelerate_runs_as_single_processes_is_refused(files, tmp_path):
+    """Two processes launched as torchrun launches them (WORLD_SIZE=2, RANK, LOCAL_RANK, MASTER_*), in which
+    Accelerate's state was created without cpu=True on this GPU-less machine, as a program embedding prefkd may do:
+    Accelerate then reports DistributedType.NO and 1 process in each, and without the check both would train the
+    whole batch into the same output. Each process stops with the reason and the fix, exit 2, writing nothing."""
+    out = tmp_path / "run"
+    port = _free_port()
+    driver = ("import sys; from accelerate import PartialState; PartialState(cpu=False); "
+              "from prefkd.cli import app; sys.argv[0] = 'prefkd'; app()")
+    procs = []
+    try:
+        for rank in range(2):
+            env = {**_cpu_env(), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen([sys.executable, "-c", driver, *_args(files, "kd", out)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for code, stdout, stderr in results:
+        assert code == 2, stdout[-3000:] + stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]  # the console writes to stderr
+        assert len(errors) == 1 and "Traceback" not in stderr, stdout + stderr[-3000:]
+        for needle in ("WORLD_SIZE=2", "DistributedType.NO", "1 process", "train unsynchronised",
+                       "accelerate launch --multi_gpu --num_processes 2"):
+            assert needle in errors[0], (needle, errors[0])
+    assert not out.exists()  # no model/, no config.yaml, no lock file: the directory claim() made is gone again

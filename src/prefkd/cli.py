@@ -34,6 +34,8 @@ def _keys_help(cls: type) -> str:
 
 
 def _run(fn, debug: bool):
+    from prefkd import rundir
+
     try:
         return fn()
     except PrefkdError as e:
@@ -41,6 +43,8 @@ def _run(fn, debug: bool):
             raise
         console.print(f"[red]error:[/] {e}", soft_wrap=True)  # one line, whatever the terminal's width
         sys.exit(2)
+    finally:
+        rundir.release_all()  # the verb's run directories are free again (in-process callers run several verbs)
 
 
 from prefkd.recipes.compare import ExperimentConfig  # noqa: E402  (after the helpers: help text is built at import)

@@ -12,6 +12,7 @@ the whole global batch, exactly what one process computes on the whole batch. Lo
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,13 +32,65 @@ class TrainingDiverged(PrefkdError):
     """A non-finite loss term or gradient: the step is not applied and the last good checkpoint is kept."""
 
 
+class LaunchMismatch(ConfigError):
+    """The launcher started W processes but Accelerate runs this one as a member of another number of them."""
+
+
 def process_state() -> PartialState:
     """This process's place in the launch (a single process when not launched). `cpu` must be said on a machine
     without GPUs: without it Accelerate falls back to one process even under `accelerate launch`."""
     state = PartialState(cpu=not torch.cuda.is_available())
+    check_launch(state)
     if state.num_processes > 1 and not state.is_main_process:
         console.quiet = True  # one copy of every message and progress bar: the main process's
     return state
+
+
+def check_launch(state: PartialState) -> None:
+    """Refuse a launch whose process count (WORLD_SIZE, set by torchrun / accelerate launch) is not Accelerate's.
+
+    Accelerate decides on its own whether a process is part of a multi-process run; when it decides "no" (e.g. its
+    state was first created without cpu=True on a machine without GPUs, which gives DistributedType.NO), every
+    launched process trains alone on the whole batch: W unsynchronised copies writing the same output directory."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    if world == state.num_processes:
+        return
+    raise LaunchMismatch(
+        f"the launcher started {world} processes (WORLD_SIZE={world}) but Accelerate runs this one as "
+        f"{state.num_processes} process{'es' if state.num_processes != 1 else ''} ({state.distributed_type}), so "
+        f"{world} copies would train unsynchronised into the same output; start prefkd through `accelerate launch "
+        f"--multi_gpu --num_processes {world} -m prefkd.cli ...` (on CPU it runs with gloo) and do not create "
+        f"Accelerate's state before prefkd does, or run a single process without a launcher")
+
+
+def setup(acc: Accelerator) -> None:
+    """Once the Accelerator exists: refuse a launch it does not see as one (check_launch), and run FSDP on CPU.
+
+    Accelerate 1.15 switches to FSDP only for accelerator devices (AcceleratorState: the FSDP branch is under the
+    MULTI_GPU/XPU/NPU/... types); on CPU the processes are MULTI_CPU and an FSDP config silently gives DDP. torch's
+    FSDP2 (`fully_shard`) runs on CPU under gloo, so with `fsdp_version: 2` this finishes what Accelerate does on
+    a GPU: the FSDP distributed type and the plugin it builds from `accelerate launch`'s environment. Then
+    `prepare`, `place_teacher`, checkpoints and `gathered_copy` take their FSDP paths, testable without a GPU."""
+    check_launch(acc.state)
+    # FSDP (without a plugin): the type a previous run in this process left in PartialState's shared state.
+    if acc.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.FSDP) or \
+            getattr(acc.state, "fsdp_plugin", None) is not None or \
+            os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # what Accelerator() builds from the environment
+    if plugin.fsdp_version != 2:
+        raise ConfigError("prefkd runs FSDP on CPU as FSDP2 only: set fsdp_version: 2 in "
+                          "the accelerate config (see configs/accelerate/fsdp.yaml)")
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    # As AcceleratorState's FSDP branch does: PartialState keeps the type for the states created after this one.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if acc.is_main_process:  # says that the FSDP config took effect (Accelerate alone would have run DDP)
+        console.print(f"FSDP2 on CPU: {acc.num_processes} processes (gloo) each hold a shard of the models")
 
 
 def shard(indices: list[int], acc: Accelerator) -> list[int]:
