@@ -84,3 +84,23 @@ def test_memory_plan_counts_the_opt_parameters_and_names_real_configs(monkeypatc
                 assert (CONFIGS / name).is_file(), name
     sharded = next(r for r in rows if r["layout"].startswith("deepspeed-zero3.yaml"))
     assert sharded["teacher"] == plan.OPT_13B.params * 2 / 8
+
+
+@pytest.mark.parametrize("kind, stage, refused", [("FSDP", None, True), ("DEEPSPEED", 3, True),
+                                                  ("DEEPSPEED", 2, False), ("MULTI_CPU", None, False)])
+def test_on_policy_methods_are_refused_where_weights_are_sharded(kind, stage, refused):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from prefkd.distributed import check_sampling_supported
+    from prefkd.errors import ConfigError
+
+    acc = SimpleNamespace(distributed_type=DistributedType[kind],
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    check_sampling_supported(acc, "kd", False)  # cached samples: fine everywhere
+    if refused:
+        with pytest.raises(ConfigError, match="'dpkd' samples from the models during training.*ddp.yaml"):
+            check_sampling_supported(acc, "dpkd", True)
+    else:
+        check_sampling_supported(acc, "dpkd", True)

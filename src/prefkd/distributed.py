@@ -216,3 +216,17 @@ def gathered_copy(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module |
     copy.load_state_dict(state, strict=False, assign=True)
     copy.tie_weights()  # the gathered state dict may hold a tied head once
     return copy
+
+
+def check_sampling_supported(acc: Accelerator, method: str, samples_in_training: bool) -> None:
+    """Refuse on-policy methods where the weights are sharded: every forward is then a collective, but each process
+    decodes as many steps as its own prompts need, so the processes fall out of step (gloo aborts with a collective
+    mismatch; NCCL would hang)."""
+    if not samples_in_training:
+        return
+    zero3 = acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+    if acc.distributed_type == DistributedType.FSDP or zero3:
+        raise ConfigError(f"method '{method}' samples from the models during training, which sharded weights (FSDP, "
+                          "DeepSpeed ZeRO-3) cannot do yet: the processes' decoding loops would fall out of step. "
+                          "Launch it with configs/accelerate/ddp.yaml (or DeepSpeed ZeRO-1/2), or use a method that "
+                          "trains on cached samples (kd, seqkd, plad)")

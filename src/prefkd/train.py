@@ -117,6 +117,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
                       dataloader_config=DataLoaderConfiguration(split_batches=True))
     distributed.setup(acc)  # refuses a launch Accelerate does not see as one; FSDP on CPU (see there)
+    distributed.check_sampling_supported(acc, method.name, method.samples_in_training)
     main = acc.is_main_process
     torch.manual_seed(distributed.process_seed(cfg.seed, acc))  # each process samples its own stream
     if cfg.disable_dropout:

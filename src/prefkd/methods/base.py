@@ -65,6 +65,7 @@ class Method:
     # prepare() draws sample caches before training: `prefkd compare` builds them before its workers start.
     samples_before_training: bool = False
     auxiliary_losses: bool = True  # the loop adds replay and the LM loss (not for sft: it is cross-entropy already)
+    samples_in_training: bool = False  # the step decodes with the student (or the teacher) as it trains
     check: Callable[[MethodConfig], None] | None = None  # refuses option combinations this method cannot run
 
     @property

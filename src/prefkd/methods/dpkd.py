@@ -228,5 +228,5 @@ METHODS = [
     Method("dpkd", "DPKD paper form: teacher sample preferred over student sample by the implicit reward "
            "beta/|y| log q/p, both sampled every batch", "DPKD (2406.19774) Eq. 9, Alg. 1",
            "prompts (samples drawn in training)", True, prompts_and_teacher_cache, sampled_pairs(dpkd_pair_loss),
-           "dpkd.beta 0.1, lm_weight, kappa", check=check_baseline),
+           "dpkd.beta 0.1, lm_weight, kappa", check=check_baseline, samples_in_training=True),
 ]

@@ -73,9 +73,10 @@ METHODS = [
     Method("rkl", "on-policy token-level reverse KL on student samples (MiniLLM-style, not MiniLLM's policy "
            "gradient)", "MiniLLM (Gu et al. 2024), simplified", "student samples; anchor on the sequences", True,
            data.sequences, on_policy(lambda s, t, m, c: losses.reverse_kl(s, t, m, c.rkl.temperature),
-                                     lambda c: 1.0), samples_before_training=True),
+                                     lambda c: 1.0), samples_before_training=True, samples_in_training=True),
     Method("gkd", "generalized JSD on student samples with probability lmbda, else the sequences",
            "GKD (Agarwal et al. 2024)", "student samples or the sequences", True, data.sequences,
            on_policy(lambda s, t, m, c: losses.generalized_jsd(s, t, m, c.gkd.beta, c.gkd.temperature),
-                     lambda c: c.gkd.lmbda), "gkd.beta 0.5, gkd.lmbda 0.5", samples_before_training=True),
+                     lambda c: c.gkd.lmbda), "gkd.beta 0.5, gkd.lmbda 0.5", samples_before_training=True,
+           samples_in_training=True),
 ]
