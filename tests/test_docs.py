@@ -145,3 +145,11 @@ def test_broken_link_is_reported(tmp_path, monkeypatch):
     assert any("missing.md" in p for p in problems)
     assert any("#nope" in p for p in problems)
     assert any("leaves the repository" in p for p in problems)
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the config dataclasses; regenerate it after changing a config."""
+    from prefkd.config_reference import render
+
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert page == render(), "stale: run `python -m prefkd.config_reference > docs/configuration.md`"
