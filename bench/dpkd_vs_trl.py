@@ -50,7 +50,9 @@ def trl_trainer(student, teacher, tokenizer, rows: list[dict], steps: int, out_d
     from trl import DPOConfig, DPOTrainer
 
     datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed gradient-checkpointing names
+    # TRL's configs default `gradient_checkpointing` (transformers renamed it `activation_checkpointing`): only that
+    # warning is TRL's to fix; any other FutureWarning (prefkd's own calls included) still shows.
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
 
     args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
                      lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, beta=0.1, bf16=False,

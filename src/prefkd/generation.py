@@ -96,7 +96,7 @@ def _prefill(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, prom
             return done
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.past_key_values, positions[:, -1:] + 1
+    return out.logits[:, -1], out.cache, positions[:, -1:] + 1
 
 
 def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int, room: int,
@@ -144,10 +144,10 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
             run, j = _runs(rest[members])
             owner[src_row[run], src_col[run] + j] = members[run]
             sub, cache = _after_shared_prefix(sub, owner, past, shared, past_at)
-        out = packed_forward(model, sub, keep, device, use_cache=True, past_key_values=cache)
-        if not _plain(out.past_key_values):
+        out = packed_forward(model, sub, keep, device, use_cache=True, cache=cache)
+        if not _plain(out.cache):
             return None
-        layers = out.past_key_values.layers
+        layers = out.cache.layers
         if logits is None:
             logits = out.logits.new_empty((n, out.logits.shape[-1]))
             buffers = [tuple(_room_buffer(t, n, width, room) for t in (layer.keys, layer.values)) for layer in layers]
@@ -162,7 +162,7 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
         for kv_buffers, layer in zip(buffers, layers, strict=True):
             for buffer, t in zip(kv_buffers, (layer.keys, layer.values), strict=True):
                 _copy_runs(buffer, members, width - rest[members], t, src_row, n_past + src_col, rest[members])
-    past_layers = out.past_key_values
+    past_layers = out.cache
     past_layers.layers = [RoomyLayer(kb, vb, width) for kb, vb in buffers]
     return logits, past_layers, lengths[:, None].to(device)
 
@@ -211,12 +211,12 @@ def _prefix_cache(model: PreTrainedModel, prefixes: list[list[int]], device: tor
     keep = torch.zeros(packed.input_ids.shape, dtype=torch.bool)
     keep[packed.starts[0, 0], packed.starts[0, 1]] = True  # the model wants some logits; these are not used
     out = packed_forward(model, packed, keep, device, use_cache=True)
-    if not _plain(out.past_key_values):
+    if not _plain(out.cache):
         return None
     sizes = torch.tensor([len(p) for p in prefixes])
     to, zero = sizes.cumsum(0) - sizes, torch.zeros(1, dtype=torch.long)
     past = []
-    for layer in out.past_key_values.layers:
+    for layer in out.cache.layers:
         kv = []
         for t in (layer.keys, layer.values):
             flat = t.new_empty((1, t.shape[1], int(sizes.sum()), t.shape[3]))
@@ -345,7 +345,7 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
         else:
             attn = torch.cat([attn, attn.new_ones((len(attn), 1))], dim=1)
             mask = attn
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=past,
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, cache=past,
                        use_cache=True).logits[:, -1]
         positions = positions + 1
     return out

@@ -207,18 +207,19 @@ def _probe(model: torch.nn.Module) -> bool:
 
 
 def packed_forward(model: torch.nn.Module, packed: Packed, keep: torch.Tensor, device: torch.device,
-                   use_cache: bool = False, past_key_values=None):
+                   use_cache: bool = False, cache=None):
     """The model on packed rows, logits only at the `keep` positions ([K, V], row-major order of `keep`).
 
-    With `past_key_values` (P positions), `packed.attention` is [R, 1, L, P + L]: what each token sees of the past,
-    then of its row."""
+    With a `cache` (a transformers `Cache` of P positions), `packed.attention` is [R, 1, L, P + L]: what each token
+    sees of the past, then of its row. (`cache` is transformers' name for the past since 5.x; `past_key_values` warns
+    and goes in 5.40.)"""
     mask = packed.attention.to(device)
     if _config(model)._attn_implementation == "eager":  # eager adds the mask to the scores
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     keep = keep.to(device)
     out = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                attention_mask=mask, logits_to_keep=keep, use_cache=use_cache, past_key_values=past_key_values)
+                attention_mask=mask, logits_to_keep=keep, use_cache=use_cache, cache=cache)
     if out.logits.dim() == 3:  # a model that ignores a mask in logits_to_keep
         out.logits = out.logits[keep]
     return out
