@@ -1,4 +1,4 @@
-"""The Alpaca prompt template used by MiniLLM and DPKD (see docs/templates.md of the project brief)."""
+"""The Alpaca prompt template used by MiniLLM and DPKD (docs/data.md shows it)."""
 
 from __future__ import annotations
 
