@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from eval_support import save_lm
-from tests_support import tiny_files
+from support import save_lm, tiny_files
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 

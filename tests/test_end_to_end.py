@@ -68,7 +68,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_verbs_on_demo_outputs(tmp_path, tokenizer):
     """`prefkd sft`, `distill` and `evaluate` on record files, as a user with their own models would run them."""
-    from tests_support import tiny_files
+    from support import tiny_files
 
     runner = CliRunner()
     files = tiny_files(tmp_path, tokenizer)
@@ -93,7 +93,7 @@ def test_verbs_on_demo_outputs(tmp_path, tokenizer):
 
 
 def test_white_box_method_refuses_different_tokenizers(tmp_path, tokenizer):
-    from tests_support import tiny_files
+    from support import tiny_files
 
     runner = CliRunner()
     files = tiny_files(tmp_path, tokenizer)

@@ -5,8 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from eval_support import save_gpt2_reward_model, save_lm
-from tests_support import tiny_files
+from support import save_gpt2_reward_model, save_lm, tiny_files
 from typer.testing import CliRunner
 
 from prefkd.cache import read_cache

@@ -21,7 +21,7 @@ def _sft(out, tok, size, train_file):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    from tests_support import tiny_files
+    from support import tiny_files
 
     root = tmp_path_factory.mktemp("methods")
     files = tiny_files(root, tokenizer)
