@@ -99,3 +99,74 @@ def save_bert_reward_model(path: Path, texts: list[str], seed: int = 0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+# The team's development data (Dolly 15k, MiniLLM's splits, WikiText-2, Tiny Shakespeare), beside the clone; only
+# tests marked `real_data` read it (conftest.py makes them fail where it is missing).
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_DOLLY = REAL_DATA / "dolly"
+
+# Dolly 15k's and MiniLLM's file formats on records written for the tests (not copied from the dataset): Dolly's
+# fields (instruction, context, response, category), MiniLLM's (topic, instruction, input, output, prompt) with its
+# prompt template byte for byte, with and without an input.
+MINILLM_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.\n\n")
+MINILLM_HEAD_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                      "context. Write a response that appropriately completes the request.\n\n")
+DOLLY_ROWS = [
+    {"instruction": "When did the museum open?", "context": "The museum opened in 1901 on the river bank.",
+     "response": "It opened in 1901.", "category": "closed_qa"},
+    {"instruction": "Which is a bird, Robin or Rock?", "context": "", "response": "Robin",
+     "category": "classification"},
+    {"instruction": "Why do cats purr?", "context": "", "response": "Mostly to signal comfort, sometimes stress.",
+     "category": "open_qa"},
+    {"instruction": "Give me three names for a boat.", "context": "", "response": "Wave Runner, Sea Biscuit, Drift",
+     "category": "brainstorming"},
+    {"instruction": "Summarise the passage.", "context": "Rain fell for days.\nThe river rose and the town moved.",
+     "response": "A long rain flooded the town.", "category": "summarization"},
+    {"instruction": "What is a kettle?", "context": "", "response": "A pot for boiling water.",
+     "category": "general_qa"},
+    {"instruction": "List the colours named.", "context": "The flag is red, white and blue.",
+     "response": "red, white, blue", "category": "information_extraction"},
+    {"instruction": "Write a haiku about snow.", "context": "",
+     "response": "Quiet white blanket\ncovers the garden\nmorning holds its breath",
+     "category": "creative_writing"},
+    {"instruction": "How many legs does a spider have?", "context": "", "response": "Eight.", "category": "open_qa"},
+    {"instruction": "Name a prime number above ten.", "context": "", "response": "Eleven.", "category": "open_qa"},
+    {"instruction": "Is tea a drink?", "context": "", "response": "Yes.", "category": "classification"},
+    {"instruction": "Who wrote the letter?", "context": "The letter was signed by Ada.", "response": "Ada.",
+     "category": "closed_qa"},
+]
+
+
+def minillm_row(row: dict, output=None, topic: bool = True) -> dict:
+    """A Dolly row as MiniLLM's split files store it: `topic` for the category (the test file has it, the dev file
+    does not), `input` for the context, `output` for the response, and the prompt rendered with the Alpaca
+    template."""
+    body = f"### Instruction:\n{row['instruction']}\n\n"
+    head = MINILLM_HEAD
+    if row["context"]:
+        body += f"### Input:\n{row['context']}\n\n"
+        head = MINILLM_HEAD_INPUT
+    out = {"topic": row["category"]} if topic else {}
+    return {**out, "instruction": row["instruction"], "input": row["context"],
+            "output": row["response"] if output is None else output, "prompt": head + body + "### Response:\n"}
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_dolly_files(root: Path) -> dict:
+    """A Dolly file of 13 records and MiniLLM-style test (rows 0-2) and validation (rows 3-4) files cut from it.
+    The Dolly file holds row 0 twice, the second time with other whitespace (the real 15k has such duplicates),
+    so 6 records are held out of train: 13 = 7 train + 6 removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    again = {**DOLLY_ROWS[0], "instruction": "  When did the museum\nopen? ", "response": "It opened in  1901."}
+    return {"dolly": write_jsonl(root / "dolly.jsonl", [*DOLLY_ROWS, again]),
+            "test": write_jsonl(root / "test-minillm.jsonl", [minillm_row(r) for r in DOLLY_ROWS[:3]]),
+            "validation": write_jsonl(root / "dev-minillm.jsonl",
+                                      [minillm_row(r, topic=False) for r in DOLLY_ROWS[3:5]])}
