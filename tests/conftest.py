@@ -50,5 +50,6 @@ def pytest_runtest_setup(item):
     skipped test there would hide that the real files stopped being checked."""
     if item.get_closest_marker("real_data") and not support.REAL_DATA.is_dir():
         pytest.fail(f"{item.nodeid} reads the real Dolly files and {support.REAL_DATA} is missing: put the team's "
-                    "shared folder beside the clone (docs/development.md), or deselect these tests with -m 'not real_data'",
+                    "shared folder beside the clone (docs/development.md), or deselect these tests with "
+                    "-m 'not real_data'",
                     pytrace=False)
