@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from eval_support import save_lm
-from tests_support import tiny_files
+from support import save_lm, tiny_files
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -86,8 +85,8 @@ def test_analyze_noise_end_to_end(tokenizer, tmp_path):
     for r in rows:
         assert r["reward_student_samples"] == pytest.approx(0.2 * r["seq_rkl"])
         assert r["reward_margin"] == pytest.approx(r["reward_teacher_samples"] - r["reward_student_samples"])
-        assert 0 <= r["rougeL"] <= 100
     assert len({r["seq_rkl"] for r in rows}) == 3  # every draw is a different model
+    # (Row 0's Rouge-L is recomputed below from stock transformers; the seed means in the two-seed run.)
     assert set(result["correlation_with_rougeL"]) == {"seq_rkl", "reward_teacher_samples", "reward_margin"}
     png = (out / "noise.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -1,4 +1,7 @@
-"""`prefkd compare`: the Dolly CPU config runs unchanged with tiny sizes; variants; `prefkd report`."""
+"""`prefkd compare`: the Dolly CPU config runs unchanged with tiny sizes; variants; `prefkd report`.
+
+configs/dolly-cpu.yaml names the real Dolly files and corpora (../shared/data): the tests that run it are marked
+real_data and named on_real_dolly."""
 
 import json
 from pathlib import Path
@@ -22,7 +25,8 @@ SMALL = ["data.vocab_size=512", "data.dolly.max_train=80", "data.dolly.max_valid
          "bootstrap=100", "distill.lm_block_size=32"]
 
 
-def test_dolly_cpu_config_runs_with_tiny_sizes(tmp_path, monkeypatch):
+@pytest.mark.real_data
+def test_dolly_cpu_config_runs_with_tiny_sizes_on_real_dolly(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the config names ../shared/data relative to the repository root
     out = tmp_path / "dolly"
     res = CliRunner().invoke(app, ["compare", "--config", "configs/dolly-cpu.yaml", f"out={out}", "tag=t", *SMALL,
@@ -81,7 +85,8 @@ def test_report_verb_rebuilds_and_names_a_missing_results_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_parallel_workers_give_the_runs_of_one_process(tmp_path, monkeypatch):
+@pytest.mark.real_data
+def test_parallel_workers_give_the_runs_of_one_process_on_real_dolly(tmp_path, monkeypatch):
     """workers=2 (spawned processes, one thread each) trains and scores exactly what one process does."""
     import torch
 

@@ -28,7 +28,7 @@ GOOD = {"instruction": "Say hi", "input": "", "references": ["hi"]}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer):
-    from tests_support import tiny_models
+    from support import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("failures"), tokenizer)
 
@@ -205,7 +205,7 @@ def test_corrupt_sample_cache_names_its_line(files, tmp_path):
 
 def test_installed_command_prints_one_line_and_exits_2(tmp_path):
     """The console script itself, not the in-process runner: one line on stderr, no traceback, status 2."""
-    from tests_support import cli_env
+    from support import cli_env
 
     res = subprocess.run([sys.executable, "-m", "prefkd.cli", "sft", f"out={tmp_path}", "train.stesp=1"],
                          capture_output=True, text=True, env=cli_env(), timeout=120)
@@ -222,7 +222,7 @@ def _sft_args(files, out, steps, *extra):
 
 
 def _start_sft(files, out, steps, *extra):
-    from tests_support import cli_env
+    from support import cli_env
 
     return subprocess.Popen([sys.executable, "-m", "prefkd.cli", *_sft_args(files, out, steps, *extra)],
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from eval_support import save_bert_reward_model, save_gpt2_reward_model, save_lm
+from support import save_bert_reward_model, save_gpt2_reward_model, save_lm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from prefkd.data.records import Instruction

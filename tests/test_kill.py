@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from tests_support import cli_env, one_thread, tiny_models
+from support import cli_env, one_thread, tiny_models
 from typer.testing import CliRunner
 
 from prefkd.cli import app

@@ -1,51 +1,71 @@
+"""prefkd.data.loaders: every format on small files written here; the real Dolly files whole in one test."""
+
 import json
 from pathlib import Path
 
 import datasets
 import pytest
+from support import DOLLY_ROWS, REAL_DOLLY, minillm_row, write_dolly_files, write_jsonl
 
 from prefkd.data.loaders import load_instructions, load_instructions_with_report
 from prefkd.errors import ConfigError, DataError
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DOLLY = DATA / "dolly" / "databricks-dolly-15k.jsonl"
-TEST = DATA / "dolly" / "test-minillm-500.jsonl"
-DEV = DATA / "dolly" / "dev-minillm-1000.jsonl"
 
 
 def _raw(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("path,n", [(TEST, 500), (DEV, 1000)])
-def test_minillm_files_load_with_byte_identical_prompts(path, n):
+def _check_minillm(path: Path, n: int) -> list:
+    """Every MiniLLM record loads with the file's prompt byte for byte (the template renders it exactly), its
+    fields mapped, and FILE:LINE ids."""
     records = load_instructions(str(path), format="minillm")
     raw = _raw(path)
     assert len(records) == len(raw) == n
     for rec, row in zip(records, raw, strict=True):
         assert rec.prompt.encode("utf-8") == row["prompt"].encode("utf-8")
-        assert rec.instruction == row["instruction"] and rec.input == row["input"]
+        assert rec.instruction == row["instruction"] and rec.input == row["input"] and rec.category == row.get("topic")
         out = row["output"]
         assert rec.references == ((out,) if isinstance(out, str) else tuple(out))
-    assert records[0].id == f"{path.name}:1"
-    if path == TEST:
-        assert {r.category for r in records} >= {"closed_qa", "open_qa", "brainstorming"}
+    assert [r.id for r in records] == [f"{path.name}:{i}" for i in range(1, n + 1)]
+    return records
 
 
-def test_dolly_15k_loads_with_categories():
-    records = load_instructions(str(DOLLY), format="dolly")
-    assert len(records) == 15015
-    cats = {r.category for r in records}
-    assert cats == {"open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
-                    "information_extraction", "summarization", "creative_writing"}
-    first = _raw(DOLLY)[0]
-    assert records[0].input == first["context"] and records[0].references == (first["response"],)
-    assert len({r.id for r in records}) == 15015
+def test_minillm_format_loads_with_byte_identical_prompts(tmp_path):
+    # With and without an input (two templates), and `output` as a list of references.
+    # MiniLLM's dev file has no `topic`: a row without one loads with no category.
+    rows = [minillm_row(r) for r in DOLLY_ROWS[:4]] + [minillm_row(DOLLY_ROWS[4], topic=False),
+                                                       minillm_row(DOLLY_ROWS[5], output=["A pot.", "A kettle."])]
+    _check_minillm(write_jsonl(tmp_path / "m.jsonl", rows), 6)
 
 
-@pytest.mark.parametrize("path,expected", [(TEST, "minillm"), (DEV, "minillm"), (DOLLY, "dolly")])
-def test_auto_detection_matches_explicit_format(path, expected):
-    assert load_instructions(str(path)) == load_instructions(str(path), format=expected)
+def test_dolly_format_loads_with_categories(tmp_path):
+    path = write_dolly_files(tmp_path)["dolly"]
+    records = load_instructions(str(path), format="dolly")
+    assert len(records) == len(DOLLY_ROWS) + 1
+    assert {r.category for r in records} == {"open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
+                                             "information_extraction", "summarization", "creative_writing"}
+    for rec, row in zip(records, _raw(path), strict=True):
+        assert (rec.instruction, rec.input, rec.references, rec.category) == (
+            row["instruction"], row["context"], (row["response"],), row["category"])
+    assert len({r.id for r in records}) == len(records)
+
+
+def test_auto_detection_matches_explicit_format(tmp_path):
+    files = write_dolly_files(tmp_path)
+    for path, expected in ((files["test"], "minillm"), (files["validation"], "minillm"), (files["dolly"], "dolly")):
+        assert load_instructions(str(path)) == load_instructions(str(path), format=expected)
+
+
+@pytest.mark.real_data
+def test_minillm_and_dolly_files_load_on_real_dolly():
+    """The real files, whole: MiniLLM's 500 test and 1,000 validation records with their prompts byte for byte
+    (the template must match the released files, not only the fixture), and all 15,015 Dolly records."""
+    test = _check_minillm(REAL_DOLLY / "test-minillm-500.jsonl", 500)
+    assert {r.category for r in test} >= {"closed_qa", "open_qa", "brainstorming"}
+    _check_minillm(REAL_DOLLY / "dev-minillm-1000.jsonl", 1000)
+    dolly = load_instructions(str(REAL_DOLLY / "databricks-dolly-15k.jsonl"))  # auto-detected
+    assert len(dolly) == len({r.id for r in dolly}) == 15015
+    assert len({r.category for r in dolly}) == 8
 
 
 def test_auto_detects_prefkd_format(tmp_path):
@@ -142,7 +162,7 @@ def test_invalid_utf8_names_line(tmp_path):
 
 
 def test_minillm_prompt_mismatch_names_prompt_field(tmp_path):
-    row = _raw(TEST)[0]
+    row = minillm_row(DOLLY_ROWS[0])
     rows = [row, {**row, "prompt": row["prompt"].replace("### Response:", "### Answer:")}]
     f = tmp_path / "m.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))

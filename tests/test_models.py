@@ -1,10 +1,12 @@
-"""Loading models: what prefkd changes on the way in must not change what the model computes."""
+"""prefkd.models: loading models (what prefkd changes on the way in must not change what the model computes) and
+the tokenizer prefkd trains for the models it builds."""
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformers.activations import GELUTanh
 
-from prefkd.models import load_model
+from prefkd.data.synthetic import SuiteConfig, build_suite
+from prefkd.models import load_model, train_tokenizer
 
 
 def test_gpt2_gelu_is_swapped_for_the_fused_kernel_without_changing_outputs(tmp_path):
@@ -18,3 +20,19 @@ def test_gpt2_gelu_is_swapped_for_the_fused_kernel_without_changing_outputs(tmp_
     ids = torch.randint(0, 50, (3, 20))
     with torch.no_grad():
         assert (loaded(input_ids=ids).logits - original(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+# train_tokenizer: prefkd's own byte-level BPE for the models it builds.
+def test_trained_tokenizer_round_trips_and_reloads(tokenizer, tiny_suite, tmp_path):
+    text = tiny_suite.test[0].prompt + tiny_suite.test[0].references[0] + " café naïve 日本"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert again.eos_token_id == again.pad_token_id == tokenizer.eos_token_id
+
+
+def test_train_tokenizer_reaches_target_vocabulary_on_the_suite():
+    suite = build_suite(SuiteConfig())
+    texts = [r.prompt + r.references[0] for r in suite.d0 + suite.d] + suite.corpus
+    assert len(train_tokenizer(texts, vocab_size=2048)) == 2048

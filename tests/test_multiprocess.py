@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests_support import cli_env, tiny_models
+from support import cli_env, tiny_models
 
 from prefkd import distributed
 from prefkd.distributed import Term

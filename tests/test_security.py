@@ -128,7 +128,7 @@ def test_model_code_runs_only_with_trust_remote_code(tmp_path, files):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer):
-    from tests_support import tiny_models
+    from support import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("security"), tokenizer)
 

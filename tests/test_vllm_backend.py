@@ -120,7 +120,7 @@ def test_sampler_feeds_the_resumable_cache(monkeypatch, tokenizer, tiny_suite, t
 def test_samples_only_then_training_reuses_the_vllm_cache(monkeypatch, tmp_path, tokenizer):
     """The two-step flow of a large-teacher run: sample the teacher once (here with the stand-in), then train
     without starting an engine. --samples-only does not claim the run directory."""
-    from tests_support import tiny_models
+    from support import tiny_models
 
     files = tiny_models(tmp_path / "files", tokenizer)
     stand_in = StandIn(max_model_len=400)

@@ -1,4 +1,7 @@
-"""The papers' recipes under configs/paper run unchanged, with hub model ids replaced by small local models."""
+"""The papers' recipes under configs/paper run unchanged, with hub model ids replaced by small local models.
+
+They name the real Dolly files (../shared/data), so every test here is marked real_data: what is checked is that
+the recipes as shipped prepare the papers' splits from those files."""
 
 import json
 from pathlib import Path
@@ -34,7 +37,8 @@ def prepared(tmp_path_factory):
     return tmp
 
 
-def test_data_recipes_make_minillm_splits(prepared):
+@pytest.mark.real_data
+def test_data_recipes_make_minillm_splits_on_real_dolly(prepared):
     report = json.loads((prepared / "dpkd-dolly" / "splits.json").read_text())["report"]
     assert report["test"] == 500 and report["validation"] == 1000 and report["removed"] == 1503
     assert report["train"] + report["short_responses_removed"] == 15015 - 1503
@@ -44,8 +48,9 @@ def test_data_recipes_make_minillm_splits(prepared):
     assert all(not r.references for r in load_instructions(prepared / "plad-dolly" / "d_prompts.jsonl"))
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("recipe", ["dpkd-dolly", "plad-dolly"])
-def test_training_recipes_run_with_small_models(prepared, recipe, tmp_path):
+def test_training_recipes_run_with_small_models_on_real_dolly(prepared, recipe, tmp_path):
     data_yaml = yaml.safe_load((PAPER / recipe / "data.yaml").read_text())
     data_dir = prepared / recipe
     # Every data file a recipe names is one its data recipe writes.

@@ -1,8 +1,10 @@
 """Every registered method runs end to end from the CLI on tiny models and saves a loadable student."""
 
 import json
+import math
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -21,7 +23,7 @@ def _sft(out, tok, size, train_file):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    from tests_support import tiny_files
+    from support import tiny_files
 
     root = tmp_path_factory.mktemp("methods")
     files = tiny_files(root, tokenizer)
@@ -49,10 +51,16 @@ def test_method_runs_and_saves_a_loadable_student(setup, method, tmp_path):
     extra = [f"data.prompts={files['train']}"] if method == "sft" else []
     res = _distill(root, files, prompts, method, tmp_path / method, extra=extra)
     assert res.exit_code == 0, res.output
+    # The saved student is the starting student's architecture, trained: same config and parameter names and
+    # shapes, and weights the two steps moved (a run that saved the starting weights, or another model, fails).
     model = AutoModelForCausalLM.from_pretrained(tmp_path / method / "model")
-    assert model.num_parameters() > 0
+    start = AutoModelForCausalLM.from_pretrained(root / "student" / "model")
+    assert model.config.to_diff_dict() == start.config.to_diff_dict()
+    trained, initial = model.state_dict(), start.state_dict()
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in initial.items()}
+    assert not all(torch.equal(trained[k], initial[k]) for k in initial)
     log = [json.loads(line) for line in (tmp_path / method / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)  # finite, not NaN
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)  # not NaN, not inf
 
 
 def test_dpkd_with_k_samples_loo_baseline_and_kd_anchor_runs(setup, tmp_path):

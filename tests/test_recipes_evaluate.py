@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from eval_support import save_gpt2_reward_model, save_lm
-from tests_support import tiny_files
+from support import save_gpt2_reward_model, save_lm, tiny_files
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from prefkd.cache import read_cache
@@ -15,7 +15,7 @@ from prefkd.data.loaders import load_instructions
 from prefkd.data.records import write_records
 from prefkd.eval_files import per_prompt_matrix, read_predictions, read_responses
 from prefkd.evaluate import score
-from prefkd.judges import LogLikelihoodJudge, head_to_head
+from prefkd.judges import LogLikelihoodJudge, RewardModelJudge, head_to_head
 
 FAST = ["eval.sampling.max_new_tokens=8", "eval.sampling.batch_size=4"]
 
@@ -52,7 +52,12 @@ def test_evaluate_writes_every_setting_scores_and_predictions(setup, tmp_path):
     assert gen["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 8,
                                "no_repeat_ngram_size": 6, "batch_size": 4}
     assert gen["model"] == setup["student"] and gen["model_identity"].startswith(setup["student"] + "@")
-    assert 0 <= gen["ended_with_eos"] <= 1 and settings["n_records"] == len(records)
+    assert settings["n_records"] == len(records)
+    # The share of samples that stopped at EOS, recomputed from the sampled ids the caches keep (both seeds).
+    eos = AutoTokenizer.from_pretrained(setup["student"]).eos_token_id
+    ended = [row["response_ids"][-1:] == [eos] for seed in (1, 2)
+             for row in read_cache(out / "samples" / f"seed-{seed}.jsonl")[1]]
+    assert gen["ended_with_eos"] == pytest.approx(sum(ended) / len(ended), abs=1e-4)
     assert "use_stemmer=True" in settings["protocol"]["rougeL"] and settings["judge"] is None
     # predictions: one list per seed, in record order, with the records' ids
     preds = read_predictions(out)
@@ -96,12 +101,25 @@ def test_rescore_without_generating_and_with_a_judge(setup, tmp_path):
     assert _json(tmp_path / "re" / "settings.json")["generation"]["rescored_from"] == str(out)
     assert _json(tmp_path / "re" / "settings.json")["generation"]["sampling"]["max_new_tokens"] == 8
     # re-score in place with a reward-model judge: win rates appear next to Rouge-L
+    records = load_instructions(setup["test"])
+    assert all(len(r.references) == 1 for r in records)  # so the best reference is the only one
     _ok(["evaluate", "--rescore", str(out), "--judge", setup["rm"], "judge.batch_size=4"])
     scores = _json(out / "scores.json")
     assert scores["all"]["rougeL"] == _json(tmp_path / "re" / "scores.json")["all"]["rougeL"]
     wr = scores["all"]["win_rate"]
-    assert len(wr["per_seed"]) == 2 and 0 <= wr["mean"] <= 100 and "judge_score" in scores["kind:D"]
+    assert len(wr["per_seed"]) == 2 and "judge_score" in scores["kind:D"]
     ps = _json(out / "prompt_scores.json")
+    # Each prompt's win recomputed from the saved reward-model scores: response above the best reference 100,
+    # below 0, equal (or the same text) 50.
+    score, ref = np.array(ps["judge_score"]), np.array(ps["judge_reference"])
+    wins = np.where(score > ref, 100.0, np.where(score < ref, 0.0, 50.0))
+    preds = read_predictions(out)
+    for i, seed in enumerate(ps["seeds"]):
+        for j, (row, r) in enumerate(zip(preds[seed], records, strict=True)):
+            if row["prediction"].strip() == r.references[0].strip():
+                wins[i, j] = 50.0
+    assert ps["win_rate"] == wins.tolist()
+    assert wr["per_seed"] == pytest.approx(wins.mean(axis=1).tolist())
     assert set(np.ravel(ps["win_rate"])) <= {0.0, 50.0, 100.0} and len(ps["judge_reference"]) == len(ps["ids"])
     assert np.mean(ps["win_rate"]) == pytest.approx(wr["mean"])
     assert per_prompt_matrix([out], "win_rate").mean() == pytest.approx(wr["mean"])
@@ -181,7 +199,13 @@ def test_winrate_between_evaluations_and_between_models(setup, tmp_path):
     _ok(["winrate", "--a", setup["teacher"], "--b", setup["student"], "--data", str(prompts), "--judge", setup["rm"],
          "--out", str(out2), "eval.seeds=4", "eval.sampling.max_new_tokens=6"])
     got2 = _json(out2)
-    assert got2["n"] == 5 and got2["seeds_a"] == [4] and 0 <= got2["win_rate"]["mean"] <= 100
+    assert got2["n"] == 5 and got2["seeds_a"] == [4]
+    # The same number from the library call on the samples kept next to the result.
+    samples = {side: [row["response"] for row in read_cache(tmp_path / "models-samples" / side / "seed-4.jsonl")[1]]
+               for side in ("a", "b")}
+    p_recs = load_instructions(str(prompts), require_references=False)
+    direct2 = head_to_head(RewardModelJudge(setup["rm"]), p_recs, {4: samples["a"]}, {4: samples["b"]})
+    assert got2["win_rate"]["mean"] == pytest.approx(direct2["win_rate"].mean())
     assert (tmp_path / "models-samples" / "a" / "seed-4.jsonl").is_file()  # samples kept next to the result
     # a sample cache (prefkd generate) is accepted as one side, matched by id
     cache = tmp_path / "models-samples" / "b" / "seed-4.jsonl"

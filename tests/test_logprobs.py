@@ -1,4 +1,5 @@
-"""The fast log-prob paths equal the plain computation: chunked log-softmax, packing with shared prompts."""
+"""prefkd.logprobs: sequence and token log-probs against a log-softmax summed by hand, and the fast paths (chunked
+log-softmax, packing with shared prompts) equal to the plain computation."""
 
 import pytest
 import torch
@@ -6,7 +7,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import prefkd.logprobs as lp
 from prefkd.data.collate import Example, collate
-from prefkd.logprobs import group_token_logps, pack, response_token_logps, selective_log_softmax
+from prefkd.logprobs import (
+    group_token_logps,
+    pack,
+    response_token_logps,
+    selective_log_softmax,
+    sequence_logps,
+)
 
 VOCAB = 97
 
@@ -179,3 +186,38 @@ def test_models_that_cannot_pack_are_detected_and_use_the_padded_path(cls):
     tok, _ = response_token_logps(model, collate(examples, 0))
     assert (tok - _padded(model, examples)[0]).abs().max() == 0  # it is the padded path
     assert lp.packing_supported(_model("gpt2", "sdpa"))
+
+
+# The plain computation the fast paths are compared with, against a log-softmax summed by hand.
+def _tiny_gpt2(vocab=50):
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=1, n_embd=16, n_head=2, n_positions=32,
+                                      eos_token_id=0, pad_token_id=0, bos_token_id=0)).eval()
+
+
+def test_sequence_logps_match_manual_and_ignore_padding():
+    model = _tiny_gpt2()
+    ex = [Example([5, 6, 7], [8, 9, 0]), Example([11, 12], [13, 0])]
+    logps, lengths = sequence_logps(model, collate(ex, 0))
+    assert lengths.tolist() == [3, 2]
+    for i, e in enumerate(ex):  # each alone, unpadded, summed by hand over the response tokens only
+        ids = torch.tensor([e.prompt_ids + e.response_ids])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        n_p = len(e.prompt_ids)
+        manual = sum(logp[t - 1, ids[0, t]].item() for t in range(n_p, ids.shape[1]))
+        assert abs(logps[i].item() - manual) < 1e-4
+
+
+def test_response_token_logps_zero_outside_mask():
+    model = _tiny_gpt2()
+    b = collate([Example([5, 6], [8, 0]), Example([5], [0])], 0)
+    tok, mask = response_token_logps(model, b)
+    assert mask.tolist() == [[0, 1, 1], [1, 0, 0]]
+    assert (tok[mask == 0] == 0).all() and (tok[mask == 1] < 0).all()
+
+
+def test_selective_log_softmax_equals_full():
+    logits = torch.randn(5, 7, 33)
+    labels = torch.randint(0, 33, (5, 7))
+    full = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(selective_log_softmax(logits, labels, chunk_elements=2 * 33), full, atol=1e-6)

@@ -1,48 +1,56 @@
+"""prefkd.data.prepare: splits, filters, shards and corpora on small files written here; the papers' split
+sizes on the real Dolly files in one test."""
+
 import json
-from pathlib import Path
 
 import pytest
+from support import DOLLY_ROWS, REAL_DOLLY, write_dolly_files
 
 from prefkd.data.loaders import load_instructions
 from prefkd.data.prepare import dolly_splits, filter_for_training, load_corpus, plad_shards, write_splits
 from prefkd.data.records import Instruction
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DOLLY = DATA / "dolly"
 
 
 def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.fixture(scope="module")
-def splits():
-    return dolly_splits(DOLLY / "databricks-dolly-15k.jsonl", DOLLY / "test-minillm-500.jsonl",
-                        DOLLY / "dev-minillm-1000.jsonl", seed=0)
+def _splits(files, seed=0):
+    return dolly_splits(files["dolly"], files["test"], files["validation"], seed=seed)
 
 
-def test_dolly_splits_sizes_and_no_overlap(splits):
-    s, report = splits
-    assert len(s["test"]) == 500 and len(s["validation"]) == 1000
-    held_out = {(_norm(r.instruction), _norm(r.references[0])) for r in s["test"] + s["validation"]}
-    assert len(held_out) == 1500  # the two MiniLLM files share no record
-    assert not any((_norm(r.instruction), _norm(r.references[0])) in held_out for r in s["train"])
-    # Every held-out record occurs in the 15k file (some more than once), so at least 1,500 are removed.
-    assert report["removed"] == 1503
-    assert len(s["train"]) + report["removed"] == report["source"] == 15015
-    assert report == {"source": 15015, "removed": 1503, "train": 13512, "validation": 1000, "test": 500}
+def test_dolly_splits_hold_out_every_minillm_record(tmp_path):
+    files = write_dolly_files(tmp_path)
+    s, report = _splits(files)
+    assert [r.instruction for r in s["test"]] == [r["instruction"] for r in DOLLY_ROWS[:3]]
+    assert [r.instruction for r in s["validation"]] == [r["instruction"] for r in DOLLY_ROWS[3:5]]
+    # Rows 0-4 are held out, and so is row 0's copy that differs only in whitespace: 13 = 7 + 6.
+    assert sorted(r.instruction for r in s["train"]) == sorted(r["instruction"] for r in DOLLY_ROWS[5:])
+    assert report == {"source": 13, "removed": 6, "train": 7, "validation": 2, "test": 3}
 
 
-def test_dolly_splits_shuffle_is_seeded(splits):
-    s, _ = splits
-    again, _ = dolly_splits(DOLLY / "databricks-dolly-15k.jsonl", DOLLY / "test-minillm-500.jsonl",
-                            DOLLY / "dev-minillm-1000.jsonl", seed=0)
-    other, _ = dolly_splits(DOLLY / "databricks-dolly-15k.jsonl", DOLLY / "test-minillm-500.jsonl",
-                            DOLLY / "dev-minillm-1000.jsonl", seed=1)
+def test_dolly_splits_shuffle_is_seeded(tmp_path):
+    files = write_dolly_files(tmp_path)
+    s, _ = _splits(files)
+    again, _ = _splits(files)
+    other, _ = _splits(files, seed=1)
     assert [r.id for r in again["train"]] == [r.id for r in s["train"]]
     assert [r.id for r in other["train"]] != [r.id for r in s["train"]]
     assert sorted(r.id for r in other["train"]) == sorted(r.id for r in s["train"])
-    assert [r.id for r in s["train"][:50]] != sorted(r.id for r in s["train"][:50])  # actually shuffled
+    file_order = [f"dolly.jsonl:{i}" for i in range(6, 13)]
+    assert sorted(r.id for r in s["train"]) == sorted(file_order) and [r.id for r in s["train"]] != file_order
+
+
+@pytest.mark.real_data
+def test_dolly_splits_on_real_dolly():
+    """The papers' split sizes: they hold only for the real 15k file and MiniLLM's released test and dev files."""
+    s, report = dolly_splits(REAL_DOLLY / "databricks-dolly-15k.jsonl", REAL_DOLLY / "test-minillm-500.jsonl",
+                             REAL_DOLLY / "dev-minillm-1000.jsonl", seed=0)
+    held_out = {(_norm(r.instruction), _norm(r.references[0])) for r in s["test"] + s["validation"]}
+    assert len(held_out) == 1500  # the two MiniLLM files share no record
+    assert not any((_norm(r.instruction), _norm(r.references[0])) in held_out for r in s["train"])
+    # Every held-out record occurs in the 15k file (some more than once), so 1,503 are removed.
+    assert report == {"source": 15015, "removed": 1503, "train": 13512, "validation": 1000, "test": 500}
 
 
 def _words(n: int) -> str:
@@ -107,16 +115,22 @@ def test_write_splits_writes_once(tmp_path):
     assert load_instructions(out / "train.jsonl") == changed["train"]
 
 
-def test_load_corpus_wikitext_articles():
-    docs = load_corpus(str(DATA / "pretrain" / "wikitext-2" / "valid.txt"))
-    assert len(docs) == 60  # WikiText-2's validation split has 60 articles
-    assert docs[0].startswith("= Homarus gammarus =") and "= = Description = =" in docs[0]
-    assert all(d.startswith("= ") and d.strip() == d for d in docs)
+def test_load_corpus_wikitext_articles(tmp_path):
+    # WikiText's layout: " = Title = " starts an article, " = = Section = = " does not; blank lines in between.
+    f = tmp_path / "wiki.txt"
+    f.write_text(" \n = Homarus gammarus = \n \n Homarus gammarus is a lobster . \n \n = = Description = = \n"
+                 " \n It is blue . \n \n = Ancient Egypt = \n \n A civilisation . \n")
+    docs = load_corpus(str(f))
+    assert len(docs) == 2
+    assert docs[0].startswith("= Homarus gammarus =") and "= = Description = =" in docs[0] and "blue" in docs[0]
+    assert docs[1].startswith("= Ancient Egypt =") and "civilisation" in docs[1]
+    assert all(d.strip() == d for d in docs)
 
 
 def test_load_corpus_blank_line_paragraphs(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("\n\nFirst para\nline two\n\n\nSecond\n  \n\t\nThird\n\n")
     assert load_corpus(str(f)) == ["First para\nline two", "Second", "Third"]
-    shakespeare = load_corpus(str(DATA / "pretrain" / "tinyshakespeare" / "input.txt"))
-    assert len(shakespeare) > 5000 and shakespeare[0].startswith("First Citizen:")
+    # Tiny Shakespeare's layout: one speech per blank-line paragraph, Windows line ends read the same.
+    f.write_text("First Citizen:\r\nBefore we proceed.\r\n\r\nAll:\r\nSpeak, speak.\r\n")
+    assert load_corpus(str(f)) == ["First Citizen:\nBefore we proceed.", "All:\nSpeak, speak."]
