@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import prefkd.methods as methods
+import prefkd.methods.dpkd as dpkd
 from prefkd.cache import TeacherCache
 from prefkd.data.collate import Example, collate
 from prefkd.generation import SamplingConfig
@@ -40,7 +40,7 @@ def _cfg(root, out, steps=4, mode="cached"):
 def counts(monkeypatch):
     """Teacher sampling calls and the y_t the teacher scores, per step."""
     state = {"teacher_samples": [], "teacher_scored_yt": []}
-    real_sample, real_logps = methods._sample, methods.teacher_logps
+    real_sample, real_logps = dpkd.sample, dpkd.teacher_logps
 
     def sample(model, examples, inp):
         if model is inp.teacher:
@@ -51,8 +51,8 @@ def counts(monkeypatch):
         state["teacher_scored_yt"].append(sum(k is None for k in known))
         return real_logps(teacher, prompts, y_t, y_s, known, device)
 
-    monkeypatch.setattr(methods, "_sample", sample)
-    monkeypatch.setattr(methods, "teacher_logps", logps)
+    monkeypatch.setattr(dpkd, "sample", sample)
+    monkeypatch.setattr(dpkd, "teacher_logps", logps)
     return state
 
 
