@@ -18,7 +18,7 @@ DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 
 def test_a_short_run_uses_no_deprecated_transformers_api(tmp_path, tokenizer, caplog):
-    from tests_support import tiny_files
+    from support import tiny_files
 
     files = tiny_files(tmp_path, tokenizer)
     # warning_once remembers what it printed: a message an earlier test already triggered would not come again.
