@@ -47,3 +47,20 @@ def test_exponent_without_a_dot_is_a_float():
     assert cfg.distill_train.lr == 1e-4
     with pytest.raises(ConfigError, match="distill_train.lr"):
         config.load(ExperimentConfig, None, ["distill_train.lr=fast"])
+
+
+def test_renamed_keys_still_load_with_a_deprecation_message(tmp_path, capsys):
+    from prefkd.recipes.distill import DistillRun
+
+    saved = tmp_path / "old.yaml"  # a config saved before each preference form had its own section
+    saved.write_text("method: dpo\ndistill:\n  pref: {dpo_beta: 0.3, simpo_gamma: 0.7}\n  plad: {beta: 2.0}\n")
+    cfg = config.load(DistillRun, saved, ["distill.pref.cpo_nll_weight=0.5"])
+    assert (cfg.distill.dpo.beta, cfg.distill.simpo.gamma, cfg.distill.cpo.nll_weight) == (0.3, 0.7, 0.5)
+    assert (cfg.distill.plad.score_scale, cfg.distill.plad.margin) == (2.0, 1.0)  # margin is PLaD's beta
+    err = capsys.readouterr().err
+    assert "'distill.pref.dpo_beta' is now 'distill.dpo.beta'" in err
+    assert "'distill.plad.beta' is now 'distill.plad.score_scale'" in err
+    with pytest.raises(ConfigError, match="same setting: give only 'distill.dpo.beta'"):
+        config.load(DistillRun, None, ["distill.pref.dpo_beta=0.3", "distill.dpo.beta=0.2"])
+    with pytest.raises(ConfigError, match="unknown config key 'distill.pref'"):
+        config.load(DistillRun, None, ["distill.pref.ipo_tau=0.3"])
