@@ -45,7 +45,8 @@ def test_data_recipes_make_minillm_splits_on_real_dolly(prepared):
     assert report["corpus_documents"] > 10
     plad = json.loads((prepared / "plad-dolly" / "splits.json").read_text())["report"]
     assert abs(plad["d0"] - plad["d"]) <= 1 and plad["d0"] + plad["d"] == plad["train"]
-    assert all(not r.references for r in load_instructions(prepared / "plad-dolly" / "d_prompts.jsonl", require_references=False))
+    prompts = load_instructions(prepared / "plad-dolly" / "d_prompts.jsonl", require_references=False)
+    assert all(not r.references for r in prompts)
 
 
 @pytest.mark.real_data
@@ -65,7 +66,8 @@ def test_training_recipes_run_with_small_models_on_real_dolly(prepared, recipe, 
         if (data_dir / f"{f}.jsonl").is_file():
             small[f] = tmp_path / f"{f}.jsonl"
             write_records(small[f], load_instructions(data_dir / f"{f}.jsonl", require_references=False)[:24])
-    texts = [r.prompt + (r.references[0] if r.references else "") for r in load_instructions(small["train"], require_references=False)]
+    texts = [r.prompt + (r.references[0] if r.references else "")
+             for r in load_instructions(small["train"], require_references=False)]
     tok = train_tokenizer(texts * 4, vocab_size=400)
     for role, size in (("teacher", "micro"), ("student", "nano")):
         save_pretrained(build_model("gpt2", size, tok), tok, tmp_path / f"base-{role}")
