@@ -171,16 +171,15 @@ def evaluate(overrides: Overrides = None, config_file: ConfigFile = None, debug:
              ) -> None:
     """Sampled generation on a test set over several seeds: Rouge-L, exact match and optional judge win rates,
     overall, by kind, category and length bucket; predictions saved for re-scoring."""
-    from prefkd.recipes.evaluate import run_evaluate
+    from prefkd.recipes.evaluate import output_dir, run_evaluate
 
     def go():
         extra = _flags(model=model, data=data, out=out, rescore=rescore, **{"eval.seeds": seeds,
                                                                             "judge.path": judge})
         cfg = config.load(EvaluateRun, config_file, (overrides or []) + extra)
-        scores = run_evaluate(cfg)
-        print(scores_text(scores))
-        console.print(f"wrote {cfg.out or (cfg.rescore if cfg.rescore else cfg.model + '/eval')}: scores.json, "
-                      "prompt_scores.json, predictions.json, records.jsonl, settings.json")
+        print(scores_text(run_evaluate(cfg)))
+        console.print(f"wrote {output_dir(cfg)}: scores.json, prompt_scores.json, predictions.json, records.jsonl, "
+                      "settings.json")
 
     _run(go, debug)
 
@@ -196,17 +195,12 @@ def winrate(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
             out: Annotated[str | None, typer.Option("--out", help="json file for the result (out=...)")] = None,
             ) -> None:
     """Win rate of A's responses over B's under a judge, e.g. teacher vs student on the distillation set (T-S WR)."""
-    from prefkd.recipes.winrate import run_winrate
+    from prefkd.recipes.winrate import run_winrate, summary_line
 
     def go():
         cfg = config.load(WinRateRun, config_file,
                           (overrides or []) + _flags(a=a, b=b, data=data, out=out, **{"judge.path": judge}))
-        r = run_winrate(cfg)
-        w = r["win_rate"]
-        console.print(f"win rate of A over B: {w['mean']:.2f} (95% CI {w['ci95_bootstrap'][0]:.2f} to "
-                      f"{w['ci95_bootstrap'][1]:.2f}, prompts x seeds bootstrap), ties {r['ties_percent']:.1f}% of "
-                      f"{r['n']} prompts; judge {r['judge']}; mean score A {r['mean_score_a']:.4g}, "
-                      f"B {r['mean_score_b']:.4g}")
+        console.print(summary_line(run_winrate(cfg)))
 
     _run(go, debug)
 

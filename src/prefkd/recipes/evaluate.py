@@ -46,7 +46,7 @@ def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, nam
     if cfg.rescore:
         src = Path(cfg.rescore)
         src_dir = src if src.is_dir() else src.parent
-        out = Path(cfg.out) if cfg.out else src_dir
+        out = output_dir(cfg)
         records = records or (load_instructions(cfg.data) if cfg.data else read_records_of(src_dir))
         preds = read_responses(src, records)
         old = src_dir / "settings.json"
@@ -55,7 +55,7 @@ def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, nam
         console.print(f"[bold]{name}[/]: re-scoring {src} ({len(records)} records, seeds {list(preds)})")
     else:
         model_path = need(cfg.model, "model")
-        out = Path(cfg.out) if cfg.out else Path(model_path) / "eval"
+        out = output_dir(cfg)
         records = records or load_instructions(need(cfg.data, "data"))
         generation = {"model": model_path, "model_identity": model_identity(model_path), "seeds": cfg.eval.seeds,
                       "sampling": asdict(cfg.eval.sampling), "device": device}
@@ -105,3 +105,13 @@ def sample_predictions(model_path: str, records: list[Instruction], cfg: EvalCon
         preds[seed] = [row["response"] for row in rows]
         ended += [row["finished"] for row in rows]
     return preds, round(sum(ended) / max(len(ended), 1), 4)
+
+
+def output_dir(cfg: EvaluateRun) -> Path:
+    """Where an evaluation writes: `out`, else the directory being re-scored, else MODEL/eval."""
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.rescore:
+        src = Path(cfg.rescore)
+        return src if src.is_dir() else src.parent
+    return Path(need(cfg.model, "model")) / "eval"

@@ -72,3 +72,11 @@ def _is_model(source: str) -> bool:
     if p.is_dir():
         return (p / "config.json").is_file()
     return not p.exists() and not p.suffix and not source.startswith(("/", ".", "~"))
+
+
+def summary_line(r: dict) -> str:
+    """One line for the console: the win rate with its interval, ties, the judge and the mean scores."""
+    w = r["win_rate"]
+    return (f"win rate of A over B: {w['mean']:.2f} (95% CI {w['ci95_bootstrap'][0]:.2f} to "
+            f"{w['ci95_bootstrap'][1]:.2f}, prompts x seeds bootstrap), ties {r['ties_percent']:.1f}% of {r['n']} "
+            f"prompts; judge {r['judge']}; mean score A {r['mean_score_a']:.4g}, B {r['mean_score_b']:.4g}")
