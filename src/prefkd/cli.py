@@ -127,6 +127,27 @@ def distill(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
     _run(go, debug)
 
 
+@app.command()
+def card(run_dir: Annotated[str, typer.Argument(help="the output directory of `prefkd sft` or `prefkd distill`")],
+         eval_dir: Annotated[str | None, typer.Option("--eval", help="an evaluation directory (scores.json) whose "
+                                                                     "results the card shows; default RUN_DIR/model/"
+                                                                     "eval if it has one")] = None,
+         push: Annotated[str, typer.Option("--push", help="also upload RUN_DIR/model to this Hub repo (user/name); "
+                                                          "token from $HF_TOKEN or the run's hub.token")] = "",
+         private: Annotated[bool | None, typer.Option("--private/--public", help="visibility of a repo --push "
+                                                                                 "creates; default the run's "
+                                                                                 "hub.private")] = None,
+         debug: Debug = False) -> None:
+    """Rebuild the Hugging Face model card (RUN_DIR/model/README.md) of a saved student; --push uploads it."""
+    from prefkd.recipes.card import run_card
+
+    def go():
+        path = run_card(run_dir, eval_dir, push, private)
+        console.print(f"wrote {path}" + (f" and pushed {path.parent} to {push}" if push else ""))
+
+    _run(go, debug)
+
+
 from prefkd.recipes.prepare import PrepareRun  # noqa: E402
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from prefkd import atomic, config, rundir, stages
+from prefkd.cards import write_card
 from prefkd.config import opt, section
 from prefkd.console import console
 from prefkd.data.loaders import load_instructions
@@ -182,7 +183,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                               replace(cfg.distill, cache_dir=shared_cache),
                               cfg.sampling, diagnostics=cfg.diagnostics)
             run = resolve(cfg, name, base)
-            key = stages.fingerprint(keys["teacher"], keys["sft"], {**asdict(run), "out": ""})
+            # Where a model would be uploaded is not a setting of its training: left out, so stages trained before
+            # push_to_hub existed keep their keys.
+            settings = {k: v for k, v in asdict(run).items() if k not in ("push_to_hub", "hub")}
+            key = stages.fingerprint(keys["teacher"], keys["sft"], {**settings, "out": ""})
             train_jobs.append(Job(f"{name} seed{seed}", run, d, key))
             runs[name].append(Run(f"seed{seed}", d / "model", key))
     run_jobs(train_jobs, cfg.workers, out / "logs")
@@ -202,6 +206,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             run = EvaluateRun(str(r.model_dir), str(split), str(eval_dir), cfg.eval, judge=judge)
             eval_jobs[name].append(Job(f"eval {name} {r.label}".strip(), run, eval_dir, key, records=str(split)))
     run_jobs([j for js in eval_jobs.values() for j in js], cfg.workers, out / "logs")
+    for name, js in eval_jobs.items():  # each evaluated model's card gains its results table
+        for r, j in zip(runs[name], js, strict=True):
+            write_card(r.model_dir.parent, eval_dir=j.stage_dir, name=f"{name} {r.label}".strip())
     scores: dict[str, dict[str, np.ndarray]] = {}  # name -> metric -> [runs, seeds, prompts]
     for name, js in eval_jobs.items():
         per_run = [json.loads((j.stage_dir / "prompt_scores.json").read_text(encoding="utf-8")) for j in js]

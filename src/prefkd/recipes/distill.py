@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefkd.cache import model_identity
+from prefkd.cards import HubConfig, check_push, publish
 from prefkd.config import opt, section
 from prefkd.console import console
 from prefkd.data.collate import encode_prompts
@@ -41,6 +42,8 @@ class DistillRun:
     diagnostics: DiagnosticsConfig = section(DiagnosticsConfig, "implicit reward and KL to the teacher on a fixed "
                                                                 "held-out batch during training")
     vllm: VLLMConfig = section(VLLMConfig, "vLLM for the sample caches built before training (GPU only)")
+    push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training")
+    hub: HubConfig = section(HubConfig)
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
@@ -53,6 +56,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     method = get_method(cfg.method)
     if method.check is not None:
         method.check(cfg.distill)
+    check_push(cfg.push_to_hub, cfg.hub)
     cache_dir(cfg)  # fails before any work when distill.cache_dir leaves the run directory
     # With samples_only, `out` is not claimed: the caches are keyed files under cache_dir, not a run.
     clear = check_run(out, cfg, existing) if not samples_only else False
@@ -95,10 +99,12 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     model = apply_lora(student, cfg.lora)
     begin_run(out, cfg, clear)
     identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
-    return train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
+    logs = train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
                  diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
                  identity=identity)
+    publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
+    return logs
 
 
 def _teacher(cfg: DistillRun, needed: bool, tokenizer: PreTrainedTokenizerBase,

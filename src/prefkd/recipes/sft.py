@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from prefkd.cache import model_identity
+from prefkd.cards import HubConfig, check_push, publish
 from prefkd.config import opt, section
 from prefkd.console import console
 from prefkd.data.collate import Example
@@ -32,6 +33,8 @@ class SFTRun:
     train: TrainConfig = section(TrainConfig)
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
     block_size: int = opt(256, "pretraining (data.corpus without data.train): tokens per corpus block")
+    push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training")
+    hub: HubConfig = section(HubConfig)
 
 
 def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
@@ -41,6 +44,7 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     resumes the same settings."""
     # Set-up: claim the output before any work.
     out = Path(cfg.out)
+    check_push(cfg.push_to_hub, cfg.hub)
     clear = check_run(out, cfg, existing)
     # Data and model.
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
@@ -59,7 +63,9 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
         stage = "SFT"
     # Loop and save.
     begin_run(out, cfg, clear)
-    return train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
+    logs = train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
                  MethodConfig(), SamplingConfig(), out, name=f"{name} {stage}",
                  save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora), strict_resume=existing == "resume",
                  identity=model_identity(cfg.model.path) if cfg.model.path else None)
+    publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
+    return logs
