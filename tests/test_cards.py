@@ -201,6 +201,13 @@ def test_push_to_hub_uploads_the_model_dir_with_token_from_the_environment(runs,
     assert res.exit_code == 0, res.output
     assert fake_hub[0][1]["private"] is False and fake_hub[0][1]["token"] == SECRET
     assert fake_hub[1][1]["repo_id"] == "someone/other"
+    # Where to upload is not a training setting: the finished run, resumed with push_to_hub, is pushed, not retrained.
+    fake_hub.clear()
+    log = (out / "train_log.jsonl").read_text()
+    res = _sft(out, files, extra=["push_to_hub=someone/third", "hub.token=MY_HUB_TOKEN", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert [c[1]["repo_id"] for c in fake_hub] == ["someone/third"] * 2
+    assert (out / "train_log.jsonl").read_text() == log
 
 
 def test_push_without_the_token_variable_leaves_the_token_to_the_saved_login(runs, monkeypatch, fake_hub):
@@ -218,3 +225,18 @@ def test_a_token_given_as_hub_token_or_a_bad_repo_id_is_refused_before_any_work(
     res = _sft(tmp_path / "b", files, extra=["push_to_hub=no spaces/allowed"])
     assert res.exit_code == 2 and "is not a Hub repo id" in res.output
     assert not (tmp_path / "b" / "config.yaml").exists() and fake_hub == []
+
+
+def test_compare_refreshes_each_evaluated_models_card_with_its_results(tmp_path):
+    from test_end_to_end import TINY
+
+    out = tmp_path / "demo"
+    res = runner.invoke(app, ["demo", "--out", str(out), "--methods", "kd", "continued_sft=false", *TINY])
+    assert res.exit_code == 0, res.output
+    for name, run in (("teacher", "teacher"), ("sft", "sft"), ("kd", "kd/seed0")):
+        card = ModelCard.load(out / run / "model" / "README.md")
+        scores = json.loads(next((out / "eval" / "test" / name).glob("*/scores.json")).read_text())["all"]
+        (rouge,) = [r for r in card.data.eval_results if r.metric_type == "rouge"]
+        assert rouge.metric_value == pytest.approx(scores["rougeL"]["mean"], abs=1e-4), name
+        assert f"| Rouge-L | {scores['rougeL']['mean']:.2f} |" in card.text, name
+    assert ModelCard.load(out / "kd" / "seed0" / "model" / "README.md").data.tags[-1] == "kd"
