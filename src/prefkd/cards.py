@@ -100,7 +100,7 @@ def _base_model(path: str) -> tuple[str | None, str]:
         inherited = inherited[0] if inherited else None
     if inherited:
         return inherited, f"started from the local model `{path}`, itself derived from `{inherited}`"
-    return None, f"started from the local model `{path}` (built from scratch: no Hub base model)"
+    return None, f"started from the local model `{path}` (its card names no Hub base model)"
 
 
 def _method_settings(method: Any, distill: dict) -> dict[str, Any]:
