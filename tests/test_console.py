@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import support
 
-from prefkd.console import LogAwareConsole, console
+from prefkd.console import LOG_WIDTH, LineProgress, LogAwareConsole, console, progress
 from prefkd.data.records import Instruction
 from prefkd.recipes.compare import ExperimentConfig, summarize
 from prefkd.report import results_table
@@ -31,6 +31,13 @@ def _results() -> dict:
     return summarize(scores, records, ExperimentConfig(methods=["dpkd-paper-variant"], bootstrap=100))
 
 
+def _log_to_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the module's console at a string, as a pipe or a log file is to rich: no tty. `_file`, not the `file`
+    property: undoing the property would pin the console to this test's captured stderr; `_file` goes back to None
+    (follow sys.stderr)."""
+    monkeypatch.setattr(console, "_file", io.StringIO())
+
+
 def _table_text(target: LogAwareConsole, results: dict) -> str:
     target.print(results_table(results))
     return target.file.getvalue()  # type: ignore[attr-defined]
@@ -39,7 +46,7 @@ def _table_text(target: LogAwareConsole, results: dict) -> str:
 def test_results_table_is_printed_whole_where_the_console_is_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("COLUMNS", raising=False)
     results = _results()
-    monkeypatch.setattr(console, "file", io.StringIO())  # what a pipe or a log file is to rich: no tty
+    _log_to_string(monkeypatch)
     assert console.log_mode
     text = _table_text(console, results)
     assert "…" not in text
@@ -77,3 +84,35 @@ def test_a_training_run_logs_one_line_per_stage_and_no_progress_bars(tmp_path: P
     res = _sft(files, tmp_path / "tty", {**env, "TTY_COMPATIBLE": "1"})
     assert res.returncode == 0, res.stderr
     assert BAR in res.stderr and "sft: done" not in res.stderr
+
+
+def test_an_asked_width_wins_over_the_log_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("JUPYTER_COLUMNS", raising=False)
+    assert LogAwareConsole(file=io.StringIO()).width == LOG_WIDTH
+    assert LogAwareConsole(file=io.StringIO(), width=100).width == 100
+    # A notebook is a log too (rich's own notebook width, 115, would cut the table), unless JUPYTER_COLUMNS says.
+    notebook = LogAwareConsole(file=io.StringIO(), force_jupyter=True)
+    assert notebook.log_mode and notebook.width == LOG_WIDTH
+    monkeypatch.setenv("COLUMNS", "132")
+    assert LogAwareConsole(file=io.StringIO()).width == 132
+
+
+def test_a_stage_that_ends_early_logs_where_it_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    _log_to_string(monkeypatch)
+    with pytest.raises(RuntimeError), progress() as bar:
+        assert isinstance(bar, LineProgress)
+        done = bar.add_task("teacher samples", total=4, completed=1, info="seed 10")
+        bar.update(done, advance=3)
+        bar.update(done, advance=0)  # a finished stage is logged once
+        cut = bar.add_task("dpkd", total=10, info="")
+        bar.update(cut, advance=2, info="loss 0.500")
+        raise RuntimeError("the run failed here")
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"teacher samples: done 4/4 \(from 1\) in \d+\.\d s, seed 10", lines[0])
+    assert re.fullmatch(r"dpkd: stopped at 2/10 in \d+\.\d s, loss 0\.500", lines[1])
+    # Non-main processes of a multi-process run stay silent, in a log as on a terminal.
+    with progress(disable=True) as bar:
+        bar.update(bar.add_task("x", total=1, info=""), advance=1)
+    assert len(console.file.getvalue().splitlines()) == 2  # type: ignore[attr-defined]
