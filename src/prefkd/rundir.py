@@ -46,6 +46,9 @@ LOCK = ".prefkd.lock"  # hidden, and not among the names holds_run() looks for: 
 OUTPUTS = ("model", "checkpoint", "train_log.jsonl", "train_state.json", "diagnostics.jsonl", "tensorboard")
 # Where a model is uploaded is not a training setting: a finished run may be resumed to push it.
 IGNORED_KEYS = ("out", "_git_commit", "push_to_hub", "hub")
+# Config keys (last part of a dotted key) that say where logs go, not what is trained: changing them (adding a tracker
+# to a rerun) neither refuses nor clears a run. The same fields are `keyed: False` in train.TrainConfig.
+IGNORED_LEAVES = ("report_to", "run_group")
 
 
 class RunDirError(PrefkdError):
@@ -202,7 +205,8 @@ def read_settings(out: Path) -> dict | None:
 def differences(old: dict, new: dict, limit: int = 4) -> list[str]:
     """Up to `limit` dotted keys whose values differ, as `key: old -> new`."""
     a, b = _flatten(old), _flatten(new)
-    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] not in IGNORED_KEYS and a.get(k) != b.get(k))
+    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] not in IGNORED_KEYS
+                  and k.split(".")[-1] not in IGNORED_LEAVES and a.get(k) != b.get(k))
     shown = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys[:limit]]
     return shown + ([f"{len(keys) - limit} more"] if len(keys) > limit else [])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -12,6 +13,19 @@ from prefkd import atomic
 
 def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings(obj: Any) -> Any:
+    """`dataclasses.asdict` without the fields marked `metadata={"keyed": False}` (where logs go, such as
+    `train.report_to`): a run or stage key is what is computed, so adding a tracker reuses a finished stage."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: settings(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.metadata.get("keyed", True)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(settings(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: settings(v) for k, v in obj.items()}
+    return obj
 
 
 def is_done(stage_dir: Path, key: str) -> bool:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from prefkd import atomic, checkpoints, distributed, rundir, stages
+from prefkd import atomic, checkpoints, distributed, rundir, stages, trackers
 from prefkd.cache import TeacherCache
 from prefkd.config import opt
 from prefkd.console import console, progress
@@ -55,6 +55,15 @@ class TrainConfig:
     max_length: int = opt(512, "drop examples whose prompt + response is longer")
     disable_dropout: bool = opt(True, "train the student with dropout off (TRL's DPO default: log-probs of one "
                                       "sequence must not depend on the dice); the teacher always scores in eval mode")
+    # Where the logs go, not what is trained: `keyed: False` keeps them out of run and stage keys (stages.settings).
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
+        "keyed": False, "help": "experiment trackers, a list or comma string: tensorboard, wandb, trackio, mlflow or "
+                                "none (extras: pip install 'prefkd[tracking]')"})
+    run_group: str = field(default="", metadata={
+        "keyed": False, "help": "tracker group (wandb, trackio) and MLflow experiment; compare sets it to its tag"})
+
+    def __post_init__(self) -> None:
+        self.report_to = trackers.parse(self.report_to) or ["none"]  # refuses unknown names when the config is built
 
 
 class BatchStream:
@@ -99,12 +108,14 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
           teacher: PreTrainedModel | None = None, name: str = "train",
           save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None] = save_pretrained,
           diagnostics: Callable[[PreTrainedModel], dict[str, float]] | None = None,
-          diagnostics_every: int = 0, strict_resume: bool = False, identity: object = None) -> list[dict]:
+          diagnostics_every: int = 0, strict_resume: bool = False, identity: object = None,
+          run_config: dict | None = None) -> list[dict]:
     """Train `student` in place with `method`; write logs, checkpoints and the final model under `out_dir`.
 
     `diagnostics(student)` (e.g. `prefkd.diagnostics.HeldOutDiagnostics`) runs before the first step, every
     `diagnostics_every` steps and after the last; its rows go to `diagnostics.jsonl`. Every row of both logs also
-    goes to TensorBoard under `out_dir/tensorboard`.
+    goes to each tracker of `cfg.report_to` (TensorBoard under `out_dir/tensorboard` by default; trackers.py), with
+    `run_config` (the recipe's resolved config) as the run's config.
 
     Resumes from a checkpoint of the same run key (settings, data, `identity` of the models); a checkpoint of
     another key is discarded, or an error with `strict_resume` (the CLI's --resume). Under `accelerate launch`
@@ -115,7 +126,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     AcceleratorState._reset_state()
     # split_batches: the global batch is split across processes, not multiplied, so the schedule steps once a step.
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
-                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+                      dataloader_config=DataLoaderConfiguration(split_batches=True),
+                      log_with=trackers.build(cfg.report_to, out, cfg.run_group, _run_name(out)) or None)
     distributed.setup(acc)  # refuses a launch Accelerate does not see as one; FSDP on CPU (see there)
     distributed.check_sampling_supported(acc, method.name, method.samples_in_training)
     main = acc.is_main_process
@@ -126,8 +138,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.steps),
                               num_training_steps=cfg.steps)
-    run_key = stages.fingerprint(method.name, asdict(cfg), asdict(method_cfg), asdict(sampling), _data_key(data),
-                                 n_params(student), identity)
+    run_key = stages.fingerprint(method.name, stages.settings(cfg), asdict(method_cfg), asdict(sampling),
+                                 _data_key(data), n_params(student), identity)
     ckpt_root, log_path, state_path = out / "checkpoint", out / "train_log.jsonl", out / "train_state.json"
     if _finished(state_path, run_key) and (out / "model").is_dir():
         if main:
@@ -153,11 +165,11 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
     start, window, n_window = _restore(acc, ckpt_root, state_path, run_key, strict_resume, name)
     logs = [r for r in _read_log(log_path) if r["step"] <= start]
     diag_path = out / "diagnostics.jsonl"
-    board = None
-    if main:  # logs, diagnostics and TensorBoard are written by the main process only
+    if main:  # logs, diagnostics and trackers are written by the main process only
         atomic.write_jsonl(log_path, logs)
         atomic.write_jsonl(diag_path, [r for r in _read_log(diag_path) if r["step"] <= start])
-        board = _board(out / "tensorboard")
+    # Started here, after the finished-run check, so a rerun that has nothing to do opens no tracker run.
+    acc.init_trackers(trackers.PROJECT, config=trackers.flat_config(run_config or {}))
     acc.wait_for_everyone()
     per_epoch = max(1, len(data.examples) // max(1, n_method))
 
@@ -167,7 +179,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
         # Every process computes them (a sharded model needs all of them for a forward); the main one writes.
         row = {"step": done, "epoch": round(done / per_epoch, 4), **diagnostics(acc.unwrap_model(model))}
         if main:
-            _append(diag_path, row, board, "diagnostics")
+            _append(diag_path, row, acc, "diagnostics")
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     model.train()
@@ -204,7 +216,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                 window, n_window = {}, 0
                 logs.append(row)
                 if main:
-                    _append(log_path, row, board, "train")
+                    _append(log_path, row, acc, "train")
             if diagnostics_every and (done % diagnostics_every == 0 or done == cfg.steps):
                 diagnose(done)
             bar.update(task, advance=1, info=f"loss {sums['loss']:.3f}")
@@ -216,8 +228,9 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
         atomic.write_json(state_path, {"finished": True, "step": cfg.steps, "run_key": run_key,
                                        "processes": acc.num_processes})
         rundir.remove(ckpt_root)
-        if board is not None:
-            board.close()
+    # Not acc.end_training(): it also destroys the process group, which later runs of this process still use.
+    for tracker in acc.trackers:
+        tracker.finish()  # main process only (Accelerate's trackers check)
     acc.wait_for_everyone()
     return logs
 
@@ -319,23 +332,18 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _board(path: Path):
-    """A TensorBoard writer, or None where the tensorboard package is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path))
+def _run_name(out: Path) -> str:
+    """The tracker run's name: the run directory with its parent (compare's `dpkd/seed0`, `runs/sft`)."""
+    out = out.resolve()
+    return f"{out.parent.name}/{out.name}" if out.parent.name else out.name
 
 
-def _append(path: Path, row: dict, board, group: str) -> None:
+def _append(path: Path, row: dict, acc: Accelerator, group: str) -> None:
+    """One row to the jsonl log and, as `group/key` at the row's step, to every tracker."""
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-    if board is not None:
-        for key, v in row.items():
-            if key != "step" and isinstance(v, (int, float)):
-                board.add_scalar(f"{group}/{key}", v, row["step"])
-        board.flush()
+    acc.log({f"{group}/{key}": v for key, v in row.items() if key != "step" and isinstance(v, (int, float))},
+            step=row["step"])
 
 
 def _read_log(path: Path) -> list[dict]:
