@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prefkd import atomic, config, rundir, stages
+from prefkd import atomic, config, rundir, stages, trackers
 from prefkd.cards import write_card
 from prefkd.config import opt, section
 from prefkd.console import console
@@ -127,6 +127,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         raise ConfigError(f"contrasts {unknown} are not rows of this comparison: name methods, variants, sft or "
                           f"{CONTROL}")
     out = Path(cfg.out)
+    cfg = with_run_group(cfg)
     write_run_config(out, cfg)
     data = out / "data"
     keys = {"data": prepare_data(cfg.data, data)}
@@ -139,7 +140,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                                           ("sft", cfg.student, cfg.student_pretrain, cfg.student_train, ["d0"])):
         base_key, init = keys["data"], model
         if pre.steps:
-            base_key = stages.fingerprint(keys["data"], asdict(model), asdict(pre), cfg.pretrain_block_size)
+            base_key = stages.fingerprint(keys["data"], asdict(model), stages.settings(pre), cfg.pretrain_block_size)
             pdir = out / f"{role}_pretrain"
             if not stages.is_done(pdir, base_key):
                 docs = [d for d in (data / "pretrain.txt").read_text(encoding="utf-8").split("\n\n") if d.strip()]
@@ -149,7 +150,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                         tokenizer=tokenizer, name=f"{role} pretrain", corpus=docs)
                 stages.mark_done(pdir, base_key)
             init = ModelConfig(path=str(pdir / "model"))
-        keys[role] = stages.fingerprint(base_key, asdict(model), asdict(tcfg))  # = the demo's key without pretraining
+        # = the demo's key without pretraining
+        keys[role] = stages.fingerprint(base_key, asdict(model), stages.settings(tcfg))
         if not stages.is_done(out / role, keys[role]):
             records = [r for f in files for r in load_instructions(str(data / f"{f}.jsonl"))]
             logs = run_sft(SFTRun(str(out / role), init, tok, DataConfig(), tcfg), records, tokenizer, role)
@@ -162,7 +164,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         runs[CONTROL] = []
         for seed in cfg.seeds:
             tcfg = replace(cfg.distill_train, seed=seed)
-            d, key = out / CONTROL / f"seed{seed}", stages.fingerprint(keys["sft"], asdict(tcfg))
+            d, key = out / CONTROL / f"seed{seed}", stages.fingerprint(keys["sft"], stages.settings(tcfg))
             train_jobs.append(Job(f"{CONTROL} seed{seed}", SFTRun(str(d), student, tok, DataConfig(), tcfg), d, key,
                                   records=str(data / "d0.jsonl")))
             runs[CONTROL].append(Run(f"seed{seed}", d / "model", key))
@@ -185,7 +187,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             run = resolve(cfg, name, base)
             # Where a model would be uploaded is not a setting of its training: left out, so stages trained before
             # push_to_hub existed keep their keys.
-            settings = {k: v for k, v in asdict(run).items() if k not in ("push_to_hub", "hub")}
+            settings = {k: v for k, v in stages.settings(run).items() if k not in ("push_to_hub", "hub")}
             key = stages.fingerprint(keys["teacher"], keys["sft"], {**settings, "out": ""})
             train_jobs.append(Job(f"{name} seed{seed}", run, d, key))
             runs[name].append(Run(f"seed{seed}", d / "model", key))
@@ -222,6 +224,18 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     atomic.write_json(out / results_name(cfg.tag), results)
     write_report(out, results)
     return results
+
+
+TRAIN_SECTIONS = ("teacher_pretrain", "student_pretrain", "teacher_train", "student_train", "distill_train")
+
+
+def with_run_group(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Every stage's trackers in one group (wandb, Trackio) / experiment (MLflow): the tag, else the out directory's
+    name; a run_group set in the config wins. Fails here, before any stage, when a tracker is not installed."""
+    trackers.check_installed(*(getattr(cfg, s).report_to for s in TRAIN_SECTIONS))
+    group = cfg.tag or Path(cfg.out).resolve().name
+    return replace(cfg, **{s: replace(getattr(cfg, s), run_group=getattr(cfg, s).run_group or group)
+                           for s in TRAIN_SECTIONS})
 
 
 def results_name(tag: str = "") -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from prefkd import config, trackers
 from prefkd.cache import model_identity
 from prefkd.cards import HubConfig, check_push, publish
 from prefkd.config import opt, section
@@ -53,6 +54,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     `samples_only`: build the method's sample caches and stop (e.g. with vLLM, before a multi-GPU launch)."""
     # Set-up: the method and its options are checked, and the output claimed, before any work.
     out = Path(cfg.out)
+    trackers.check_installed(cfg.train.report_to)
     method = get_method(cfg.method)
     if method.check is not None:
         method.check(cfg.distill)
@@ -102,7 +104,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     logs = train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
                  diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
-                 identity=identity)
+                 identity=identity, run_config=config.to_dict(cfg))
     publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
     return logs
 

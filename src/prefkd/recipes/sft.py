@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from prefkd import config, trackers
 from prefkd.cache import model_identity
 from prefkd.cards import HubConfig, check_push, publish
 from prefkd.config import opt, section
@@ -45,6 +46,7 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     # Set-up: claim the output before any work.
     out = Path(cfg.out)
     check_push(cfg.push_to_hub, cfg.hub)
+    trackers.check_installed(cfg.train.report_to)
     clear = check_run(out, cfg, existing)
     # Data and model.
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model.path)
@@ -66,6 +68,7 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     logs = train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
                  MethodConfig(), SamplingConfig(), out, name=f"{name} {stage}",
                  save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora), strict_resume=existing == "resume",
-                 identity=model_identity(cfg.model.path) if cfg.model.path else None)
+                 identity=model_identity(cfg.model.path) if cfg.model.path else None,
+                 run_config=config.to_dict(cfg))
     publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
     return logs
