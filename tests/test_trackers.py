@@ -155,7 +155,7 @@ def test_every_row_and_the_config_reach_each_tracker_offline(models, tiny_suite,
     # Trackio's local store: one sqlite database per project under TRACKIO_DIR.
     got, trackio_config = _trackio_records(tmp_path / "trackio" / f"{trackers.PROJECT}.db", "grp/kd")
     _same(got, want)
-    assert trackio_config["train.lr"] == 1e-3
+    assert trackio_config["train.lr"] == 1e-3 and trackio_config["_Group"] == "grp"
 
 
 def _trackio_dir(monkeypatch, path: Path) -> None:
