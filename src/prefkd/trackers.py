@@ -77,6 +77,17 @@ class _TensorBoard(TensorBoardTracker):
             self.writer.flush()
 
 
+class _Trackio(TrackioTracker):
+    """Accelerate's Trackio tracker, which also forgets the run once it is finished: trackio's exit hook finishes
+    the current run again and prints its "Run finished" banner a second time, after everything else."""
+
+    def finish(self) -> None:
+        super().finish()
+        from trackio import context_vars
+
+        context_vars.current_run.set(None)
+
+
 def build(report_to: list[str] | str, out: Path, group: str, run_name: str) -> list[GeneralTracker]:
     """The trackers of one training run; they start in `start` (main process only, after the resume check)."""
     made: list[GeneralTracker] = []
@@ -88,8 +99,7 @@ def build(report_to: list[str] | str, out: Path, group: str, run_name: str) -> l
             made.append(WandBTracker(os.environ.get("WANDB_PROJECT") or PROJECT, name=run_name, group=group or None,
                                      dir=str(out)))
         elif name == "trackio":
-            made.append(TrackioTracker(os.environ.get("TRACKIO_PROJECT") or PROJECT, name=run_name,
-                                       group=group or None))
+            made.append(_Trackio(os.environ.get("TRACKIO_PROJECT") or PROJECT, name=run_name, group=group or None))
         elif name == "mlflow":
             made.append(MLflowTracker(experiment_name=group or PROJECT, run_name=run_name))
     return made
