@@ -1,5 +1,10 @@
 """Pure loss functions: they know nothing about models or data."""
 
+from prefkd.losses.distillm2 import (
+    distillm2_adaptive_alpha,
+    distillm2_loss,
+    distillm2_weights,
+)
 from prefkd.losses.divergences import (
     adaptive_kl,
     dpkd_token_loss,
@@ -25,6 +30,9 @@ from prefkd.losses.preference import (
 __all__ = [
     "adaptive_kl",
     "cpo_loss",
+    "distillm2_adaptive_alpha",
+    "distillm2_loss",
+    "distillm2_weights",
     "dpkd_loo_loss",
     "dpkd_loss",
     "dpkd_token_loss",
