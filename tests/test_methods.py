@@ -72,6 +72,24 @@ def test_dpkd_with_k_samples_loo_baseline_and_kd_anchor_runs(setup, tmp_path):
     assert "anchor_kl" in log[0] and "anchor_nll" not in log[0]
 
 
+def test_distillm2_paper_curriculum_follows_training_progress(setup, tmp_path):
+    """beta_schedule=paper moves the term weights with the step's progress; adaptive alpha stays in [0.01, alpha]."""
+    root, files, prompts = setup
+    out = tmp_path / "dm2"
+    res = _distill(root, files, prompts, "distillm2", out, extra=[
+        "train.steps=4", "distill.kappa=1", "distill.replay=0", "distill.distillm2.beta_schedule=paper",
+        "distill.distillm2.alpha_schedule=adaptive"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # progress 0, 0.25, 0.5, 0.75 -> beta = clip(progress, 0.5, 1) -> SRKL weight 2 beta
+    assert [r["weight_srkl"] for r in log] == [1.0, 1.0, 1.0, 1.5]
+    assert [r["weight_skl"] for r in log] == [1.0, 1.0, 1.0, 0.5]
+    assert all(0.01 <= r[k] <= 0.1 for r in log for k in ("alpha_t", "alpha_s"))
+    assert all(math.isfinite(r["skl_teacher"]) and r["srkl_student"] >= 0 for r in log)
+    bad = _distill(root, files, prompts, "distillm2", tmp_path / "bad", extra=["distill.distillm2.beta_schedule=x"])
+    assert bad.exit_code != 0 and "beta_schedule" in bad.output
+
+
 def test_teacher_sample_cache_is_shared_and_reused(setup, tmp_path):
     root, files, prompts = setup
     assert _distill(root, files, prompts, "seqkd", tmp_path / "a").exit_code == 0

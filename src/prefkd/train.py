@@ -194,7 +194,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                 k = step * cfg.grad_accum + micro
                 with acc.autocast():
                     loss, metrics = _micro_step(method, model, acc, teacher, data, streams, k, method_cfg, sampling,
-                                                pad, eos, (n_method, n_replay), use_lm, cfg.seed)
+                                                pad, eos, (n_method, n_replay), use_lm, cfg.seed,
+                                                k / (cfg.steps * cfg.grad_accum))
                 # Every process holds the same global values, so all of them stop together.
                 distributed.check_finite(step + 1, metrics, lambda: _kept(ckpt_root))
                 acc.backward(loss / cfg.grad_accum)
@@ -272,11 +273,11 @@ def _restore(acc: Accelerator, root: Path, state_path: Path, run_key: str, stric
 
 def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData, streams: dict[str, BatchStream],
                 k: int, mcfg: MethodConfig, sampling: SamplingConfig, pad: int, eos: int, sizes: tuple[int, int],
-                use_lm: bool, seed: int) -> tuple[torch.Tensor, dict[str, float]]:
+                use_lm: bool, seed: int, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """This process's loss for micro-batch k and the global-batch metrics (distributed.combine)."""
     examples = [data.examples[i] for i in distributed.shard(streams["method"].batch(k), acc)]
     inp = StepInputs(model, acc.unwrap_model(model), teacher, examples, sampling, mcfg, pad, eos, acc.device,
-                     distributed.shared_generator(seed, k), data.teacher_cache)
+                     distributed.shared_generator(seed, k), data.teacher_cache, progress)
     res = method.step(inp)
     n_method, n_replay = sizes
     share = n_replay / (n_replay + n_method)  # of the global batch, the same on every process

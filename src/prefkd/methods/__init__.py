@@ -6,11 +6,11 @@ from __future__ import annotations
 import difflib
 
 from prefkd.errors import ConfigError
-from prefkd.methods import dpkd, on_policy, plad, preference, sft, token_kd
+from prefkd.methods import distillm2, dpkd, on_policy, plad, preference, sft, token_kd
 from prefkd.methods.base import Method, MethodOutput, StepInputs
 from prefkd.methods.config import MethodConfig
 
-METHODS: dict[str, Method] = {m.name: m for module in (sft, token_kd, on_policy, dpkd, preference, plad)
+METHODS: dict[str, Method] = {m.name: m for module in (sft, token_kd, on_policy, dpkd, preference, plad, distillm2)
                               for m in module.METHODS}
 
 

@@ -38,6 +38,8 @@ class StepInputs:
     # Identical on every process (seeded from seed and step): for a random choice about the whole global batch.
     shared_rng: torch.Generator | None = None
     teacher_cache: TeacherCache | None = None  # dpkd family, teacher_samples=cached
+    # Fraction of training done before this step, in [0, 1): for schedules that move with training (distillm2).
+    progress: float = 0.0
 
 
 @dataclass

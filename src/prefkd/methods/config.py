@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from prefkd.config import opt, section
+from prefkd.methods.distillm2 import DistiLLM2Config
 from prefkd.methods.dpkd import DPKDConfig
 from prefkd.methods.on_policy import GKDConfig, RKLConfig
 from prefkd.methods.plad import PLaDConfig
@@ -40,3 +41,4 @@ class MethodConfig:
     cpo: CPOConfig = section(CPOConfig)
     simpo: SimPOConfig = section(SimPOConfig)
     plad: PLaDConfig = section(PLaDConfig)
+    distillm2: DistiLLM2Config = section(DistiLLM2Config)

@@ -1,0 +1,123 @@
+"""DistiLLM-2 (Ko et al., ICML 2025, arXiv 2503.07067): the contrastive CALD loss on (teacher sample, student
+sample) pairs, skew KL on the teacher's response and skew reverse KL on the student's. White-box: both models score
+both responses over the full vocabulary.
+
+The pairs are sampled once before training (like PLaD's), not regenerated every epoch as the paper's "batched
+on-policy" data is; see docs/methods.md, "DistiLLM-2".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from prefkd import losses
+from prefkd.config import opt
+from prefkd.console import console
+from prefkd.data.collate import Example, collate
+from prefkd.errors import ConfigError
+from prefkd.logprobs import selective_log_softmax
+from prefkd.losses.distillm2 import ALPHA_MIN, BETA_SCHEDULES
+from prefkd.methods import data
+from prefkd.methods.base import Method, MethodOutput, StepInputs, nll_from_logits, shifted_logits, to_device
+
+ALPHA_SCHEDULES = ("fixed", "adaptive")
+
+
+@dataclass
+class DistiLLM2Config:
+    alpha: float = opt(0.1, "distillm2: skew alpha of both terms (SKL on y_t, SRKL on y_s); the released 0.1. With "
+                            "alpha_schedule=adaptive it is the paper's alpha0, the ceiling of the per-sequence alpha")
+    alpha_schedule: str = opt("fixed", "distillm2: 'fixed' = alpha throughout (released code); 'adaptive' = the "
+                                       "paper's curriculum alpha per sequence (Alg. 1 l.11), anchored at the batch's "
+                                       "mean gap, clipped to [0.01, alpha]")
+    adaptive_from: float = opt(0.0, "distillm2: fraction of training after which the adaptive alpha starts (the "
+                                    "paper skips epoch 1: 1/epochs)")
+    beta_schedule: str = opt("fixed", "distillm2: term weights over training: 'fixed' = (1, 1) (released); 'code' = "
+                                      "the released gradual_beta, (1, 1) -> (0.5, 1.5) over the first half; 'paper' = "
+                                      "2 (1 - beta, beta), beta = clip(progress, beta0, 1)")
+    beta0: float = opt(0.5, "distillm2: the paper's beta0, the floor of beta in beta_schedule=paper")
+    detach_mixture: bool = opt(True, "distillm2: detach Q inside SRKL's mixture, as the released code does (the "
+                                     "value is the same; false = the gradient of the true SRKL)")
+    temperature: float = opt(0.8, "distillm2: sampling temperature of the pair cache (official generate_vllm.py: 0.8)")
+    top_p: float = opt(0.95, "distillm2: nucleus threshold of the pair cache (official generate_vllm.py: 0.95)")
+
+    def __post_init__(self) -> None:
+        if not ALPHA_MIN <= self.alpha < 1:
+            raise ConfigError(f"distill.distillm2.alpha must be in [{ALPHA_MIN}, 1), not {self.alpha}")
+        if self.alpha_schedule not in ALPHA_SCHEDULES:
+            raise ConfigError(f"distill.distillm2.alpha_schedule must be one of {', '.join(ALPHA_SCHEDULES)}, "
+                              f"not '{self.alpha_schedule}'")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"distill.distillm2.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, "
+                              f"not '{self.beta_schedule}'")
+        if not 0.0 <= self.beta0 <= 1.0:
+            raise ConfigError(f"distill.distillm2.beta0 must be in [0, 1], not {self.beta0}")
+        if not 0.0 <= self.adaptive_from <= 1.0:
+            raise ConfigError(f"distill.distillm2.adaptive_from must be in [0, 1], not {self.adaptive_from}")
+
+
+def pairs(ctx: data.PrepareContext) -> data.MethodData:
+    """(x, y_t, y_s): one teacher and one initial-student sample per prompt, from the keyed sample caches at
+    distillm2.temperature / top_p. Both come from the same prompt list in the same order, so a y_s is never paired
+    with another prompt's y_t."""
+    c = ctx.run.distill.distillm2
+    sampling = replace(ctx.run.sampling, temperature=c.temperature, top_p=c.top_p)
+    teacher = data.sample_cache(ctx, "teacher", sampling)
+    student = data.sample_cache(ctx, "student", sampling)
+    out = [Example(p, y_t, y_s, index=i)
+           for i, ((p, y_t, _), (_, y_s, _)) in enumerate(zip(teacher, student, strict=True))]
+    empty = sum(not e.response_ids or not e.rejected_ids for e in out)
+    if empty:
+        console.print(f"{empty} of {len(out)} pairs have an empty response (that term skips them)")
+    return data.MethodData(out)
+
+
+def _mean_token_logp(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] mean log-prob of each sequence's response tokens."""
+    m = mask.float()
+    return (selective_log_softmax(logits, labels) * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def step(inp: StepInputs) -> MethodOutput:
+    c = inp.cfg.distillm2
+    b = len(inp.examples)
+    # One padded batch [y_t rows; y_s rows], so each model runs one forward; the loss splits them again.
+    rows = ([Example(e.prompt_ids, e.response_ids) for e in inp.examples]
+            + [Example(e.prompt_ids, e.rejected_ids) for e in inp.examples])
+    batch = to_device(collate(rows, inp.pad_id), inp.device)
+    s_logits = shifted_logits(inp.student, batch)
+    with torch.no_grad():
+        t_logits = shifted_logits(inp.teacher, batch)
+    mask = batch["response_mask"][:, 1:]
+    w_t, w_s = losses.distillm2_weights(inp.progress, c.beta_schedule, c.beta0)
+    alpha_t: float | torch.Tensor = c.alpha
+    alpha_s: float | torch.Tensor = c.alpha
+    metrics: dict[str, float] = {}
+    if c.alpha_schedule == "adaptive" and inp.progress >= c.adaptive_from:
+        with torch.no_grad():
+            labels = batch["input_ids"][:, 1:]
+            lq = _mean_token_logp(s_logits, labels, mask).exp()
+            lp = _mean_token_logp(t_logits, labels, mask).exp()
+            # The code's "sentence-level" gap: geometric-mean token probabilities, teacher over student on y_t,
+            # student over teacher on y_s; the anchor is this batch's mean gap ("mini-batch wise", App. B.3).
+            gap_t, gap_s = lp[:b] - lq[:b], lq[b:] - lp[b:]
+            alpha_t = losses.distillm2_adaptive_alpha(gap_t, gap_t.mean(), c.alpha)
+            alpha_s = losses.distillm2_adaptive_alpha(gap_s, gap_s.mean(), c.alpha)
+        metrics |= {"alpha_t": alpha_t.mean().item(), "alpha_s": alpha_s.mean().item()}
+    loss, skl, srkl = losses.distillm2_loss(s_logits[:b], t_logits[:b], mask[:b], s_logits[b:], t_logits[b:],
+                                            mask[b:], alpha_t, alpha_s, w_t, w_s, c.detach_mixture)
+    anchor = nll_from_logits(s_logits[:b], {k: v[:b] for k, v in batch.items()})
+    metrics |= {"distillm2_loss": loss.item(), "skl_teacher": skl.mean().item(), "srkl_student": srkl.mean().item(),
+                "weight_skl": w_t, "weight_srkl": w_s}
+    return MethodOutput(loss, anchor, metrics, loss_count=b, anchor_count=mask[:b].sum().item())
+
+
+METHODS = [
+    Method("distillm2", "DistiLLM-2 CALD: skew KL to the teacher on its samples y_t + skew reverse KL on the "
+           "student's samples y_s (released form: alpha 0.1, equal weights)", "DistiLLM-2 (2503.07067) Eq. 5",
+           "pairs (cached teacher and initial-student samples)", True, pairs, step,
+           "distillm2.alpha 0.1, distillm2.temperature 0.8; paper form kappa 1, replay 0",
+           samples_before_training=True),
+]
