@@ -24,7 +24,8 @@ from prefkd.console import console
 from prefkd.errors import ConfigError, PrefkdError
 
 # The loss terms the methods and the loop log (methods.py, train.py); reported before diagnostics derived from them.
-LOSS_TERMS = ("pref_loss", "plad_loss", "divergence", "nll", "anchor_nll", "anchor_kl", "replay_nll", "lm_loss")
+LOSS_TERMS = ("pref_loss", "plad_loss", "distillm2_loss", "divergence", "nll", "anchor_nll", "anchor_kl", "replay_nll",
+              "lm_loss")
 SEED_STRIDE = 1_000_003  # process r samples with seed + r * SEED_STRIDE: distinct streams, rank 0 = single-process
 
 

@@ -18,7 +18,7 @@ from prefkd import atomic, plots
 
 KIND_LABELS = {"kind:D": "D items", "kind:D0": "D0 items", "kind:skill": "skill items"}
 TRAINING_CURVES = ["loss", "pref_loss", "reward_chosen", "reward_rejected", "teacher_logp_student", "seq_rkl",
-                   "divergence", "plad_loss", "nll"]
+                   "divergence", "plad_loss", "distillm2_loss", "nll"]
 
 
 def _ci(stat: dict) -> str:
