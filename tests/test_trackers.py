@@ -80,9 +80,12 @@ def test_where_logs_go_changes_no_run_or_stage_key():
     plain, tracked = TrainConfig(), TrainConfig(report_to="wandb,mlflow", run_group="tag1")
     assert stages.settings(tracked) == stages.settings(plain)
     assert "report_to" not in stages.settings(plain) and "lr" in stages.settings(plain)
-    # A rerun that only adds a tracker is the same run to rundir (neither refused nor cleared).
-    assert rundir.differences(config.to_dict(SFTRun()), config.to_dict(SFTRun(train=tracked))) == []
-    assert rundir.differences(config.to_dict(SFTRun()), config.to_dict(SFTRun(train=TrainConfig(lr=1.0))))
+    # A rerun that only adds a tracker or a Hub repo is the same run to rundir (neither refused nor cleared).
+    ignored = (*rundir.IGNORED_KEYS, *stages.unkeyed(SFTRun()))
+    assert set(stages.unkeyed(SFTRun())) == {"train.report_to", "train.run_group", "push_to_hub", "hub"}
+    pushed = SFTRun(train=tracked, push_to_hub="me/student")
+    assert rundir.differences(config.to_dict(SFTRun()), config.to_dict(pushed), ignored) == []
+    assert rundir.differences(config.to_dict(SFTRun()), config.to_dict(SFTRun(train=TrainConfig(lr=1.0))), ignored)
 
 
 def test_compare_groups_every_stage_under_its_tag_or_out_name(tmp_path):

@@ -23,15 +23,18 @@ from prefkd.errors import ConfigError
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and one line of help."""
+def opt(default: Any, help: str, keyed: bool = True) -> Any:
+    """A dataclass field with a default and one line of help. `keyed=False` marks a setting that says where results
+    go, not what is computed (trackers, a Hub repo): it is left out of run and stage keys (`stages.settings`) and
+    changing it never makes a run directory hold "other settings" (`stages.unkeyed`)."""
+    metadata = {"help": help, "keyed": keyed}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def section(cls: type, help: str = "") -> Any:
-    return dataclasses.field(default_factory=cls, metadata={"help": help})
+def section(cls: type, help: str = "", keyed: bool = True) -> Any:
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "keyed": keyed})
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -45,36 +45,35 @@ LOCK = ".prefkd.lock"  # hidden, and not among the names holds_run() looks for: 
 # OUT/cache is kept: it is only ever reused for the same model, prompts and sampling settings).
 OUTPUTS = ("model", "checkpoint", "train_log.jsonl", "train_state.json", "diagnostics.jsonl", "tensorboard")
 # Where a model is uploaded is not a training setting: a finished run may be resumed to push it.
-IGNORED_KEYS = ("out", "_git_commit", "push_to_hub", "hub")
-# Config keys (last part of a dotted key) that say where logs go, not what is trained: changing them (adding a tracker
-# to a rerun) neither refuses nor clears a run. The same fields are `keyed: False` in train.TrainConfig.
-IGNORED_LEAVES = ("report_to", "run_group")
+IGNORED_KEYS = ("out", "_git_commit")
 
 
 class RunDirError(PrefkdError):
     """The output directory holds another run (or an unfinished one) and no flag says what to do with it."""
 
 
-def claim(out: str | Path, settings: dict, mode: str) -> bool:
-    """Check `out` against the run about to start (its resolved config `settings`); an error says which flag to
-    pass. Returns whether the previous run's outputs must be cleared first (`clear`, on the main process only)."""
+def claim(out: str | Path, settings: dict, mode: str, ignored: list[str] | tuple[str, ...] = ()) -> bool:
+    """Check `out` against the run about to start (its resolved config `settings`; the dotted keys `ignored` say
+    where results go, not what is computed: trackers, a Hub repo); an error says which flag to pass. Returns whether
+    the previous run's outputs must be cleared first (`clear`, on the main process only)."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode '{mode}' for an existing run directory; choose one of {', '.join(MODES)}")
     out = Path(out)
     took = lock(out)
     try:
-        return _check(out, settings, mode)
+        return _check(out, settings, mode, (*IGNORED_KEYS, *ignored))
     except BaseException:
         if took:  # refused: the directory is not this process's to hold
             release(out)
         raise
 
 
-def _check(out: Path, settings: dict, mode: str) -> bool:
+def _check(out: Path, settings: dict, mode: str, ignored: tuple[str, ...]) -> bool:
     if not holds_run(out):
         return False
     previous = read_settings(out)
-    diff = differences(previous, settings) if previous is not None else ["config.yaml is missing or unreadable"]
+    diff = (differences(previous, settings, ignored) if previous is not None
+            else ["config.yaml is missing or unreadable"])
     if mode == "overwrite" or (mode == "auto" and diff):
         return True
     if mode == "auto" or (mode == "resume" and not diff):
@@ -202,11 +201,12 @@ def read_settings(out: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def differences(old: dict, new: dict, limit: int = 4) -> list[str]:
-    """Up to `limit` dotted keys whose values differ, as `key: old -> new`."""
+def differences(old: dict, new: dict, ignored: tuple[str, ...] = IGNORED_KEYS, limit: int = 4) -> list[str]:
+    """Up to `limit` dotted keys whose values differ, as `key: old -> new`, leaving out the keys `ignored` (a dotted
+    key, or a section and everything under it)."""
     a, b = _flatten(old), _flatten(new)
-    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] not in IGNORED_KEYS
-                  and k.split(".")[-1] not in IGNORED_LEAVES and a.get(k) != b.get(k))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                  and not any(k == i or k.startswith(f"{i}.") for i in ignored))
     shown = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys[:limit]]
     return shown + ([f"{len(keys) - limit} more"] if len(keys) > limit else [])
 

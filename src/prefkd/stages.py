@@ -28,6 +28,18 @@ def settings(obj: Any) -> Any:
     return obj
 
 
+def unkeyed(obj: Any, prefix: str = "") -> list[str]:
+    """The dotted config keys of `obj`'s fields marked `keyed: False` (a whole section when the section is)."""
+    out: list[str] = []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            if not f.metadata.get("keyed", True):
+                out.append(f"{prefix}{f.name}")
+            else:
+                out += unkeyed(getattr(obj, f.name), f"{prefix}{f.name}.")
+    return out
+
+
 def is_done(stage_dir: Path, key: str) -> bool:
     marker = stage_dir / "stage.json"
     return marker.is_file() and json.loads(marker.read_text()).get("key") == key

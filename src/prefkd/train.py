@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -55,12 +55,12 @@ class TrainConfig:
     max_length: int = opt(512, "drop examples whose prompt + response is longer")
     disable_dropout: bool = opt(True, "train the student with dropout off (TRL's DPO default: log-probs of one "
                                       "sequence must not depend on the dice); the teacher always scores in eval mode")
-    # Where the logs go, not what is trained: `keyed: False` keeps them out of run and stage keys (stages.settings).
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
-        "keyed": False, "help": "experiment trackers, a list or comma string: tensorboard, wandb, trackio, mlflow or "
-                                "none (extras: pip install 'prefkd[tracking]')"})
-    run_group: str = field(default="", metadata={
-        "keyed": False, "help": "tracker group (wandb, trackio) and MLflow experiment; compare sets it to its tag"})
+    # Where the logs go, not what is trained: kept out of run and stage keys (config.opt's keyed).
+    report_to: list[str] = opt(["tensorboard"], "experiment trackers, a list or comma string: tensorboard, wandb, "
+                                                "trackio, mlflow or none (extras: pip install 'prefkd[tracking]')",
+                               keyed=False)
+    run_group: str = opt("", "tracker group (wandb, trackio) and MLflow experiment; compare sets it to its tag",
+                         keyed=False)
 
     def __post_init__(self) -> None:
         self.report_to = trackers.parse(self.report_to) or ["none"]  # refuses unknown names when the config is built

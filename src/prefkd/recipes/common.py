@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from transformers import PreTrainedTokenizerBase
 
-from prefkd import atomic, config, rundir
+from prefkd import atomic, config, rundir, stages
 from prefkd.config import opt
 from prefkd.distributed import process_state
 from prefkd.errors import DataError, PrefkdError
@@ -30,7 +30,7 @@ class DataConfig:
 
 def check_run(out: Path, cfg: object, existing: str) -> bool:
     """Before any work: may this run use `out` (rundir.claim, on every process)? Returns whether to clear it."""
-    return rundir.claim(out, config.to_dict(cfg), existing)
+    return rundir.claim(out, config.to_dict(cfg), existing, ignored=stages.unkeyed(cfg))
 
 
 def begin_run(out: Path, cfg: object, clear: bool) -> None:

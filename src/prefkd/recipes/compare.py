@@ -185,10 +185,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                               replace(cfg.distill, cache_dir=shared_cache),
                               cfg.sampling, diagnostics=cfg.diagnostics)
             run = resolve(cfg, name, base)
-            # Where a model would be uploaded is not a setting of its training: left out, so stages trained before
-            # push_to_hub existed keep their keys.
-            settings = {k: v for k, v in stages.settings(run).items() if k not in ("push_to_hub", "hub")}
-            key = stages.fingerprint(keys["teacher"], keys["sft"], {**settings, "out": ""})
+            key = stages.fingerprint(keys["teacher"], keys["sft"], {**stages.settings(run), "out": ""})
             train_jobs.append(Job(f"{name} seed{seed}", run, d, key))
             runs[name].append(Run(f"seed{seed}", d / "model", key))
     run_jobs(train_jobs, cfg.workers, out / "logs")

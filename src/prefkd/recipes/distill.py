@@ -43,8 +43,10 @@ class DistillRun:
     diagnostics: DiagnosticsConfig = section(DiagnosticsConfig, "implicit reward and KL to the teacher on a fixed "
                                                                 "held-out batch during training")
     vllm: VLLMConfig = section(VLLMConfig, "vLLM for the sample caches built before training (GPU only)")
-    push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training")
-    hub: HubConfig = section(HubConfig)
+    # Where the model is uploaded, not how it is trained: a finished run may be resumed to push it.
+    push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training",
+                           keyed=False)
+    hub: HubConfig = section(HubConfig, keyed=False)
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,

@@ -34,8 +34,10 @@ class SFTRun:
     train: TrainConfig = section(TrainConfig)
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
     block_size: int = opt(256, "pretraining (data.corpus without data.train): tokens per corpus block")
-    push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training")
-    hub: HubConfig = section(HubConfig)
+    # Where the model is uploaded, not how it is trained: a finished run may be resumed to push it.
+    push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training",
+                           keyed=False)
+    hub: HubConfig = section(HubConfig, keyed=False)
 
 
 def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
