@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from prefkd.config import opt, section
+from prefkd.errors import ConfigError
 from prefkd.methods.distillm2 import DistiLLM2Config
 from prefkd.methods.dpkd import DPKDConfig
 from prefkd.methods.on_policy import GKDConfig, RKLConfig
@@ -42,3 +43,7 @@ class MethodConfig:
     simpo: SimPOConfig = section(SimPOConfig)
     plad: PLaDConfig = section(PLaDConfig)
     distillm2: DistiLLM2Config = section(DistiLLM2Config)
+
+    def __post_init__(self) -> None:
+        if self.responses not in ("auto", "teacher"):
+            raise ConfigError(f"distill.responses must be auto or teacher, not '{self.responses}'")

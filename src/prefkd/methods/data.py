@@ -82,8 +82,6 @@ def teacher_samples(ctx: PrepareContext) -> MethodData:
 def sequences(ctx: PrepareContext) -> MethodData:
     """One response per prompt: the references when every prompt has one (`distill.responses=auto`), else cached
     teacher samples."""
-    if ctx.run.distill.responses not in ("auto", "teacher"):
-        raise ConfigError(f"distill.responses must be auto or teacher, not '{ctx.run.distill.responses}'")
     if ctx.run.distill.responses == "auto" and all(r.references for r in ctx.prompts):
         return references(ctx)
     return teacher_samples(ctx)
