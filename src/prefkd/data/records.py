@@ -1,4 +1,8 @@
-"""Instruction records: the one in-memory form every loader produces, and prefkd's own jsonl files."""
+"""Instruction records: the one in-memory form every loader produces, and prefkd's own jsonl files.
+
+A record is an instruction (plus an optional input) or a conversation. A conversation's `context` holds every turn
+before the response: system, user and earlier assistant turns, ending with a user turn; `instruction` is then the
+last user turn (what tables and judges show) and `references` the last assistant turn."""
 
 from __future__ import annotations
 
@@ -18,19 +22,33 @@ class Instruction:
     category: str | None = None
     kind: str | None = None  # embedded suite: "D" / "D0" (world facts of that shard) or "skill"
     id: str | None = None
+    context: tuple[tuple[str, str], ...] = ()  # (role, content) turns before the response; () for an instruction
 
     @property
     def prompt(self) -> str:
+        """The Alpaca rendering; a model with a chat template sees `prefkd.data.chat.Renderer`'s instead."""
         return render_prompt(self.instruction, self.input)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The turns before the response as chat messages; an instruction is one user turn (the input after a blank
+        line)."""
+        if self.context:
+            return [{"role": role, "content": content} for role, content in self.context]
+        return [{"role": "user", "content": f"{self.instruction}\n\n{self.input}" if self.input else self.instruction}]
 
     def to_json(self) -> dict:
         row = asdict(self)
         row["references"] = list(self.references)
+        if self.context:
+            row["context"] = self.messages()
+        else:
+            del row["context"]
         return row
 
 
 _FIELDS = {"instruction": str, "input": str, "references": list, "category": (str, type(None)),
-           "kind": (str, type(None)), "id": (str, type(None))}
+           "kind": (str, type(None)), "id": (str, type(None)), "context": list}
+ROLES = ("system", "user", "assistant")
 
 
 def parse_record(row: object, path: str, line: int, require_references: bool) -> Instruction:
@@ -52,8 +70,22 @@ def parse_record(row: object, path: str, line: int, require_references: bool) ->
     if require_references and not any(r.strip() for r in refs):
         raise DataError("this file must have a non-empty reference response for every record", path, line,
                         "references")
+    context = _context(row.get("context", []), path, line)
     return Instruction(row["instruction"], row.get("input", ""), tuple(refs), row.get("category"),
-                       row.get("kind"), row.get("id"))
+                       row.get("kind"), row.get("id"), context)
+
+
+def _context(turns: list, path: str, line: int) -> tuple[tuple[str, str], ...]:
+    """prefkd's own `context` field: chat messages ending with a user turn (as `to_json` writes them)."""
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise DataError(f"turn {i} must be {{'role': one of {list(ROLES)}, 'content': str}}", path, line,
+                            "context")
+        out.append((turn["role"], turn["content"]))
+    if out and out[-1][0] != "user":
+        raise DataError("the context must end with a user turn (the response answers it)", path, line, "context")
+    return tuple(out)
 
 
 def write_records(path: str | Path, records: list[Instruction]) -> None:
