@@ -17,6 +17,7 @@ import os
 import torch
 
 from bench import common, fixtures
+from prefkd.data.chat import Renderer
 from prefkd.data.collate import collate, encode_examples
 from prefkd.data.loaders import load_instructions
 from prefkd.generation import SamplingConfig
@@ -43,8 +44,9 @@ class SFTBench:
         d = fixtures.data_dir()
         self.tokenizer = load_tokenizer(str(d / "tokenizer"))
         records = load_instructions(d / "d0.jsonl")
-        self.examples, _ = encode_examples(self.tokenizer, [r.prompt for r in records],
-                                           [r.references[0] for r in records])
+        renderer = Renderer(self.tokenizer, "alpaca")
+        self.examples, _ = encode_examples(renderer.prompt_ids(records),
+                                           [renderer.response_ids(r, r.references[0]) for r in records])
         self.model = build_model("gpt2", size, self.tokenizer, seed=0)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.stream = BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in self.examples], BATCH, seed=0)

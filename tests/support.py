@@ -14,6 +14,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from prefkd.data.chat import Renderer
+from prefkd.data.collate import Example, encode_examples
 from prefkd.data.records import write_records
 from prefkd.data.synthetic import SuiteConfig, build_suite
 from prefkd.models import build_model, save_pretrained
@@ -170,3 +172,88 @@ def write_dolly_files(root: Path) -> dict:
             "test": write_jsonl(root / "test-minillm.jsonl", [minillm_row(r) for r in DOLLY_ROWS[:3]]),
             "validation": write_jsonl(root / "dev-minillm.jsonl",
                                       [minillm_row(r, topic=False) for r in DOLLY_ROWS[3:5]])}
+
+
+def reference_examples(tokenizer, records, max_prompt_tokens: int = 256, max_length: int = 512) -> list[Example]:
+    """Alpaca prompt + first reference + EOS per record, as SFT trains on them."""
+    r = Renderer(tokenizer, "alpaca")
+    ex, _ = encode_examples(r.prompt_ids(records), [r.response_ids(x, x.references[0]) for x in records],
+                            max_prompt_tokens, max_length)
+    return ex
+
+
+# --- instruct models of three families, each with its real special tokens and chat template -----------------------
+# The templates are those the hub models ship (Qwen2.5-Instruct without its tool-calling branch, Meta-Llama-3-Instruct,
+# Gemma-it); the tokenizers add a BOS to plain text where the real ones do.
+
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) "
+    "or (message.role == 'assistant') %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + "
+    "'\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
+
+# family -> (special tokens, bos, eos, pad, generation_config eos tokens, template, end-of-turn token)
+CHAT_FAMILIES = {
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>",
+              ["<|im_end|>", "<|endoftext|>"], QWEN25_TEMPLATE, "<|im_end|>"),
+    "llama": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+              "<|begin_of_text|>", "<|eot_id|>", None, ["<|end_of_text|>", "<|eot_id|>"], LLAMA3_TEMPLATE,
+              "<|eot_id|>"),
+    "gemma": (["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<pad>",
+              ["<eos>", "<end_of_turn>"], GEMMA_TEMPLATE, "<end_of_turn>"),
+}
+
+
+def chat_tokenizer(family: str, texts: list[str], vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on `texts` with `family`'s special tokens, BOS rule and chat template."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    special, bos, eos, pad, _, template, _ = CHAT_FAMILIES[family]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=special,
+                            show_progress=False)
+    if bos is not None:  # Llama 3 and Gemma tokenizers put a BOS before plain text
+        bpe._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, bpe.token_to_id(bos))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
+                                  additional_special_tokens=[t for t in special if t not in (bos, eos, pad)])
+    tok.chat_template = template
+    return tok
+
+
+def save_chat_model(path: Path, family: str, tokenizer, seed: int = 0, layers: int = 1, width: int = 32) -> str:
+    """A tiny instruct model of `family` (Qwen2, Llama or Gemma architecture) saved as a hub model is."""
+    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    gen_eos = [tokenizer.convert_tokens_to_ids(t) for t in CHAT_FAMILIES[family][4]]
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=gen_eos,
+               pad_token_id=tokenizer.pad_token_id)
+    shape = dict(num_hidden_layers=layers, hidden_size=width, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=2 * width, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **shape, **ids))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **shape, **ids))
+    else:
+        model = GemmaForCausalLM(GemmaConfig(head_dim=width // 2, **shape, **ids))
+    model.generation_config.eos_token_id = gen_eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -5,6 +5,7 @@ import pytest
 
 import prefkd.cache as cache
 from prefkd.cache import cache_key, generate_cached, model_identity, read_cache
+from prefkd.data.chat import Renderer
 from prefkd.errors import DataError, PrefkdError
 from prefkd.generation import SamplingConfig
 from prefkd.models import build_model
@@ -40,8 +41,12 @@ def calls(monkeypatch):
 
 
 def _run(model, tokenizer, records, path, sampling=SAMPLING, seed=0, **kwargs):
-    key = cache_key("nano-model", records, sampling, seed)
-    return generate_cached(model, tokenizer, records, sampling, path, key, seed, **kwargs)
+    key = cache_key("nano-model", _texts(records), sampling, seed)
+    return generate_cached(model, Renderer(tokenizer, "alpaca"), records, sampling, path, key, seed, **kwargs)
+
+
+def _texts(records):
+    return [r.prompt for r in records]
 
 
 def _lines(path):
@@ -56,7 +61,7 @@ def test_second_call_reuses_the_file_without_sampling(model, tokenizer, records,
     assert [r["id"] for r in first] == [r.id for r in records]
     assert all(r["finished"] == (r["response_ids"][-1:] == [tokenizer.eos_token_id]) for r in first)
     header, rows = read_cache(path)
-    assert header == {"cache_key": cache_key("nano-model", records, SAMPLING, 0), "n": N}
+    assert header == {"cache_key": cache_key("nano-model", _texts(records), SAMPLING, 0), "n": N}
     assert rows == first
 
     calls["fail_on"], calls["error"] = calls["n"] + 1, AssertionError("sampled again")
@@ -108,9 +113,11 @@ def test_other_settings_refuse_the_file_unless_overwrite(model, tokenizer, recor
     path = tmp_path / "samples.jsonl"
     _run(model, tokenizer, records, path)
     hotter = SamplingConfig(max_new_tokens=6, batch_size=4, temperature=0.7)
-    assert cache_key("nano-model", records, hotter, 0) != cache_key("nano-model", records, SAMPLING, 0)
-    assert cache_key("nano-model", records, SAMPLING, 1) != cache_key("nano-model", records, SAMPLING, 0)
-    assert cache_key("nano-model", records[1:], SAMPLING, 0) != cache_key("nano-model", records, SAMPLING, 0)
+    texts = _texts(records)
+    base = cache_key("nano-model", texts, SAMPLING, 0)
+    assert cache_key("nano-model", texts, hotter, 0) != base
+    assert cache_key("nano-model", texts, SAMPLING, 1) != base
+    assert cache_key("nano-model", texts[1:], SAMPLING, 0) != base
 
     calls["n"] = 0
     with pytest.raises(PrefkdError, match=r"samples\.jsonl holds samples of other settings"):
@@ -119,7 +126,7 @@ def test_other_settings_refuse_the_file_unless_overwrite(model, tokenizer, recor
 
     rows = _run(model, tokenizer, records, path, sampling=hotter, overwrite=True)
     assert len(rows) == N and calls["n"] == 3
-    assert read_cache(path)[0]["cache_key"] == cache_key("nano-model", records, hotter, 0)
+    assert read_cache(path)[0]["cache_key"] == cache_key("nano-model", _texts(records), hotter, 0)
 
 
 def test_model_identity_changes_when_weights_are_resaved(tokenizer, tmp_path):

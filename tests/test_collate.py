@@ -13,9 +13,13 @@ def test_collate_masks_prompt_and_padding_but_keeps_eos():
     assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0]]
 
 
-def test_encode_examples_appends_eos_and_drops_long_prompts(tokenizer):
-    ex, dropped = encode_examples(tokenizer, ["short prompt", "a much longer prompt " * 20], ["yes", "no"],
-                                  max_prompt_tokens=10, max_length=32)
-    assert dropped == 1 and len(ex) == 1
-    assert ex[0].response_ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ex[0].response_ids[:-1]) == "yes"
+def test_encode_examples_drops_pairs_over_the_limits():
+    ex, dropped = encode_examples([[1, 2], [1] * 11, [3] * 5], [[4, EOS], [4, EOS], [5] * 4],
+                                  max_prompt_tokens=10, max_length=8)
+    assert dropped == 2 and [(e.prompt_ids, e.response_ids) for e in ex] == [([1, 2], [4, EOS])]
+
+
+def test_prompt_mask_marks_earlier_assistant_turns_for_the_loss():
+    ex, _ = encode_examples([[5, 6, 7, 8]], [[9, EOS]], prompt_masks=[[0, 1, 1, 0]])
+    b = collate(ex + [Example([5], [EOS])], pad_id=EOS)
+    assert b["response_mask"].tolist() == [[0, 1, 1, 0, 1, 1], [0, 1, 0, 0, 0, 0]]

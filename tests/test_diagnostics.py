@@ -3,8 +3,9 @@
 import json
 
 import torch
+from support import reference_examples
 
-from prefkd.data.collate import Example, collate, encode_examples, encode_prompts
+from prefkd.data.collate import Example, collate, encode_prompts
 from prefkd.diagnostics import HeldOutDiagnostics
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.methods import MethodConfig, get_method
@@ -57,7 +58,7 @@ def test_values_match_a_direct_float64_computation(tokenizer, tiny_suite):
 
 def test_diagnostics_leave_training_unchanged_and_are_logged(tokenizer, tiny_suite, tmp_path):
     recs = tiny_suite.d0
-    ex, _ = encode_examples(tokenizer, [r.prompt for r in recs], [r.references[0] for r in recs])
+    ex = reference_examples(tokenizer, recs)
     prompts = encode_prompts(tokenizer, [r.prompt for r in tiny_suite.d[:4]])
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, log_every=1, save_every=0)
     weights = []

@@ -10,11 +10,12 @@ import sys
 import time
 
 import pytest
+from support import reference_examples
 from typer.testing import CliRunner
 
 from prefkd import distributed, rundir
 from prefkd.cli import app
-from prefkd.data.collate import encode_examples, encode_prompts
+from prefkd.data.collate import encode_prompts
 from prefkd.distributed import TrainingDiverged
 from prefkd.errors import ConfigError
 from prefkd.generation import SamplingConfig
@@ -152,7 +153,7 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_checkpoint(files
 
 def test_non_finite_gradient_names_the_gradient_norm(tokenizer, tiny_suite, tmp_path, monkeypatch):
     recs = tiny_suite.d0
-    ex, _ = encode_examples(tokenizer, [r.prompt for r in recs], [r.references[0] for r in recs])
+    ex = reference_examples(tokenizer, recs)
     real, calls = distributed.clip_grad_norm, {"n": 0}
 
     def clip(acc, model, max_norm):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import reference_examples
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
 import prefkd
 from prefkd.checkpoints import CheckpointError
 from prefkd.cli import app
-from prefkd.data.collate import encode_examples
 from prefkd.errors import ConfigError, PrefkdError
 from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig, get_method
@@ -49,7 +49,7 @@ def test_source_never_unpickles_or_trusts_remote_code_by_itself():
 def _interrupted_run(tokenizer, tiny_suite, out, monkeypatch):
     """An SFT run stopped after its checkpoint at step 2 (as a kill would leave it)."""
     recs = tiny_suite.d0
-    ex, _ = encode_examples(tokenizer, [r.prompt for r in recs], [r.references[0] for r in recs])
+    ex = reference_examples(tokenizer, recs)
 
     def run():
         train(get_method("sft"), build_model("gpt2", "nano", tokenizer), tokenizer, RunData(ex),

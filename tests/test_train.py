@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from support import reference_examples
 
-from prefkd.data.collate import encode_examples
 from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig, get_method
 from prefkd.models import build_model, load_model
@@ -12,7 +12,7 @@ from prefkd.train import BatchStream, RunData, TrainConfig, train
 
 def _run(tokenizer, suite, out, steps=6, interrupt_at=None, monkeypatch=None):
     recs = suite.d0
-    ex, _ = encode_examples(tokenizer, [r.prompt for r in recs], [r.references[0] for r in recs])
+    ex = reference_examples(tokenizer, recs)
     model = build_model("gpt2", "nano", tokenizer, seed=0)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, save_every=2, log_every=1)
     if interrupt_at is not None:
@@ -53,7 +53,7 @@ def test_batch_stream_covers_each_epoch_once():
 def test_precision_can_change_between_runs_in_one_process(tokenizer, tiny_suite, tmp_path):
     """The demo trains a bf16 teacher, then fp32 students, in one process."""
     recs = tiny_suite.d0
-    ex, _ = encode_examples(tokenizer, [r.prompt for r in recs], [r.references[0] for r in recs])
+    ex = reference_examples(tokenizer, recs)
     for i, bf16 in enumerate((True, False, True)):
         model = build_model("gpt2", "nano", tokenizer, seed=0)
         logs = train(get_method("sft"), model, tokenizer, RunData(ex),
@@ -112,7 +112,7 @@ def test_training_disables_the_students_dropout_unless_told_and_scores_the_teach
                 m.p = 0.1
     teacher.train()
     recs = tiny_suite.d0[:8]
-    ex, _ = encode_examples(tokenizer, [r.prompt for r in recs], [r.references[0] for r in recs])
+    ex = reference_examples(tokenizer, recs)
     train(get_method("kd"), student, tokenizer, RunData(ex),
           TrainConfig(steps=1, batch_size=4, log_every=1, save_every=0, disable_dropout=disable), MethodConfig(),
           SamplingConfig(), tmp_path, teacher)

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from prefkd.cache import batch_seed, cache_key, generate_cached, read_cache
 from prefkd.cli import app
+from prefkd.data.chat import Renderer
 from prefkd.errors import ConfigError, PrefkdError
 from prefkd.generation import SamplingConfig
 from prefkd.vllm_backend import VLLMConfig, VLLMSampler, require_vllm, response_ids, sampling_params
@@ -94,10 +95,11 @@ def test_sampler_feeds_the_resumable_cache(monkeypatch, tokenizer, tiny_suite, t
     sampling = SamplingConfig(max_new_tokens=4, batch_size=2, temperature=0.7)
     sampler = VLLMSampler("teacher/path", VLLMConfig(enabled=True, tensor_parallel_size=2, dtype="bfloat16"))
     assert stand_in.engines == []  # no engine until something must be sampled
-    key = cache_key("teacher/path", records, sampling, 3, "vllm")
-    assert key != cache_key("teacher/path", records, sampling, 3)  # other samples than transformers': other key
+    prompts = [r.prompt for r in records]
+    key = cache_key("teacher/path", prompts, sampling, 3, "vllm")
+    assert key != cache_key("teacher/path", prompts, sampling, 3)  # other samples than transformers': other key
     path = tmp_path / "teacher.jsonl"
-    rows = generate_cached(None, tokenizer, records, sampling, path, key, 3, sampler=sampler)
+    rows = generate_cached(None, Renderer(tokenizer, "alpaca"), records, sampling, path, key, 3, sampler=sampler)
 
     assert len(stand_in.engines) == 1 and stand_in.engines[0]["tensor_parallel_size"] == 2
     assert stand_in.engines[0]["dtype"] == "bfloat16" and stand_in.engines[0]["trust_remote_code"] is False
@@ -112,7 +114,8 @@ def test_sampler_feeds_the_resumable_cache(monkeypatch, tokenizer, tiny_suite, t
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:3]))
     stand_in.requests.clear()
-    assert generate_cached(None, tokenizer, records, sampling, path, key, 3, sampler=sampler) == rows
+    again = generate_cached(None, Renderer(tokenizer, "alpaca"), records, sampling, path, key, 3, sampler=sampler)
+    assert again == rows
     assert len(stand_in.requests) == 3
     assert [json.loads(line)["index"] for line in path.read_text().splitlines()[1:]] == list(range(5))
 

@@ -20,17 +20,18 @@ try:
 except ImportError:  # Windows: runs sharing one cache are not supported there
     fcntl = None
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from prefkd import atomic
 from prefkd.console import progress
-from prefkd.data.collate import encode_prompts
+from prefkd.data.chat import Renderer
 from prefkd.data.records import Instruction
 from prefkd.errors import DataError, PrefkdError
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.stages import fingerprint
 
-# (prompt ids, sampling, pad id, eos id, seed=) -> one response per prompt, ending with EOS unless cut by length.
+# (prompt ids, sampling, pad id, end ids, seed=) -> one response per prompt, ending with an end token unless cut by
+# length.
 Sampler = Callable[..., list[list[int]]]
 FORMAT = "prefkd-sample-cache-v1"  # bump when the row layout or the seeding scheme changes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -53,11 +54,11 @@ def model_identity(path: str) -> str:
     return f"{path}@{fingerprint(config_fp, weights)}"
 
 
-def cache_key(model_id: str, records: list[Instruction], sampling: SamplingConfig, seed: int,
-              backend: str = "hf") -> str:
+def cache_key(model_id: str, prompts: list[str], sampling: SamplingConfig, seed: int, backend: str = "hf") -> str:
+    """The key of samples of rendered `prompts` (`Renderer.prompt`: the template is part of the text)."""
     # batch_size is part of the key on purpose: batches are seeded separately, so it changes the samples.
     # Another backend (vllm) draws other samples for the same seed; "hf" adds nothing, so older keys stay valid.
-    return fingerprint(FORMAT, model_id, [r.prompt for r in records], dataclasses.asdict(sampling), seed,
+    return fingerprint(FORMAT, model_id, prompts, dataclasses.asdict(sampling), seed,
                        *([backend] if backend != "hf" else []))
 
 
@@ -74,12 +75,14 @@ def read_cache(path: str | Path) -> tuple[dict, list[dict]]:
     return header, rows
 
 
-def generate_cached(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
+def generate_cached(model: PreTrainedModel | None, renderer: Renderer, records: list[Instruction],
                     sampling: SamplingConfig, path: str | Path, key: str, seed: int, name: str = "generate",
                     overwrite: bool = False, sampler: Sampler | None = None) -> list[dict]:
     """Sample one response per record into `path`, reusing or completing a file written with the same `key`.
 
-    `sampler` replaces `sample_responses(model, ...)` (e.g. the vLLM backend; then `model` may be None)."""
+    Prompts are rendered by `renderer` (the sampled model's tokenizer and template); a response ends at any of the
+    model's end tokens. `sampler` replaces `sample_responses(model, ...)` (e.g. the vLLM backend; then `model` may be
+    None)."""
     path = Path(path)
     done = _open_for_append(path, key, len(records), overwrite)
     missing = [k for k in _batches(len(records), sampling.batch_size) if any(i not in done for i in k)]
@@ -87,7 +90,7 @@ def generate_cached(model: PreTrainedModel | None, tokenizer: PreTrainedTokenize
         with progress() as bar:
             task = bar.add_task(name, total=len(records), completed=len(done), info=f"seed {seed}")
             for indices in missing:
-                new = _sample_batch(model, tokenizer, records, indices, sampling, seed, sampler)
+                new = _sample_batch(model, renderer, records, indices, sampling, seed, sampler)
                 # Rows of a batch cut mid-write are already on disk; keep those, add only the rest.
                 new = [row for row in new if row["index"] not in done]
                 _append(path, new)
@@ -171,16 +174,16 @@ def _batches(n: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def _sample_batch(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, records: list[Instruction],
+def _sample_batch(model: PreTrainedModel | None, renderer: Renderer, records: list[Instruction],
                   indices: range, sampling: SamplingConfig, seed: int, sampler: Sampler | None = None) -> list[dict]:
     batch = [records[i] for i in indices]
-    prompt_ids = encode_prompts(tokenizer, [r.prompt for r in batch])
-    eos = tokenizer.eos_token_id
+    tokenizer, stops = renderer.tokenizer, renderer.stop_ids_for(model)
     sample = sampler or functools.partial(sample_responses, model)
-    responses = sample(prompt_ids, sampling, tokenizer.pad_token_id, eos, seed=batch_seed(seed, indices.start))
-    return [{"index": i, "id": r.id, "prompt": r.prompt,
+    responses = sample(renderer.prompt_ids(batch), sampling, tokenizer.pad_token_id, stops,
+                       seed=batch_seed(seed, indices.start))
+    return [{"index": i, "id": r.id, "prompt": renderer.prompt(r),
              "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-             "response_ids": ids, "finished": bool(ids) and ids[-1] == eos}
+             "response_ids": ids, "finished": bool(ids) and ids[-1] in stops}
             for i, r, ids in zip(indices, batch, responses, strict=True)]
 
 

@@ -90,6 +90,7 @@ from prefkd.evaluate import scores_text  # noqa: E402
 from prefkd.recipes.distill import DistillRun  # noqa: E402
 from prefkd.recipes.evaluate import EvaluateRun  # noqa: E402
 from prefkd.recipes.generate import GenerateRun  # noqa: E402
+from prefkd.recipes.render import RenderRun  # noqa: E402
 from prefkd.recipes.sft import SFTRun  # noqa: E402
 from prefkd.recipes.winrate import WinRateRun  # noqa: E402
 
@@ -169,6 +170,29 @@ def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug:
         cfg = config.load(GenerateRun, config_file, overrides or [])
         rows = run_generate(cfg, existing=_existing(resume, overwrite))
         console.print(f"{cfg.out}: {len(rows)} responses, {sum(r['finished'] for r in rows)} ended with EOS")
+
+    _run(go, debug)
+
+
+@app.command(epilog=_keys_help(RenderRun))
+def render(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+           model: Annotated[str | None, typer.Option("--model", help="model or tokenizer path (model=...)")] = None,
+           data: Annotated[str | None, typer.Option("--data", help="records or conversations (data=...)")] = None,
+           limit: Annotated[int | None, typer.Option("--limit", help="records shown, 0 = all (limit=...)")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="one JSON object per record on stdout")] = False,
+           ) -> None:
+    """Print exactly the text a model sees for each record: the prompt and the response as rendered (chat template
+    or Alpaca), their token counts, and which tokens are trained on."""
+    from prefkd.recipes.render import as_json_lines, render_records, rendered_text
+
+    def go():
+        flags = _flags(model=model, data=data, limit=None if limit is None else str(limit))
+        cfg = config.load(RenderRun, config_file, [*(overrides or []), *flags])
+        about, rows = render_records(cfg)
+        if as_json:
+            sys.stdout.write(as_json_lines(rows))
+            return
+        sys.stdout.write(rendered_text(about, rows))
 
     _run(go, debug)
 

@@ -37,7 +37,7 @@ class DiagnosticsConfig:
 
 class HeldOutDiagnostics:
     def __init__(self, teacher: PreTrainedModel, prompt_ids: list[list[int]], sampling: SamplingConfig, beta: float,
-                 pad_id: int, eos_id: int, seed: int = 1234):
+                 pad_id: int, eos_id: int | tuple[int, ...], seed: int = 1234):
         self.teacher, self.prompts, self.sampling, self.beta = teacher.eval(), prompt_ids, sampling, beta
         self.pad, self.eos, self.seed = pad_id, eos_id, seed
         # Sampled at the first call, where the student (and, after train() placed it, the teacher) lives: on a GPU

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,9 +34,10 @@ class SamplingConfig:
 
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: SamplingConfig, pad_id: int,
-                     eos_id: int, seed: int | None = None,
+                     eos_id: int | Sequence[int], seed: int | None = None,
                      on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
-    """Sample one response per prompt. Each response ends with EOS unless it hit `max_new_tokens`."""
+    """Sample one response per prompt. Each response ends with one of the end tokens `eos_id` (an id or several:
+    a chat model's end-of-turn token and its EOS) unless it hit `max_new_tokens`."""
     if seed is not None:
         torch.manual_seed(seed)
     prompt_ids = _fit_context(model, prompt_ids, cfg.max_new_tokens)
@@ -304,7 +305,7 @@ class RoomyLayer(DynamicLayer):
 
 
 def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: SamplingConfig,
-            eos_id: int, prompts: list[list[int]] | None = None) -> list[list[int]]:
+            eos_id: int | Sequence[int], prompts: list[list[int]] | None = None) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; a row leaves the batch at its EOS.
 
     What `generate` does, except that padding and finished rows cost nothing: with short and long responses in
@@ -313,6 +314,7 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
     them); `prompts` (the unpadded rows of `ids`) lets the prompts run packed.
     """
     procs = _processors(cfg)
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=ids.device)
     out: list[list[int]] = [[] for _ in range(len(ids))]
     rows = torch.arange(len(ids), device=ids.device)  # batch row -> output row
     logits, past, positions = _prefill(model, ids, attn, prompts, cfg.max_new_tokens)
@@ -328,7 +330,7 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
         nxt = scores.argmax(-1) if cfg.temperature <= 0 else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
         for r, token in zip(rows.tolist(), nxt.tolist(), strict=True):
             out[r].append(token)
-        alive = nxt != eos_id
+        alive = ~torch.isin(nxt, stops)
         if t == cfg.max_new_tokens - 1 or not alive.any():
             break
         if not alive.all():

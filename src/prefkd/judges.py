@@ -31,7 +31,8 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from prefkd.config import opt
-from prefkd.data.collate import Example, collate, encode_prompts
+from prefkd.data.chat import renderer_for
+from prefkd.data.collate import Example, collate
 from prefkd.data.records import Instruction
 from prefkd.errors import ConfigError, PrefkdError
 from prefkd.evaluate import rouge_l
@@ -118,24 +119,27 @@ class RewardModelJudge(Judge):
 
 
 class LogLikelihoodJudge(Judge):
-    """Mean per-token log p(response + EOS | Alpaca prompt) under a causal LM (the teacher, or any local LM)."""
+    """Mean per-token log p(response + end token | prompt) under a causal LM (the teacher, or any local LM), the
+    prompt rendered with its chat template when its tokenizer has one, else Alpaca."""
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None,
                  trust_remote_code: bool = False):
         self.tokenizer = load_tokenizer(path, trust_remote_code)
+        self.renderer = renderer_for(self.tokenizer)
         self.model = load_model(path, trust_remote_code).eval().to(device or "cpu")
         self.name = f"loglik:{path}"
         self.batch_size = batch_size
         self.max_length = min(max_length, _context(self.model, max_length))
 
     def _example(self, prompt_ids: list[int], response: str) -> Example:
-        resp = encode_prompts(self.tokenizer, [response])[0][: self.max_length - 2] + [self.tokenizer.eos_token_id]
+        end = self.renderer.end_ids
+        resp = self.renderer.encode([response])[0][: self.max_length - 1 - len(end)] + end
         room = self.max_length - len(resp)
         return Example(prompt_ids[-room:], resp)  # cut from the left, as generation does
 
     @torch.no_grad()
     def score(self, records: Sequence[Instruction], responses: Sequence[str]) -> list[float]:
-        prompts = encode_prompts(self.tokenizer, [r.prompt for r in records])
+        prompts = self.renderer.prompt_ids(records)
         examples = [self._example(p, r) for p, r in zip(prompts, responses, strict=True)]
         out: list[float] = []
         for start in range(0, len(examples), self.batch_size):

@@ -87,6 +87,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
                                    unk_token=EOS)
 
 
+# ChatML as Qwen2 and SmolLM2 write it, without a default system prompt: what `add_chat_format` gives a built model.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def add_chat_format(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Give a built tokenizer ChatML's special tokens (`<|im_start|>`, `<|im_end|>`) and chat template, so that a
+    model built with it is trained and distilled in a chat format, as an instruct model is."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

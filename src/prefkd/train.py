@@ -109,7 +109,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
           save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None] = save_pretrained,
           diagnostics: Callable[[PreTrainedModel], dict[str, float]] | None = None,
           diagnostics_every: int = 0, strict_resume: bool = False, identity: object = None,
-          run_config: dict | None = None) -> list[dict]:
+          run_config: dict | None = None, stop_ids: tuple[int, ...] | None = None) -> list[dict]:
     """Train `student` in place with `method`; write logs, checkpoints and the final model under `out_dir`.
 
     `diagnostics(student)` (e.g. `prefkd.diagnostics.HeldOutDiagnostics`) runs before the first step, every
@@ -181,7 +181,8 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
         if main:
             _append(diag_path, row, acc, "diagnostics")
 
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    # Samples drawn in training end at any end token (a chat model's end-of-turn and EOS: `Renderer.stop_ids_for`).
+    pad, eos = tokenizer.pad_token_id, stop_ids or tokenizer.eos_token_id
     model.train()
     t0 = time.time()
     if start == 0:
@@ -272,8 +273,9 @@ def _restore(acc: Accelerator, root: Path, state_path: Path, run_key: str, stric
 
 
 def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData, streams: dict[str, BatchStream],
-                k: int, mcfg: MethodConfig, sampling: SamplingConfig, pad: int, eos: int, sizes: tuple[int, int],
-                use_lm: bool, seed: int, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                k: int, mcfg: MethodConfig, sampling: SamplingConfig, pad: int, eos: int | tuple[int, ...],
+                sizes: tuple[int, int], use_lm: bool, seed: int, progress: float = 0.0
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """This process's loss for micro-batch k and the global-batch metrics (distributed.combine)."""
     examples = [data.examples[i] for i in distributed.shard(streams["method"].batch(k), acc)]
     inp = StepInputs(model, acc.unwrap_model(model), teacher, examples, sampling, mcfg, pad, eos, acc.device,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -43,22 +44,28 @@ def require_vllm() -> ModuleType:
                           f"vllm.enabled=false to sample with transformers") from None
 
 
-def sampling_params(cfg: SamplingConfig, seed: int, eos_id: int) -> dict:
+def sampling_params(cfg: SamplingConfig, seed: int, eos_id: int | Sequence[int]) -> dict:
     """Our sampling settings as vLLM `SamplingParams` keyword arguments (top_k 0 and -1 both mean off)."""
     if cfg.no_repeat_ngram_size:
         raise ConfigError("sampling.no_repeat_ngram_size has no vLLM equivalent; set it to 0 or vllm.enabled=false")
     greedy = cfg.temperature <= 0
     return {"n": 1, "temperature": 0.0 if greedy else cfg.temperature, "top_p": 1.0 if greedy else cfg.top_p,
             "top_k": -1 if greedy or cfg.top_k <= 0 else cfg.top_k, "max_tokens": cfg.max_new_tokens, "seed": seed,
-            "stop_token_ids": [eos_id], "skip_special_tokens": True, "detokenize": False}
+            "stop_token_ids": _ids(eos_id), "skip_special_tokens": True, "detokenize": False}
 
 
-def response_ids(token_ids: list[int], finish_reason: str | None, eos_id: int) -> list[int]:
-    """A completion as our responses are: EOS kept at the end when the model stopped, none when cut by length."""
-    ids = list(token_ids)
-    if eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
-    return ids + [eos_id] if finish_reason == "stop" else ids
+def response_ids(token_ids: list[int], finish_reason: str | None, eos_id: int | Sequence[int]) -> list[int]:
+    """A completion as our responses are: the end token kept at the end when the model stopped (the first of the
+    end tokens when vLLM left it out), none when cut by length."""
+    ids, stops = list(token_ids), _ids(eos_id)
+    at = next((i for i, t in enumerate(ids) if t in stops), None)
+    if at is not None:
+        return ids[: at + 1]
+    return ids + stops[:1] if finish_reason == "stop" else ids
+
+
+def _ids(eos_id: int | Sequence[int]) -> list[int]:
+    return [eos_id] if isinstance(eos_id, int) else list(eos_id)
 
 
 class VLLMSampler:
@@ -69,7 +76,8 @@ class VLLMSampler:
         self.vllm = require_vllm()  # fail at once, not after the first batch
         self.llm = None
 
-    def __call__(self, prompt_ids: list[list[int]], sampling: SamplingConfig, pad_id: int, eos_id: int,
+    def __call__(self, prompt_ids: list[list[int]], sampling: SamplingConfig, pad_id: int,
+                 eos_id: int | Sequence[int],
                  seed: int | None = None) -> list[list[int]]:
         if self.llm is None:
             extra = {"max_model_len": self.cfg.max_model_len} if self.cfg.max_model_len else {}

@@ -33,7 +33,7 @@ class StepInputs:
     sampling: SamplingConfig
     cfg: MethodConfig
     pad_id: int
-    eos_id: int
+    eos_id: int | tuple[int, ...]  # the tokens that end a sampled response
     device: torch.device
     # Identical on every process (seeded from seed and step): for a random choice about the whole global batch.
     shared_rng: torch.Generator | None = None

@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from prefkd import rundir
 from prefkd.cache import TeacherCache, cache_key, generate_cached, model_identity
 from prefkd.console import console
-from prefkd.data.collate import Example, encode_examples, encode_prompts
+from prefkd.data.chat import Renderer, renderer_for
+from prefkd.data.collate import Example, encode_examples
 from prefkd.data.records import Instruction
 from prefkd.distributed import process_state
 from prefkd.errors import ConfigError, DataError
@@ -32,7 +33,7 @@ class PrepareContext:
     run: DistillRun
     prompts: list[Instruction]  # the distillation records, already filtered to train.max_prompt_tokens
     source: str  # how errors and messages name the data
-    tokenizer: PreTrainedTokenizerBase  # the student's
+    renderer: Renderer  # the student's tokenizer and template
     student: PreTrainedModel
     teacher: PreTrainedModel | None  # loaded when the method needs it during training
 
@@ -43,15 +44,21 @@ class MethodData:
     teacher_cache: TeacherCache | None = None  # dpkd family, teacher_samples=cached
 
 
-def reference_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruction], cfg: TrainConfig,
-                       source: str) -> list[Example]:
-    """Prompt + first reference per record, within the length limits (SFT, replay, `sequences` with references)."""
+def reference_examples(renderer: Renderer, records: list[Instruction], cfg: TrainConfig, source: str,
+                       all_turns: bool = False) -> list[Example]:
+    """Prompt + first reference per record, within the length limits (SFT, replay, `sequences` with references).
+    `all_turns`: a conversation's earlier assistant turns are trained on too (multi-turn SFT)."""
     missing = [i for i, r in enumerate(records) if not r.references]
     if missing:
         raise DataError("record has no reference response, which this run needs", source, missing[0] + 1,
                         "references")
-    ex, dropped = encode_examples(tokenizer, [r.prompt for r in records], [r.references[0] for r in records],
-                                  cfg.max_prompt_tokens, cfg.max_length)
+    if all_turns:
+        prompt_ids, response_ids, masks = (list(x) for x in zip(*(renderer.conversation(r, r.references[0])
+                                                                 for r in records), strict=True))
+    else:
+        prompt_ids, masks = renderer.prompt_ids(records), None
+        response_ids = [renderer.response_ids(r, r.references[0]) for r in records]
+    ex, dropped = encode_examples(prompt_ids, response_ids, cfg.max_prompt_tokens, cfg.max_length, masks)
     if dropped:
         console.print(f"{source}: dropped {dropped} of {len(records)} examples over the length limits "
                       f"(prompt > {cfg.max_prompt_tokens} or total > {cfg.max_length} tokens)")
@@ -61,17 +68,17 @@ def reference_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruc
     return ex
 
 
-def prompt_examples(tokenizer: PreTrainedTokenizerBase, records: list[Instruction], cfg: TrainConfig) -> list[Example]:
-    kept = [p for p in encode_prompts(tokenizer, [r.prompt for r in records]) if len(p) <= cfg.max_prompt_tokens]
+def prompt_examples(renderer: Renderer, records: list[Instruction], cfg: TrainConfig) -> list[Example]:
+    kept = [p for p in renderer.prompt_ids(records) if len(p) <= cfg.max_prompt_tokens]
     return [Example(p, [], index=i) for i, p in enumerate(kept)]
 
 
 def references(ctx: PrepareContext) -> MethodData:
-    return MethodData(reference_examples(ctx.tokenizer, ctx.prompts, ctx.run.train, ctx.source))
+    return MethodData(reference_examples(ctx.renderer, ctx.prompts, ctx.run.train, ctx.source))
 
 
 def prompts(ctx: PrepareContext) -> MethodData:
-    return MethodData(prompt_examples(ctx.tokenizer, ctx.prompts, ctx.run.train))
+    return MethodData(prompt_examples(ctx.renderer, ctx.prompts, ctx.run.train))
 
 
 def teacher_samples(ctx: PrepareContext) -> MethodData:
@@ -99,16 +106,20 @@ def backend(cfg: VLLMConfig) -> str:
 
 def sample_cache(ctx: PrepareContext, role: str, sampling: SamplingConfig
                  ) -> list[tuple[list[int], list[int], str]]:
-    """(student prompt ids, student-tokenised response + EOS if finished, text) per prompt, from a keyed cache of
-    the teacher's (`role="teacher"`) or the initial student's samples.
+    """(student prompt ids, student-tokenised response + end token if finished, text) per prompt, from a keyed cache
+    of the teacher's (`role="teacher"`) or the initial student's samples.
 
-    The response text is re-tokenised with the student's tokenizer, so this works when the teacher's differs
-    (black-box methods)."""
+    The sampled model renders prompts with its own tokenizer and template (`data.template` applied to it), and
+    the response text is re-tokenised with the student's, so this works when the teacher's differ (black-box
+    methods)."""
     run = ctx.run
     spec = run.teacher if role == "teacher" else run.student
     if not spec.path:
         raise ConfigError(f"set {role}.path=... (on the command line or in --config)")
-    key = cache_key(model_identity(spec.path), ctx.prompts, sampling, run.train.seed, backend(run.vllm))
+    renderer = (ctx.renderer if role == "student" else
+                renderer_for(load_tokenizer(spec.path, spec.trust_remote_code), run.data.template))
+    key = cache_key(model_identity(spec.path), [renderer.prompt(r) for r in ctx.prompts], sampling, run.train.seed,
+                    backend(run.vllm))
     path = cache_dir(run) / f"{role}-{key}.jsonl"
     model = ctx.teacher if role == "teacher" else ctx.student
     sampler = VLLMSampler(spec.path, run.vllm, spec.trust_remote_code) if run.vllm.enabled else None
@@ -116,11 +127,9 @@ def sample_cache(ctx: PrepareContext, role: str, sampling: SamplingConfig
         model = load_model(spec.path, spec.trust_remote_code, spec.dtype)
     if model is not None:
         model.to(process_state().device)  # sample on this process's GPU, where training would put the model anyway
-    rows = generate_cached(model, load_tokenizer(spec.path, spec.trust_remote_code), ctx.prompts, sampling, path,
-                           key, run.train.seed, name=f"{role} samples", sampler=sampler)
+    rows = generate_cached(model, renderer, ctx.prompts, sampling, path, key, run.train.seed,
+                           name=f"{role} samples", sampler=sampler)
     if sampler is not None:
         sampler.close()
-    prompt_ids = encode_prompts(ctx.tokenizer, [r.prompt for r in ctx.prompts])
-    eos = ctx.tokenizer.eos_token_id
-    return [(p, encode_prompts(ctx.tokenizer, [row["response"]])[0] + ([eos] if row["finished"] else []),
-             row["response"]) for p, row in zip(prompt_ids, rows, strict=True)]
+    return [(p, ctx.renderer.sample_ids(row["response"], row["finished"]), row["response"])
+            for p, row in zip(ctx.renderer.prompt_ids(ctx.prompts), rows, strict=True)]

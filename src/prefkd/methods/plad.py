@@ -11,7 +11,7 @@ import torch
 from prefkd import losses
 from prefkd.config import opt
 from prefkd.console import console
-from prefkd.data.collate import Example, encode_prompts
+from prefkd.data.collate import Example
 from prefkd.logprobs import group_token_logps, token_mean_nll
 from prefkd.methods import data
 from prefkd.methods.base import Method, MethodOutput, StepInputs
@@ -37,7 +37,7 @@ def pairs(ctx: data.PrepareContext) -> data.MethodData:
     emb = ctx.student.get_input_embeddings().weight
     out = []
     for rec, (p, pos, _), (_, neg, _) in zip(ctx.prompts, chosen, rejected, strict=True):
-        ref = encode_prompts(ctx.tokenizer, [rec.references[0] if rec.references else rec.instruction])[0]
+        ref = ctx.renderer.encode([rec.references[0] if rec.references else rec.instruction])[0]
         out.append(Example(p, pos, neg, embedding_f1(emb, pos, ref), embedding_f1(emb, neg, ref)))
     same = sum(e.response_ids == e.rejected_ids for e in out)
     if same:

@@ -28,7 +28,8 @@ from transformers import PreTrainedModel
 from prefkd import atomic, losses
 from prefkd.config import opt, section
 from prefkd.console import console, progress
-from prefkd.data.collate import Example, collate, encode_prompts
+from prefkd.data.chat import renderer_for
+from prefkd.data.collate import Example, collate
 from prefkd.data.loaders import load_instructions
 from prefkd.errors import ConfigError
 from prefkd.evaluate import rouge_l
@@ -117,13 +118,14 @@ def run_noise(cfg: NoiseRun) -> dict:
     device = resolve_device(cfg.device)
     records = load_instructions(need(cfg.data, "data"))
     records = records[: cfg.n_prompts] if cfg.n_prompts else records
-    tokenizer = load_tokenizer(model_path)
-    check_same_vocabulary(tokenizer, load_tokenizer(teacher_path), "the noise analysis")
+    renderer = renderer_for(load_tokenizer(model_path))
+    tokenizer = renderer.tokenizer
+    check_same_vocabulary(renderer, renderer_for(load_tokenizer(teacher_path)), "the noise analysis")
     model = load_model(model_path).to(device)
     teacher = load_model(teacher_path).to(device).eval()
     context = min(c for c in (_context(model), _context(teacher), 10**9) if c)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    prompts = encode_prompts(tokenizer, [r.prompt for r in records])
+    pad, eos = tokenizer.pad_token_id, renderer.stop_ids_for(teacher)
+    prompts = renderer.prompt_ids(records)
     y_t = {seed: sample_responses(teacher, prompts, cfg.sampling, pad, eos, seed) for seed in cfg.seeds}
     p_t = {seed: response_logps(teacher, prompts, y, pad, cfg.batch_size, context) for seed, y in y_t.items()}
     original = {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -8,10 +8,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
-from transformers import PreTrainedTokenizerBase
 
 from prefkd import atomic, config, rundir, stages
 from prefkd.config import opt
+from prefkd.data.chat import TEMPLATE_HELP, Renderer, same_rendering
 from prefkd.distributed import process_state
 from prefkd.errors import DataError, PrefkdError
 
@@ -26,6 +26,7 @@ class DataConfig:
     corpus: str = opt("", "plain-text pretraining corpus for the LM loss; documents separated by blank lines")
     heldout: str = opt("", "distillation: records whose prompts form the fixed diagnostics batch (e.g. the "
                            "validation split); default: the first distillation prompts")
+    template: str = opt("auto", TEMPLATE_HELP)
 
 
 def check_run(out: Path, cfg: object, existing: str) -> bool:
@@ -70,13 +71,20 @@ def read_corpus(path: str) -> list[str]:
     return [d for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
 
 
-def check_same_vocabulary(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,
-                          method: str) -> None:
+def check_same_vocabulary(student: Renderer, teacher: Renderer, method: str) -> None:
+    """White-box methods score the same token ids of the same rendered prompt with both models."""
+    student_tok, teacher_tok = student.tokenizer, teacher.tokenizer
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise PrefkdError(f"method '{method}' is white-box: it scores the same token ids with teacher and student, "
                           f"but their tokenizers differ (student '{student_tok.name_or_path}': {len(student_tok)} "
                           f"tokens; teacher '{teacher_tok.name_or_path}': {len(teacher_tok)} tokens). Use a teacher "
                           f"with the student's tokenizer, or a black-box method such as seqkd or plad.")
+    different = same_rendering(student, teacher)
+    if different:
+        raise PrefkdError(f"method '{method}' is white-box: teacher and student must see the same prompt, but "
+                          f"{different} (student '{student_tok.name_or_path}', teacher "
+                          f"'{teacher_tok.name_or_path}'). Give both the same chat template (data.template=FILE "
+                          f"sets one for both), or use a black-box method such as seqkd or plad.")
 
 
 def versions() -> dict[str, str]:

@@ -202,7 +202,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         for r in rs:
             eval_dir = out / "eval" / cfg.eval_split / name / (r.label or "model")
             key = stages.fingerprint(r.key, asdict(cfg.eval), cfg.eval_split, *([asdict(judge)] if judge.path else []))
-            run = EvaluateRun(str(r.model_dir), str(split), str(eval_dir), cfg.eval, judge=judge)
+            run = EvaluateRun(model=str(r.model_dir), data=str(split), out=str(eval_dir), eval=cfg.eval, judge=judge)
             eval_jobs[name].append(Job(f"eval {name} {r.label}".strip(), run, eval_dir, key, records=str(split)))
     run_jobs([j for js in eval_jobs.values() for j in js], cfg.workers, out / "logs")
     for name, js in eval_jobs.items():  # each evaluated model's card gains its results table

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from prefkd import config, trackers
 from prefkd.cache import model_identity
 from prefkd.cards import HubConfig, check_push, publish
 from prefkd.config import opt, section
 from prefkd.console import console
-from prefkd.data.collate import encode_prompts
+from prefkd.data.chat import Renderer, renderer_for, same_rendering
 from prefkd.data.corpus import token_blocks
 from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction
@@ -68,8 +68,9 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     # Models.
     student_path = need(cfg.student.path, "student.path")
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
+    renderer = renderer_for(tokenizer, cfg.data.template)
     student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
-    teacher = _teacher(cfg, method.needs_teacher, tokenizer, samples_only)
+    teacher = _teacher(cfg, method.needs_teacher, renderer, samples_only)
 
     # Data: the method's examples (sample caches drawn here), replay references and the LM corpus.
     # References are checked by the methods that train on them, with the record that lacks one.
@@ -81,8 +82,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     if cfg.distill.replay > 0 and not replay:
         console.print("no replay data (data.replay): running without replay")
     source = cfg.data.prompts or "prompts"
-    ctx = PrepareContext(cfg, _short_prompts(prompts, tokenizer, cfg.train.max_prompt_tokens, source), source,
-                         tokenizer, student, teacher)
+    ctx = PrepareContext(cfg, _short_prompts(prompts, renderer, cfg.train.max_prompt_tokens, source), source,
+                         renderer, student, teacher)
     with process_state().main_process_first():  # the main process samples the caches, the others then read them
         prepared = method.prepare(ctx)
     if samples_only:
@@ -90,7 +91,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                       f"{cache_dir(cfg)}")
         return []
     data = RunData(prepared.examples,
-                   replay=reference_examples(tokenizer, replay, cfg.train, cfg.data.replay or "replay") if replay
+                   replay=reference_examples(renderer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
                    corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None,
                    teacher_cache=prepared.teacher_cache)
@@ -99,38 +100,43 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
 
     # Loop and save.
-    diagnostics = held_out_diagnostics(cfg, teacher, tokenizer, prompts)
+    diagnostics = held_out_diagnostics(cfg, teacher, renderer, prompts)
     model = apply_lora(student, cfg.lora)
     begin_run(out, cfg, clear)
     identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
     logs = train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
                  diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
-                 identity=identity, run_config=config.to_dict(cfg))
+                 identity=identity, run_config=config.to_dict(cfg), stop_ids=renderer.stop_ids_for(student))
     publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
     return logs
 
 
-def _teacher(cfg: DistillRun, needed: bool, tokenizer: PreTrainedTokenizerBase,
-             samples_only: bool) -> PreTrainedModel | None:
-    """The teacher when the method runs it in training (white-box: same vocabulary), or for the diagnostics alone."""
+def _teacher(cfg: DistillRun, needed: bool, renderer: Renderer, samples_only: bool) -> PreTrainedModel | None:
+    """The teacher when the method runs it in training (white-box: same vocabulary and prompts), or for the
+    diagnostics alone."""
     if needed:
         teacher_path = need(cfg.teacher.path, "teacher.path")
-        check_same_vocabulary(tokenizer, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.method)
+        teacher_renderer = renderer_for(load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.data.template)
+        check_same_vocabulary(renderer, teacher_renderer, cfg.method)
         if samples_only and cfg.vllm.enabled:  # vLLM loads its own copy; a 13B teacher is not loaded twice
             return None
         return load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
     if cfg.diagnostics.every and cfg.teacher.path and not samples_only:
-        if load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code).get_vocab() == tokenizer.get_vocab():
+        teacher_renderer = renderer_for(load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code),
+                                        cfg.data.template)
+        if teacher_renderer.tokenizer.get_vocab() == renderer.tokenizer.get_vocab() and \
+                same_rendering(renderer, teacher_renderer) is None:
             return load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
-        console.print("diagnostics off: they score the student's tokens with the teacher, whose tokenizer differs")
+        console.print("diagnostics off: they score the student's tokens of the student's prompts with the teacher, "
+                      "whose tokenizer or chat template differs")
     return None
 
 
-def _short_prompts(prompts: list[Instruction], tokenizer: PreTrainedTokenizerBase, max_tokens: int,
+def _short_prompts(prompts: list[Instruction], renderer: Renderer, max_tokens: int,
                    source: str) -> list[Instruction]:
     """As MiniLLM/DPKD: long prompts are dropped before anything is sampled for them."""
-    lengths = [len(p) for p in encode_prompts(tokenizer, [r.prompt for r in prompts])]
+    lengths = [len(p) for p in renderer.prompt_ids(prompts)]
     kept = [r for r, n in zip(prompts, lengths, strict=True) if n <= max_tokens]
     if len(kept) < len(prompts):
         console.print(f"{source}: dropped {len(prompts) - len(kept)} of {len(prompts)} prompts over {max_tokens} "
@@ -140,12 +146,12 @@ def _short_prompts(prompts: list[Instruction], tokenizer: PreTrainedTokenizerBas
     return kept
 
 
-def held_out_diagnostics(cfg: DistillRun, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
+def held_out_diagnostics(cfg: DistillRun, teacher: PreTrainedModel | None, renderer: Renderer,
                          prompts: list[Instruction]) -> HeldOutDiagnostics | None:
     if not cfg.diagnostics.every or teacher is None:
         return None
     records = load_instructions(cfg.data.heldout, require_references=False) if cfg.data.heldout else prompts
-    ids = [p for p in encode_prompts(tokenizer, [r.prompt for r in records]) if len(p) <= cfg.train.max_prompt_tokens]
+    ids = [p for p in renderer.prompt_ids(records) if len(p) <= cfg.train.max_prompt_tokens]
     return HeldOutDiagnostics(teacher, ids[: cfg.diagnostics.prompts], cfg.sampling, cfg.distill.dpkd.beta,
-                              tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.diagnostics.seed)
+                              renderer.tokenizer.pad_token_id, renderer.stop_ids_for(teacher), cfg.diagnostics.seed)
 

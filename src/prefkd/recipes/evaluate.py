@@ -11,6 +11,7 @@ from pathlib import Path
 from prefkd.cache import cache_key, generate_cached, model_identity
 from prefkd.config import opt, section
 from prefkd.console import console
+from prefkd.data.chat import TEMPLATE_HELP, renderer_for
 from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction
 from prefkd.eval_files import read_records_of, read_responses, write_evaluation
@@ -31,6 +32,7 @@ class EvaluateRun:
                            "without generating; model= is then not needed, data= defaults to its records.jsonl")
     judge: JudgeConfig = section(JudgeConfig, "optional judge: win rates of the predictions against the references")
     device: str = opt("auto", "auto (the GPU if there is one), cpu, cuda, cuda:1, ...")
+    template: str = opt("auto", TEMPLATE_HELP)
 
 
 def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, name: str = "eval") -> dict:
@@ -64,7 +66,8 @@ def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, nam
                       f"seeds {cfg.eval.seeds}, temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, "
                       f"max_new_tokens {s.max_new_tokens}, no_repeat_ngram_size {s.no_repeat_ngram_size}, "
                       f"batch_size {s.batch_size}, device {device}")
-        preds, finished = sample_predictions(model_path, records, cfg.eval, out / "samples", device, name)
+        preds, finished = sample_predictions(model_path, records, cfg.eval, out / "samples", device, name,
+                                             cfg.template)
         generation["ended_with_eos"] = finished
         generation["generation_seconds"] = round(time.time() - t0, 1)
     metrics = prompt_scores(records, preds)
@@ -92,15 +95,16 @@ def run_evaluate(cfg: EvaluateRun, records: list[Instruction] | None = None, nam
 
 
 def sample_predictions(model_path: str, records: list[Instruction], cfg: EvalConfig, cache_dir: Path, device: str,
-                        name: str) -> tuple[dict[int, list[str]], float]:
-    """Responses per seed through keyed, resumable caches; and the share of them that ended with EOS."""
+                       name: str, template: str = "auto") -> tuple[dict[int, list[str]], float]:
+    """Responses per seed through keyed, resumable caches; and the share of them that ended with an end token."""
     model = load_model(model_path).to(device)
-    tokenizer = load_tokenizer(model_path)
+    renderer = renderer_for(load_tokenizer(model_path), template)
     identity = model_identity(model_path)
+    prompts = [renderer.prompt(r) for r in records]
     preds, ended = {}, []
     for seed in cfg.seeds:
-        key = cache_key(identity, records, cfg.sampling, seed)
-        rows = generate_cached(model, tokenizer, records, cfg.sampling, cache_dir / f"seed-{seed}.jsonl", key, seed,
+        key = cache_key(identity, prompts, cfg.sampling, seed)
+        rows = generate_cached(model, renderer, records, cfg.sampling, cache_dir / f"seed-{seed}.jsonl", key, seed,
                                name=f"{name} seed {seed}", overwrite=True)
         preds[seed] = [row["response"] for row in rows]
         ended += [row["finished"] for row in rows]

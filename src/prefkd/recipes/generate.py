@@ -9,6 +9,7 @@ from pathlib import Path
 from prefkd import rundir
 from prefkd.cache import cache_key, generate_cached, model_identity, read_cache
 from prefkd.config import opt, section
+from prefkd.data.chat import TEMPLATE_HELP, renderer_for
 from prefkd.data.loaders import load_instructions
 from prefkd.errors import PrefkdError
 from prefkd.generation import SamplingConfig
@@ -23,6 +24,7 @@ class GenerateRun:
     model: str = opt("", "model path or hub id")
     data: str = opt("", "records whose prompts are sampled (any format `prefkd.data.load_instructions` reads)")
     out: str = opt("", "jsonl cache file; a rerun with the same settings reuses it, an interrupted one resumes")
+    template: str = opt("auto", TEMPLATE_HELP)
     seed: int = opt(0, "sampling seed (each batch is seeded from it and its first index)")
     overwrite: bool = opt(False, "replace a cache file written with other settings")
     sampling: SamplingConfig = section(SamplingConfig)
@@ -33,14 +35,16 @@ def run_generate(cfg: GenerateRun, existing: str = "auto") -> list[dict]:
     """`existing` (see rundir.py) says what to do with a file already at `out`: the CLI refuses unless told."""
     model_path, out = need(cfg.model, "model"), need(cfg.out, "out")
     records = load_instructions(need(cfg.data, "data"), require_references=False)
-    key = cache_key(model_identity(model_path), records, cfg.sampling, cfg.seed, backend(cfg.vllm))
+    sampler = VLLMSampler(model_path, cfg.vllm) if cfg.vllm.enabled else None  # fails at once without vllm
+    renderer = renderer_for(load_tokenizer(model_path), cfg.template)
+    key = cache_key(model_identity(model_path), [renderer.prompt(r) for r in records], cfg.sampling, cfg.seed,
+                    backend(cfg.vllm))
     if existing == "refuse" and Path(out).exists():
         raise rundir.RunDirError(f"{out} already holds {_describe_cache(Path(out), key)}; pass --resume to complete "
                                  f"or reuse it, or --overwrite to sample it afresh")
     if existing == "overwrite":
         rundir.remove(Path(out))  # even a readable cache of these settings: --overwrite samples afresh
-    sampler = VLLMSampler(model_path, cfg.vllm) if cfg.vllm.enabled else None
-    return generate_cached(None if sampler else load_model(model_path), load_tokenizer(model_path), records,
+    return generate_cached(None if sampler else load_model(model_path), renderer, records,
                            cfg.sampling, out, key, cfg.seed, overwrite=cfg.overwrite, sampler=sampler)
 
 

@@ -12,6 +12,7 @@ from prefkd.cache import model_identity
 from prefkd.cards import HubConfig, check_push, publish
 from prefkd.config import opt, section
 from prefkd.console import console
+from prefkd.data.chat import check_assistant_turns, renderer_for
 from prefkd.data.collate import Example
 from prefkd.data.corpus import token_blocks
 from prefkd.data.loaders import load_instructions
@@ -33,6 +34,7 @@ class SFTRun:
     data: DataConfig = section(DataConfig)
     train: TrainConfig = section(TrainConfig)
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters via peft (lora.r 0 = train all weights)")
+    assistant_turns: str = opt("all", "conversations: train on every assistant turn (all) or the last one (last)")
     block_size: int = opt(256, "pretraining (data.corpus without data.train): tokens per corpus block")
     # Where the model is uploaded, not how it is trained: a finished run may be resumed to push it.
     push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training",
@@ -48,6 +50,7 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     # Set-up: claim the output before any work.
     out = Path(cfg.out)
     check_push(cfg.push_to_hub, cfg.hub)
+    check_assistant_turns(cfg.assistant_turns)
     trackers.check_installed(cfg.train.report_to)
     clear = check_run(out, cfg, existing)
     # Data and model.
@@ -63,7 +66,8 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     else:
         records = records or load_instructions(need(cfg.data.train, "data.train"))
         console.print(f"[bold]{name}[/]: {what}, SFT on {len(records)} records")
-        examples = reference_examples(tokenizer, records, cfg.train, cfg.data.train or name)
+        examples = reference_examples(renderer_for(tokenizer, cfg.data.template), records, cfg.train,
+                                      cfg.data.train or name, all_turns=cfg.assistant_turns == "all")
         stage = "SFT"
     # Loop and save.
     begin_run(out, cfg, clear)
