@@ -218,3 +218,90 @@ def test_unrecognised_schema_and_bad_arguments(tmp_path):
     txt.write_text("hello")
     with pytest.raises(DataError, match="unsupported file type"):
         load_instructions(str(txt))
+
+
+
+# --- files as tools write them, and directories -------------------------------------------------------------------
+
+
+def test_jsonl_with_bom_and_crlf(tmp_path):
+    f = tmp_path / "win.jsonl"
+    f.write_bytes(("\ufeff" + GOOD + "\r\n\r\n" + '{"instruction": "Say hi.", "response": "hi"}\r\n').encode())
+    records = load_instructions(f)
+    assert [(r.instruction, r.references, r.id) for r in records] == [
+        ("Name a colour.", ("Blue.",), "win.jsonl:1"), ("Say hi.", ("hi",), "win.jsonl:3")]
+
+
+def test_json_list_with_bom_and_crlf(tmp_path):
+    f = tmp_path / "win.json"
+    f.write_bytes(("\ufeff[\r\n" + GOOD + ",\r\n\r\n" + '{"instruction": "Say hi.", "response": "hi"}\r\n]\r\n'
+                   ).encode())
+    assert [r.id for r in load_instructions(f)] == ["win.json:2", "win.json:4"]
+
+
+def test_csv_with_bom_and_crlf(tmp_path):
+    f = tmp_path / "excel.csv"
+    f.write_bytes("\ufeffinstruction,context,response,category\r\nName a colour.,,Blue.,open_qa\r\n"
+                  'Summarise.,"Two lines,\r\nof text.",Short.,summarization\r\nSay hi.,,hi,open_qa\r\n'.encode())
+    records = load_instructions(f)  # the BOM would otherwise glue itself to the first header name
+    assert [(r.instruction, r.input, r.references, r.category) for r in records] == [
+        ("Name a colour.", "", ("Blue.",), "open_qa"), ("Summarise.", "Two lines,\r\nof text.", ("Short.",),
+                                                        "summarization"), ("Say hi.", "", ("hi",), "open_qa")]
+    assert [r.id for r in records] == ["excel.csv:2", "excel.csv:3", "excel.csv:5"]
+
+
+def test_directory_loads_every_data_file_sorted_each_detected_on_its_own(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "b_ours.jsonl", [{"instruction": "Say hi.", "references": ["hi"]}])
+    (d / "a_dolly.csv").write_text("instruction,context,response,category\nName a colour.,,Blue.,open_qa\n")
+    (d / "notes.txt").write_text("not data")
+    (d / "sub").mkdir()
+    write_jsonl(d / "sub" / "more.jsonl", [{"instruction": "x", "references": ["y"]}])  # subdirectories are not read
+    records = load_instructions(d)
+    assert [(r.instruction, r.references, r.category, r.id) for r in records] == [
+        ("Name a colour.", ("Blue.",), "open_qa", "a_dolly.csv:2"), ("Say hi.", ("hi",), None, "b_ours.jsonl:1")]
+
+
+def test_directory_errors_name_the_file_and_line(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.jsonl").write_text(GOOD + "\n" + GOOD + "\n")
+    (d / "b.jsonl").write_text(GOOD + '\n{"instruction": "a"}\n')
+    with pytest.raises(DataError) as info:
+        load_instructions(d)
+    assert str(info.value).startswith(f"{d / 'b.jsonl'}:2 field 'response': missing")
+    records, report = load_instructions_with_report(d, skip_bad=True)
+    assert [r.id for r in records] == ["a.jsonl:1", "a.jsonl:2", "b.jsonl:1"]
+    assert report == {"loaded": 3, "skipped": 1, "missing_field": 1}
+
+
+def test_saved_dataset_directory(tmp_path):
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "saved_dict"))
+    assert [r.id for r in load_instructions(tmp_path / "saved")] == ["saved:1", "saved:2"]
+    assert [r.instruction for r in load_instructions(tmp_path / "saved_dict", split="test")] == ["Summarise."]
+    with pytest.raises(DataError, match=r"saved_dict: no split 'dev' in this saved dataset; pass split= one of "
+                                        r"\['test', 'train'\]"):
+        load_instructions(tmp_path / "saved_dict", split="dev")
+
+
+def test_directory_without_data_files(tmp_path):
+    (tmp_path / "readme.md").write_text("x")
+    with pytest.raises(DataError) as info:
+        load_instructions(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: no .jsonl/.json/.csv/.parquet file in this directory")
+
+
+def test_directory_of_several_splits_is_refused(tmp_path):
+    for name in ("train.jsonl", "test.jsonl", "d0.jsonl"):
+        (tmp_path / name).write_text(GOOD + "\n")
+    with pytest.raises(DataError) as info:
+        load_instructions(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: the files name several splits (test.jsonl (test), train.jsonl (train)); "
+                               "loaded together the held-out records would mix into training: pass one file, e.g. "
+                               f"{tmp_path / 'train.jsonl'}")
+    (tmp_path / "test.jsonl").unlink()
+    (tmp_path / "train-2.jsonl").write_text(GOOD + "\n")  # shards of one split load together
+    assert [r.id for r in load_instructions(tmp_path)] == ["d0.jsonl:1", "train-2.jsonl:1", "train.jsonl:1"]
