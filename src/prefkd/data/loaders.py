@@ -1,4 +1,5 @@
-"""Load instruction data (Dolly, MiniLLM, prefkd, or any schema through a field map) into `Instruction` records.
+"""Load instruction data (Dolly, MiniLLM, prefkd, or any schema through a field map) and conversations (TRL
+messages and prompt-completion, ShareGPT) into `Instruction` records.
 
 Local .jsonl/.json/.csv/.parquet files, and directories of them, are read here so that every error can name the
 file, the line (the row for parquet, the item for a .json list) and the field; a directory saved with
@@ -18,10 +19,12 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+from prefkd.data import conversations as conv
 from prefkd.data.records import Instruction, parse_record
 from prefkd.errors import ConfigError, DataError
 
-FORMATS = ("auto", "dolly", "minillm", "prefkd")
+CONVERSATIONAL = ("messages", "prompt-completion", "sharegpt")
+FORMATS = ("auto", "dolly", "minillm", "prefkd", *CONVERSATIONAL)
 # Our field name -> the file's field name, per format. `prompt` is only checked, never loaded.
 _MAPPINGS: dict[str, dict[str, str]] = {
     "dolly": {"instruction": "instruction", "input": "context", "references": "response", "category": "category",
@@ -68,10 +71,11 @@ def load_instructions_with_report(source: str | Path, format: str = "auto", skip
                                   ) -> tuple[list[Instruction], dict[str, int]]:
     """Records plus counts: `loaded`, `skipped`, and one key per skip reason (e.g. `malformed_json`).
 
-    `format`: "dolly", "minillm", "prefkd" or "auto" (decided by each file's first record's keys). `field_map` maps
-    our names (instruction, input, references, category, kind, id) to the file's, e.g. `instruction="question"`.
-    `split` is used only for Hugging Face dataset ids and saved datasets. `require_references=False` accepts prompts
-    without a response (their `references` are empty), e.g. a distillation set.
+    `format`: "dolly", "minillm", "prefkd", "messages", "prompt-completion", "sharegpt" or "auto" (decided by
+    each file's first record's keys). `field_map` maps our names (instruction, input, references, category, kind,
+    id) to the file's, e.g. `instruction="question"`; it applies to instruction formats only. `split` is used only
+    for Hugging Face dataset ids and saved datasets. `require_references=False` accepts prompts without a response
+    (their `references` are empty), e.g. a distillation set.
     """
     source = str(source)
     if format not in FORMATS:
@@ -79,6 +83,8 @@ def load_instructions_with_report(source: str | Path, format: str = "auto", skip
     bad_keys = sorted(set(field_map) - set(_MAPPABLE))
     if bad_keys:
         raise ConfigError(f"unknown field_map key(s) {bad_keys}; map any of {list(_MAPPABLE)} to your field names")
+    if field_map and format in CONVERSATIONAL:
+        raise ConfigError(f"field_map maps instruction fields; format '{format}' has fixed fields: drop the map")
     records: list[Instruction] = []
     skipped: Counter[str] = Counter()
     parts, where = _read_source(source, split)
@@ -320,6 +326,10 @@ def _detect(rows: list[Row], where: str, has_field_map: bool) -> str:
         return "dolly"
     if has_field_map:
         return "custom"  # the map says which fields hold what, whatever else the record has
+    if keys & set(conv.LIST_KEYS):  # whatever the value: a csv cell holding a conversation gets its own error
+        return conv.style(first.get("messages", first.get("conversations")))
+    if isinstance(first.get("prompt"), list):  # MiniLLM's `prompt` is a string, and its records matched above
+        return "prompt-completion"
     if "references" in keys and "instruction" in keys:
         return "prefkd"
     # A prompt-only record of prefkd's own fields (a distillation prompt set) has nothing else to go by.
@@ -334,6 +344,8 @@ def _convert(row: object, fmt: str, field_map: dict[str, str], where: str, line:
              require_references: bool = True) -> Instruction:
     if not isinstance(row, dict):
         raise _BadRecord("not_an_object", f"expected an object, got {type(row).__name__}", where, line)
+    if fmt in CONVERSATIONAL:
+        return _conversation(row, fmt, where, line, require_references)
     if fmt == "prefkd" and not field_map:
         return _prefkd(row, where, line, require_references)
     names = {**_MAPPINGS["custom" if fmt == "prefkd" else fmt], **field_map}
@@ -347,6 +359,21 @@ def _convert(row: object, fmt: str, field_map: dict[str, str], where: str, line:
     if "prompt" in names and row.get(names["prompt"]) is not None:
         _check_prompt(rec, row[names["prompt"]], names["prompt"], where, line)
     return rec
+
+
+def _conversation(row: dict, fmt: str, where: str, line: int, require_references: bool) -> Instruction:
+    """A conversational row; its other top-level keys (datasets carry many: source, scores, ...) are ignored
+    except `id` (or `prompt_id`) and a string `category`."""
+    try:
+        read = conv.prompt_completion_turns if fmt == "prompt-completion" else conv.messages_turns
+        turns, reply_field = read(row)
+        context, refs = conv.split_conversation(turns, reply_field, require_references)
+    except conv.TurnError as e:
+        raise _BadRecord(e.reason, e.message, where, line, e.field) from None
+    instruction = next(content for role, content in reversed(context) if role == "user")
+    category = row.get("category") if isinstance(row.get("category"), str) else None
+    id_key = "id" if row.get("id") not in (None, "") else "prompt_id"
+    return Instruction(instruction, "", refs, category or None, None, _id(row, id_key, where, line), context)
 
 
 def _prefkd(row: dict, where: str, line: int, require_references: bool = True) -> Instruction:
