@@ -229,7 +229,8 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 def test_messages_last_assistant_turn_is_the_reference(tmp_path):
     rows = [{"messages": CHAT, "id": "c1", "category": "chat", "source": "ultrachat", "score": 3.5},
-            {"messages": CHAT[1:3], "prompt_id": "ab12", "category": ["not", "a", "string"]},
+            # UltraChat's layout: a string `prompt` beside `messages` must not make it a prompt-completion row.
+            {"prompt": "Name a colour.", "prompt_id": "ab12", "messages": CHAT[1:3], "category": ["not", "a", "str"]},
             {"messages": CHAT[1:3]}]
     f = write_jsonl(tmp_path / "chat.jsonl", rows)
     records = load_instructions(f)
