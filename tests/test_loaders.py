@@ -491,3 +491,12 @@ def test_directory_of_several_splits_is_refused(tmp_path):
     (tmp_path / "test.jsonl").unlink()
     (tmp_path / "train-2.jsonl").write_text(GOOD + "\n")  # shards of one split load together
     assert [r.id for r in load_instructions(tmp_path)] == ["d0.jsonl:1", "train-2.jsonl:1", "train.jsonl:1"]
+
+
+def test_loaded_conversations_round_trip_through_prefkd_files(tmp_path):
+    from prefkd.data.records import write_records
+
+    records = load_instructions(write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": CHAT[:4]}]),
+                                require_references=False)
+    write_records(tmp_path / "ours.jsonl", records)
+    assert load_instructions(tmp_path / "ours.jsonl", require_references=False) == records
