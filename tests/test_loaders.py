@@ -218,3 +218,285 @@ def test_unrecognised_schema_and_bad_arguments(tmp_path):
     txt.write_text("hello")
     with pytest.raises(DataError, match="unsupported file type"):
         load_instructions(str(txt))
+
+
+# --- conversational formats -------------------------------------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Red."}]
+
+
+def test_messages_last_assistant_turn_is_the_reference(tmp_path):
+    rows = [{"messages": CHAT, "id": "c1", "category": "chat", "source": "ultrachat", "score": 3.5},
+            # UltraChat's layout: a string `prompt` beside `messages` must not make it a prompt-completion row.
+            {"prompt": "Name a colour.", "prompt_id": "ab12", "messages": CHAT[1:3], "category": ["not", "a", "str"]},
+            {"messages": CHAT[1:3]}]
+    f = write_jsonl(tmp_path / "chat.jsonl", rows)
+    records = load_instructions(f)
+    assert records == load_instructions(f, format="messages")
+    first = records[0]
+    assert first.context == (("system", "Be brief."), ("user", "Name a colour."), ("assistant", "Blue."),
+                             ("user", "Another?"))
+    assert (first.references, first.instruction, first.input, first.category, first.kind) == (
+        ("Red.",), "Another?", "", "chat", None)
+    assert records[1].context == (("user", "Name a colour."),) and records[1].references == ("Blue.",)
+    assert records[1].category is None  # a non-string category is ignored, like the unknown top-level keys
+    assert [r.id for r in records] == ["c1", "ab12", "chat.jsonl:3"]
+    assert first.messages() == CHAT[:4]
+
+
+def test_conversation_ending_with_user_is_a_prompt_without_reference(tmp_path):
+    f = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": CHAT[:4]}, {"messages": CHAT}])
+    records = load_instructions(f, require_references=False)
+    assert records[0].context == tuple((t["role"], t["content"]) for t in CHAT[:4])
+    assert records[0].references == () and records[0].instruction == "Another?"
+    assert records[1].references == ("Red.",)  # a reply is kept even where none is required
+
+
+def test_conversation_ending_with_user_is_refused_where_references_are_required(tmp_path):
+    f = write_jsonl(tmp_path / "sft.jsonl", [{"messages": CHAT}, {"messages": CHAT[:4]}])
+    with pytest.raises(DataError) as info:
+        load_instructions(f)
+    msg = str(info.value)
+    assert msg.startswith(f"{f}:2 field 'messages': the conversation ends with a user turn")
+    assert "needs the last turn to be an assistant reply" in msg and "prompt-only conversations are for " \
+        "distillation prompts" in msg
+
+
+def test_trl_prompt_completion(tmp_path):
+    rows = [{"prompt": CHAT[:4], "completion": [CHAT[4]], "id": 5},
+            {"prompt": CHAT[1:2]}]  # TRL's prompt-only form
+    f = write_jsonl(tmp_path / "pc.jsonl", rows)
+    records = load_instructions(f, require_references=False)
+    assert records == load_instructions(f, format="prompt-completion", require_references=False)
+    assert records[0].context == tuple((t["role"], t["content"]) for t in CHAT[:4])
+    assert records[0].references == ("Red.",) and records[0].instruction == "Another?" and records[0].id == "5"
+    assert records[1].context == (("user", "Name a colour."),) and records[1].references == ()
+    with pytest.raises(DataError, match=rf"^{f}:2 field 'completion': the conversation ends with a user turn"):
+        load_instructions(f)
+
+
+@pytest.mark.parametrize("completion,got", [([CHAT[2], CHAT[4]], "assistant, assistant"), ([CHAT[1]], "user"),
+                                            ([], "nothing")])
+def test_completion_must_be_one_assistant_message(tmp_path, completion, got):
+    f = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": CHAT[1:2], "completion": completion}])
+    with pytest.raises(DataError) as info:
+        load_instructions(f)
+    assert str(info.value).startswith(f"{f}:1 field 'completion': expected exactly one assistant message, got {got}")
+
+
+def test_minillm_string_prompt_is_not_a_conversation(tmp_path):
+    f = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "Say hi.", "answer": "hi"}])
+    with pytest.raises(DataError, match="cannot tell the format"):
+        load_instructions(f)
+
+
+def test_sharegpt(tmp_path):
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi."},
+             {"from": "gpt", "value": "Hello."}, {"from": "user", "value": "Bye."},
+             {"from": "assistant", "value": "Bye!"}]
+    f = write_jsonl(tmp_path / "sg.jsonl", [{"conversations": turns, "id": "sg-1"}])
+    records = load_instructions(f)
+    assert records == load_instructions(f, format="sharegpt")
+    assert records[0].context == (("system", "Be brief."), ("user", "Hi."), ("assistant", "Hello."), ("user", "Bye."))
+    assert records[0].references == ("Bye!",) and records[0].id == "sg-1"
+
+
+def test_conversations_key_with_role_and_content(tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"conversations": CHAT[1:3]}])
+    assert load_instructions(f) == load_instructions(f, format="messages") == load_instructions(f, format="sharegpt")
+    assert load_instructions(f)[0].context == (("user", "Name a colour."),)
+
+
+def test_text_content_parts_are_concatenated(tmp_path):
+    parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]
+    f = write_jsonl(tmp_path / "parts.jsonl", [{"messages": [{"role": "user", "content": parts}, CHAT[2]]}])
+    assert load_instructions(f)[0].context == (("user", "Name a colour."),)
+
+
+U, A = {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}
+BAD_CONVERSATIONS = [
+    # (row, field, skip reason, words the message must contain)
+    ({"messages": [U, {"role": "tool", "content": "x"}]}, "messages[1].role", "unknown_role",
+     "unknown role 'tool'; use one of ['system', 'user', 'assistant']"),
+    ({"conversations": [{"from": "human", "value": "Hi."}, {"from": "bot", "value": "x"}]}, "conversations[1].from",
+     "unknown_role", "unknown role 'bot'; use one of ['human', 'gpt', 'system', 'user', 'assistant']"),
+    ({"messages": [{"content": "Hi."}, A]}, "messages[0].role", "missing_field", "missing role"),
+    ({"messages": [U, {"role": "assistant"}]}, "messages[1].content", "missing_field", "missing content"),
+    ({"messages": [U, {"role": "assistant", "content": " \n"}]}, "messages[1].content", "empty_content",
+     "empty content"),
+    ({"messages": [{"role": "system", "content": ""}, U, A]}, "messages[0].content", "empty_content",
+     "empty content; remove the empty system turn"),
+    ({"messages": [U, {"role": "assistant", "content": 3}]}, "messages[1].content", "wrong_type",
+     "expected a string, got int"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                 {"type": "image_url", "image_url": {"url": "x.png"}}]}, A]},
+     "messages[0].content", "multimodal_content",
+     "content part 1 is not text ('image_url'); prefkd distils text-only conversations: flatten the text parts"),
+    ({"messages": [U, A, A]}, "messages[2].role", "turn_order",
+     "two assistant turns in a row; alternate user and assistant turns: merge consecutive turns"),
+    ({"messages": [U, U, A]}, "messages[1].role", "turn_order", "two user turns in a row"),
+    ({"messages": [U, A, {"role": "system", "content": "Be brief."}, U, A]}, "messages[2].role", "turn_order",
+     "a system turn must be the first turn"),
+    ({"messages": [A, U, A]}, "messages[0].role", "turn_order", "must start with a user turn"),
+    ({"messages": [{"role": "system", "content": "Be brief."}, A]}, "messages", "no_user_turn", "no user turn"),
+    ({"messages": []}, "messages", "empty_conversation", "empty conversation"),
+    ({"messages": "user: Hi."}, "messages", "wrong_type", "expected a list of turns, got str"),
+    ({"messages": [{**U, "name": "ann"}, A]}, "messages[0].name", "unknown_field", "unknown key(s) ['name']"),
+    ({"messages": [U, A], "conversations": [U, A]}, "conversations", "ambiguous_conversation",
+     "both 'messages' and 'conversations'"),
+]
+
+
+@pytest.mark.parametrize("row,field,reason,words", BAD_CONVERSATIONS)
+def test_bad_conversations_name_file_line_and_field(tmp_path, row, field, reason, words):
+    f = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [U, A]}, row])
+    with pytest.raises(DataError) as info:
+        load_instructions(f, format="messages")
+    msg = str(info.value)
+    assert msg.startswith(f"{f}:2 field '{field}': ") and words in msg and "skip_bad=True" in msg
+    assert (info.value.path, info.value.line, info.value.field) == (str(f), 2, field)
+    records, report = load_instructions_with_report(f, format="messages", skip_bad=True)
+    assert [r.id for r in records] == ["bad.jsonl:1"] and report == {"loaded": 1, "skipped": 1, reason: 1}
+
+
+def test_field_map_does_not_apply_to_conversations(tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [U, A]}])
+    with pytest.raises(ConfigError, match="field_map maps instruction fields; format 'messages' has fixed fields"):
+        load_instructions(f, format="messages", id="uid")
+
+
+def test_parquet_and_saved_dataset_with_messages_column(tmp_path):
+    # Turns are structs in arrow: a key one turn has (`name`) is null in the others, which must not count as a key.
+    rows = [{"messages": [{"role": "user", "content": "Hi.", "name": None}, {**A, "name": None}], "id": "p1"},
+            {"messages": [{"role": "user", "content": "Bye.", "name": None},
+                          {"role": "assistant", "content": "Bye!", "name": None}], "id": "p2"}]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "chat.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "saved_dict"))
+    for records in (load_instructions(tmp_path / "chat.parquet"), load_instructions(tmp_path / "saved")):
+        assert [(r.context, r.references, r.id) for r in records] == [
+            ((("user", "Hi."),), ("Hello.",), "p1"), ((("user", "Bye."),), ("Bye!",), "p2")]
+    test = load_instructions(tmp_path / "saved_dict", split="test")
+    assert [(r.instruction, r.references) for r in test] == [("Bye.", ("Bye!",))]
+    with pytest.raises(DataError, match=r"saved_dict: no split 'dev' in this saved dataset; pass split= one of "
+                                        r"\['test', 'train'\]"):
+        load_instructions(tmp_path / "saved_dict", split="dev")
+
+
+def test_csv_cannot_hold_a_conversation(tmp_path):
+    f = tmp_path / "chat.csv"
+    f.write_text('messages\n"[{""role"": ""user""}]"\n')
+    with pytest.raises(DataError) as info:
+        load_instructions(f)
+    assert str(info.value).startswith(f"{f}:2 field 'messages': expected a list of turns, got str (a csv cell "
+                                      "cannot hold a conversation; use jsonl, json or parquet)")
+
+
+def test_skip_bad_counts_conversation_reasons(tmp_path):
+    rows = [{"messages": [U, A]}, {"messages": [U, U, A]}, {"messages": [U, {"role": "bot", "content": "x"}]},
+            {"messages": [U]}, {"messages": [U, {"role": "assistant", "content": ""}]}, {"messages": [U, A, A]}]
+    f = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    records, report = load_instructions_with_report(f, skip_bad=True)
+    assert [r.id for r in records] == ["mixed.jsonl:1"]
+    assert report == {"loaded": 1, "skipped": 5, "turn_order": 2, "unknown_role": 1, "no_response": 1,
+                      "empty_content": 1}
+
+
+# --- files as tools write them, and directories -------------------------------------------------------------------
+
+
+def test_jsonl_with_bom_and_crlf(tmp_path):
+    f = tmp_path / "win.jsonl"
+    f.write_bytes(("\ufeff" + GOOD + "\r\n\r\n" + '{"instruction": "Say hi.", "response": "hi"}\r\n').encode())
+    records = load_instructions(f)
+    assert [(r.instruction, r.references, r.id) for r in records] == [
+        ("Name a colour.", ("Blue.",), "win.jsonl:1"), ("Say hi.", ("hi",), "win.jsonl:3")]
+
+
+def test_json_list_with_bom_and_crlf(tmp_path):
+    f = tmp_path / "win.json"
+    f.write_bytes(("\ufeff[\r\n" + GOOD + ",\r\n\r\n" + '{"instruction": "Say hi.", "response": "hi"}\r\n]\r\n'
+                   ).encode())
+    assert [r.id for r in load_instructions(f)] == ["win.json:2", "win.json:4"]
+
+
+def test_csv_with_bom_and_crlf(tmp_path):
+    f = tmp_path / "excel.csv"
+    f.write_bytes("\ufeffinstruction,context,response,category\r\nName a colour.,,Blue.,open_qa\r\n"
+                  'Summarise.,"Two lines,\r\nof text.",Short.,summarization\r\nSay hi.,,hi,open_qa\r\n'.encode())
+    records = load_instructions(f)  # the BOM would otherwise glue itself to the first header name
+    assert [(r.instruction, r.input, r.references, r.category) for r in records] == [
+        ("Name a colour.", "", ("Blue.",), "open_qa"), ("Summarise.", "Two lines,\r\nof text.", ("Short.",),
+                                                        "summarization"), ("Say hi.", "", ("hi",), "open_qa")]
+    assert [r.id for r in records] == ["excel.csv:2", "excel.csv:3", "excel.csv:5"]
+
+
+def test_directory_loads_every_data_file_sorted_each_detected_on_its_own(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "b_chat.jsonl", [{"messages": [U, A]}])
+    (d / "a_dolly.csv").write_text("instruction,context,response,category\nName a colour.,,Blue.,open_qa\n")
+    write_jsonl(d / "c_ours.jsonl", [{"instruction": "Say hi.", "references": ["hi"]}])
+    (d / "notes.txt").write_text("not data")
+    (d / "sub").mkdir()
+    write_jsonl(d / "sub" / "more.jsonl", [{"messages": [U, A]}])  # subdirectories are not read
+    records = load_instructions(d)
+    assert [r.id for r in records] == ["a_dolly.csv:2", "b_chat.jsonl:1", "c_ours.jsonl:1"]
+    assert [(r.instruction, r.context, r.references) for r in records] == [
+        ("Name a colour.", (), ("Blue.",)), ("Hi.", (("user", "Hi."),), ("Hello.",)), ("Say hi.", (), ("hi",))]
+
+
+def test_directory_errors_name_the_file_and_line(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", [{"messages": [U, A]}, {"messages": [U, A]}])
+    write_jsonl(d / "b.jsonl", [{"messages": [U, A]}, {"messages": [U, U]}])
+    with pytest.raises(DataError) as info:
+        load_instructions(d)
+    assert str(info.value).startswith(f"{d / 'b.jsonl'}:2 field 'messages[1].role': two user turns in a row")
+    records, report = load_instructions_with_report(d, skip_bad=True)
+    assert [r.id for r in records] == ["a.jsonl:1", "a.jsonl:2", "b.jsonl:1"]
+    assert report == {"loaded": 3, "skipped": 1, "turn_order": 1}
+
+
+def test_saved_dataset_directory(tmp_path):
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "saved_dict"))
+    assert [r.id for r in load_instructions(tmp_path / "saved")] == ["saved:1", "saved:2"]
+    assert [r.instruction for r in load_instructions(tmp_path / "saved_dict", split="test")] == ["Summarise."]
+    with pytest.raises(DataError, match=r"saved_dict: no split 'dev' in this saved dataset; pass split= one of "
+                                        r"\['test', 'train'\]"):
+        load_instructions(tmp_path / "saved_dict", split="dev")
+
+
+def test_directory_without_data_files(tmp_path):
+    (tmp_path / "readme.md").write_text("x")
+    with pytest.raises(DataError) as info:
+        load_instructions(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: no .jsonl/.json/.csv/.parquet file in this directory")
+
+
+def test_directory_of_several_splits_is_refused(tmp_path):
+    for name in ("train.jsonl", "test.jsonl", "d0.jsonl"):
+        (tmp_path / name).write_text(GOOD + "\n")
+    with pytest.raises(DataError) as info:
+        load_instructions(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: the files name several splits (test.jsonl (test), train.jsonl (train)); "
+                               "loaded together the held-out records would mix into training: pass one file, e.g. "
+                               f"{tmp_path / 'train.jsonl'}")
+    (tmp_path / "test.jsonl").unlink()
+    (tmp_path / "train-2.jsonl").write_text(GOOD + "\n")  # shards of one split load together
+    assert [r.id for r in load_instructions(tmp_path)] == ["d0.jsonl:1", "train-2.jsonl:1", "train.jsonl:1"]
+
+
+def test_loaded_conversations_round_trip_through_prefkd_files(tmp_path):
+    from prefkd.data.records import write_records
+
+    records = load_instructions(write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": CHAT[:4]}]),
+                                require_references=False)
+    write_records(tmp_path / "ours.jsonl", records)
+    assert load_instructions(tmp_path / "ours.jsonl", require_references=False) == records

@@ -1,9 +1,11 @@
-"""Load instruction data (Dolly, MiniLLM, prefkd, or any schema through a field map) into `Instruction` records.
+"""Load instruction data (Dolly, MiniLLM, prefkd, or any schema through a field map) and conversations (TRL
+messages and prompt-completion, ShareGPT) into `Instruction` records.
 
-Local .jsonl/.json/.csv/.parquet files are read here so that every error can name the file, the line (the row
-for parquet, the item for a .json list) and the field; any other source that is not an existing path is taken as
-a Hugging Face dataset id. Every bad record is a `DataError`; with `skip_bad=True` bad records are skipped and
-counted by reason instead (whole-file problems, such as an empty file, always raise).
+Local .jsonl/.json/.csv/.parquet files, and directories of them, are read here so that every error can name the
+file, the line (the row for parquet, the item for a .json list) and the field; a directory saved with
+`datasets.save_to_disk` is read with `load_from_disk`; any other source that is not an existing path is taken as a
+Hugging Face dataset id. Every bad record is a `DataError`; with `skip_bad=True` bad records are skipped and counted
+by reason instead (whole-file problems, such as an empty file, always raise).
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import csv
 import dataclasses
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
+from prefkd.data import conversations as conv
 from prefkd.data.records import Instruction, parse_record
 from prefkd.errors import ConfigError, DataError
 
-FORMATS = ("auto", "dolly", "minillm", "prefkd")
+CONVERSATIONAL = ("messages", "prompt-completion", "sharegpt")
+FORMATS = ("auto", "dolly", "minillm", "prefkd", *CONVERSATIONAL)
 # Our field name -> the file's field name, per format. `prompt` is only checked, never loaded.
 _MAPPINGS: dict[str, dict[str, str]] = {
     "dolly": {"instruction": "instruction", "input": "context", "references": "response", "category": "category",
@@ -45,6 +51,14 @@ class _BadRecord(DataError):
 Row = tuple[int, object]  # (1-based line or row number, parsed row or the _BadRecord that reading it raised)
 
 
+class _Part(NamedTuple):
+    """The rows of one file (or hub split): a directory is several, each detected and named on its own."""
+
+    where: str  # what errors name: the file's path, or `id[split]`
+    name: str  # what ids name: `name:LINE`
+    rows: list[Row]
+
+
 def load_instructions(source: str | Path, format: str = "auto", skip_bad: bool = False, split: str = "train",
                       require_references: bool = True, **field_map: str) -> list[Instruction]:
     """Records from `source`; see `load_instructions_with_report` for the arguments."""
@@ -57,10 +71,11 @@ def load_instructions_with_report(source: str | Path, format: str = "auto", skip
                                   ) -> tuple[list[Instruction], dict[str, int]]:
     """Records plus counts: `loaded`, `skipped`, and one key per skip reason (e.g. `malformed_json`).
 
-    `format`: "dolly", "minillm", "prefkd" or "auto" (decided by the first record's keys). `field_map` maps our
-    names (instruction, input, references, category, kind, id) to the file's, e.g. `instruction="question"`.
-    `split` is used only for Hugging Face dataset ids. `require_references=False` accepts prompts without a
-    response (their `references` are empty), e.g. a distillation set.
+    `format`: "dolly", "minillm", "prefkd", "messages", "prompt-completion", "sharegpt" or "auto" (decided by
+    each file's first record's keys). `field_map` maps our names (instruction, input, references, category, kind,
+    id) to the file's, e.g. `instruction="question"`; it applies to instruction formats only. `split` is used only
+    for Hugging Face dataset ids and saved datasets. `require_references=False` accepts prompts without a response
+    (their `references` are empty), e.g. a distillation set.
     """
     source = str(source)
     if format not in FORMATS:
@@ -68,51 +83,123 @@ def load_instructions_with_report(source: str | Path, format: str = "auto", skip
     bad_keys = sorted(set(field_map) - set(_MAPPABLE))
     if bad_keys:
         raise ConfigError(f"unknown field_map key(s) {bad_keys}; map any of {list(_MAPPABLE)} to your field names")
-    rows, where = _read_source(source, split)
-    if not rows:
-        raise DataError("no records; the file is empty — pass a file with at least one record", where)
-    fmt = _detect(rows, where, bool(field_map)) if format == "auto" else format
-    name = Path(source).name
+    if field_map and format in CONVERSATIONAL:
+        raise ConfigError(f"field_map maps instruction fields; format '{format}' has fixed fields: drop the map")
     records: list[Instruction] = []
     skipped: Counter[str] = Counter()
-    for line, row in rows:
+    parts, where = _read_source(source, split)
+    for part in parts:
+        got, bad = _load_part(part, format, field_map, require_references, skip_bad)
+        records += got
+        skipped += bad
+    if not records:
+        raise DataError(f"every record was bad ({dict(skipped)}); check the format and field names", where)
+    return records, {"loaded": len(records), "skipped": sum(skipped.values()), **skipped}
+
+
+def _load_part(part: _Part, format: str, field_map: dict[str, str], require_references: bool, skip_bad: bool
+               ) -> tuple[list[Instruction], Counter[str]]:
+    """The part's records, and its skipped ones counted by reason."""
+    if not part.rows:
+        raise DataError("no records; the file is empty — pass a file with at least one record", part.where)
+    fmt = _detect(part.rows, part.where, bool(field_map)) if format == "auto" else format
+    records: list[Instruction] = []
+    skipped: Counter[str] = Counter()
+    for line, row in part.rows:
         try:
             if isinstance(row, _BadRecord):
                 raise row
-            rec = _convert(row, fmt, field_map, where, line, require_references)
+            rec = _convert(row, fmt, field_map, part.where, line, require_references)
         except _BadRecord as e:
             if not skip_bad:
                 raise
             skipped[e.reason] += 1
             continue
         # Every record gets an id so generations and scores can be traced back to their line.
-        records.append(rec if rec.id else dataclasses.replace(rec, id=f"{name}:{line}"))
-    if not records:
-        raise DataError(f"every record was bad ({dict(skipped)}); check the format and field names", where)
-    return records, {"loaded": len(records), "skipped": sum(skipped.values()), **skipped}
+        records.append(rec if rec.id else dataclasses.replace(rec, id=f"{part.name}:{line}"))
+    return records, skipped
 
 
 # --- reading --------------------------------------------------------------------------------------------------
 
 
-def _read_source(source: str, split: str) -> tuple[list[Row], str]:
+def _read_source(source: str, split: str) -> tuple[list[_Part], str]:
+    """The parts of `source` and what errors about the whole source name."""
     path = Path(source).expanduser()
     if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        reader = readers.get(path.suffix.lower())
-        if reader is None:
-            raise DataError(f"unsupported file type '{path.suffix}'; use one of {sorted(readers)}", str(path))
-        return reader(path), str(path)
+        return [_read_file(path)], str(path)
+    if path.is_dir():
+        return _read_dir(path, split), str(path)
     looks_local = path.suffix.lower() in _FILE_SUFFIXES or source.startswith(("/", "./", "../", "~"))
-    if looks_local and not path.exists():
-        raise DataError("file not found; pass an existing .jsonl/.json/.csv/.parquet file "
+    if looks_local:
+        raise DataError("file not found; pass an existing .jsonl/.json/.csv/.parquet file or a directory of them "
                         "(a source without a file suffix is looked up as a Hugging Face dataset id)", source)
-    return _read_hub(source, split), f"{source}[{split}]"
+    where = f"{source}[{split}]"
+    return [_Part(where, Path(source).name, _read_hub(source, split))], where
+
+
+def _read_file(path: Path) -> _Part:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"unsupported file type '{path.suffix}'; use one of {sorted(_READERS)}", str(path))
+    return _Part(str(path), path.name, reader(path))
+
+
+def _read_dir(path: Path, split: str) -> list[_Part]:
+    """Every data file directly in `path`, sorted by name (subdirectories are not read: a directory is one
+    dataset, and a tree may hold other splits or unrelated files); or a dataset saved with `save_to_disk`."""
+    if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()
+                                                  and (path / "dataset_info.json").is_file()):
+        return [_read_saved(path, split)]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _READERS
+                   and not p.name.startswith("."))
+    if not files:
+        raise DataError("no .jsonl/.json/.csv/.parquet file in this directory (subdirectories are not read); pass "
+                        "a data file, a directory holding some, or a Hugging Face dataset id", str(path))
+    _check_one_split(files, path)
+    return [_read_file(f) for f in files]
+
+
+# Words that mark a file as one split of a dataset; train.jsonl next to test.jsonl must not load as one dataset.
+_SPLIT_WORDS = {"train": "train", "training": "train", "test": "test", "testing": "test", "eval": "test",
+                "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
+
+
+def _check_one_split(files: list[Path], path: Path) -> None:
+    """Refuses a directory whose file names name several splits: loaded as one dataset, the evaluation records
+    would train the model. (`datasets.load_dataset` would pick files by split name; here a directory is one
+    dataset, so choosing a split is left to the user, by passing its file.)"""
+    first: dict[str, str] = {}
+    for f in files:
+        for word in re.split(r"[^a-z0-9]+", f.stem.lower()):
+            if word in _SPLIT_WORDS:
+                first.setdefault(_SPLIT_WORDS[word], f.name)
+    if len(first) > 1:
+        names = ", ".join(f"{name} ({split})" for split, name in first.items())
+        example = path / first.get("train", next(iter(first.values())))
+        raise DataError(f"the files name several splits ({names}); loaded together the held-out records would mix "
+                        f"into training: pass one file, e.g. {example}", str(path))
+
+
+def _read_saved(path: Path, split: str) -> _Part:
+    import datasets  # heavy import, needed only for hub ids and saved datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # damaged or incompatible saved datasets raise several types
+        raise DataError(f"cannot load the saved dataset ({type(e).__name__}: {e}); check the directory",
+                        str(path)) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"no split '{split}' in this saved dataset; pass split= one of {sorted(ds)}", str(path))
+        return _Part(f"{path}[{split}]", path.name, list(enumerate(ds[split], start=1)))
+    return _Part(str(path), path.name, list(enumerate(ds, start=1)))
 
 
 def _decode(data: bytes, path: Path) -> str:
+    """UTF-8, without the byte-order mark that Windows tools (Excel, Notepad) write first."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"invalid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8",
@@ -130,6 +217,8 @@ def _read_jsonl(path: Path) -> list[Row]:
                 rows.append((line, _BadRecord("invalid_utf8", f"invalid UTF-8 ({e.reason} at byte {e.start}); "
                                               "re-encode the file as UTF-8", str(path), line)))
                 continue
+            if line == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark, which json.loads refuses
             if not text.strip():
                 continue
             try:
@@ -217,6 +306,9 @@ def _read_hub(source: str, split: str) -> list[Row]:
     return list(enumerate(ds, start=1))
 
 
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
 # --- records ----------------------------------------------------------------------------------------------------
 
 
@@ -232,15 +324,19 @@ def _detect(rows: list[Row], where: str, has_field_map: bool) -> str:
         return "minillm"
     if "response" in keys and "instruction" in keys:
         return "dolly"
-    if "references" in keys and "instruction" in keys and not has_field_map:
+    if has_field_map:
+        return "custom"  # the map says which fields hold what, whatever else the record has
+    if keys & set(conv.LIST_KEYS):  # whatever the value: a csv cell holding a conversation gets its own error
+        return conv.style(first.get("messages", first.get("conversations")))
+    if isinstance(first.get("prompt"), list):  # MiniLLM's `prompt` is a string, and its records matched above
+        return "prompt-completion"
+    if "references" in keys and "instruction" in keys:
         return "prefkd"
     # A prompt-only record of prefkd's own fields (a distillation prompt set) has nothing else to go by.
-    if "instruction" in keys and keys <= {"instruction", "input", "category", "kind", "id"} and not has_field_map:
+    if "instruction" in keys and keys <= {"instruction", "input", "category", "kind", "id"}:
         return "prefkd"
-    if has_field_map:
-        return "custom"
-    raise DataError(f"cannot tell the format from the first record's fields {sorted(keys)}; pass format= "
-                    "'dolly', 'minillm' or 'prefkd', or map the fields, e.g. instruction='question', "
+    raise DataError(f"cannot tell the format from the first record's fields {sorted(keys)}; pass format= one of "
+                    f"{', '.join(repr(f) for f in FORMATS[1:])}, or map the fields, e.g. instruction='question', "
                     "references='answer'", where)
 
 
@@ -248,6 +344,8 @@ def _convert(row: object, fmt: str, field_map: dict[str, str], where: str, line:
              require_references: bool = True) -> Instruction:
     if not isinstance(row, dict):
         raise _BadRecord("not_an_object", f"expected an object, got {type(row).__name__}", where, line)
+    if fmt in CONVERSATIONAL:
+        return _conversation(row, fmt, where, line, require_references)
     if fmt == "prefkd" and not field_map:
         return _prefkd(row, where, line, require_references)
     names = {**_MAPPINGS["custom" if fmt == "prefkd" else fmt], **field_map}
@@ -261,6 +359,21 @@ def _convert(row: object, fmt: str, field_map: dict[str, str], where: str, line:
     if "prompt" in names and row.get(names["prompt"]) is not None:
         _check_prompt(rec, row[names["prompt"]], names["prompt"], where, line)
     return rec
+
+
+def _conversation(row: dict, fmt: str, where: str, line: int, require_references: bool) -> Instruction:
+    """A conversational row; its other top-level keys (datasets carry many: source, scores, ...) are ignored
+    except `id` (or `prompt_id`) and a string `category`."""
+    try:
+        read = conv.prompt_completion_turns if fmt == "prompt-completion" else conv.messages_turns
+        turns, reply_field = read(row)
+        context, refs = conv.split_conversation(turns, reply_field, require_references)
+    except conv.TurnError as e:
+        raise _BadRecord(e.reason, e.message, where, line, e.field) from None
+    instruction = next(content for role, content in reversed(context) if role == "user")
+    category = row.get("category") if isinstance(row.get("category"), str) else None
+    id_key = "id" if row.get("id") not in (None, "") else "prompt_id"
+    return Instruction(instruction, "", refs, category or None, None, _id(row, id_key, where, line), context)
 
 
 def _prefkd(row: dict, where: str, line: int, require_references: bool = True) -> Instruction:
