@@ -500,3 +500,21 @@ def test_loaded_conversations_round_trip_through_prefkd_files(tmp_path):
                                 require_references=False)
     write_records(tmp_path / "ours.jsonl", records)
     assert load_instructions(tmp_path / "ours.jsonl", require_references=False) == records
+
+
+def test_a_hub_split_is_named_in_brackets(monkeypatch):
+    """`id[split]` picks a hub dataset's split from a config value (UltraChat's is train_sft, not train)."""
+    import datasets
+
+    asked = []
+
+    def fake_load_dataset(source, split):
+        asked.append((source, split))
+        return [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    records = load_instructions("HuggingFaceH4/ultrachat_200k[train_sft]")
+    assert asked == [("HuggingFaceH4/ultrachat_200k", "train_sft")]
+    assert records[0].references == ("Hello.",) and records[0].context == (("user", "Hi"),)
+    load_instructions("org/data")
+    assert asked[-1] == ("org/data", "train")

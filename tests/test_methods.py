@@ -148,3 +148,43 @@ def test_lora_distillation_saves_a_merged_student(setup, tmp_path):
                    extra=[f"data.prompts={files['train']}", "lora.r=4", "lora.save=adapter"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "adapter" / "model" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["kd", "gkd"])
+def test_a_teacher_with_a_padded_embedding_table_distils(setup, method, tmp_path):
+    """Models of one family pad their embedding tables beyond the tokenizer to different sizes (Qwen2.5-7B 152,064
+    rows, 0.5B 151,936): token-level methods compare the distributions over the rows both have. (The sequences are
+    the references and the diagnostics are off: this teacher's padded rows are random, so unlike a trained model's
+    they would be sampled.)"""
+    root, files, prompts = setup
+    padded = AutoModelForCausalLM.from_pretrained(root / "teacher" / "model")
+    width = padded.get_input_embeddings().weight.shape[0]
+    padded.resize_token_embeddings(width + 64, mean_resizing=False)
+    padded.save_pretrained(root / "padded" / "model")
+    (root / "padded" / "model").joinpath("tokenizer.json").write_bytes(
+        (root / "teacher" / "model" / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        src = root / "teacher" / "model" / name
+        if src.is_file():
+            (root / "padded" / "model" / name).write_bytes(src.read_bytes())
+    res = _distill(root, files, prompts, method, tmp_path / method, teacher="padded",
+                   extra=[f"data.prompts={files['train']}", "diagnostics.every=0"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (tmp_path / method / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(row["loss"]) for row in log)
+
+
+def test_student_and_teacher_logits_are_cut_to_the_rows_both_have():
+    from prefkd.methods.base import StepInputs, student_and_teacher_logits
+    from prefkd.models import build_model
+
+    tok = train_tokenizer(["a b c d e f g"] * 20, vocab_size=300)
+    student = build_model("gpt2", "nano", tok, seed=0)
+    teacher = build_model("gpt2", "nano", tok, seed=1)
+    teacher.resize_token_embeddings(len(tok) + 40, mean_resizing=False)
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    inp = StepInputs(student, student, teacher, [], None, None, 0, 0, torch.device("cpu"))
+    s, t = student_and_teacher_logits(inp, batch)
+    assert s.shape == t.shape == (1, 3, len(tok))
+    assert torch.equal(t, teacher(**batch).logits[:, :-1, : len(tok)])
+    assert s.requires_grad and not t.requires_grad

@@ -63,6 +63,8 @@ class HeldOutDiagnostics:
         labels, mask = batch["input_ids"][:, 1:], batch["response_mask"][:, 1:].float()
         s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        width = min(s_logits.shape[-1], t_logits.shape[-1])  # padded embedding tables (methods.base)
+        s_logits, t_logits = s_logits[..., :width], t_logits[..., :width]
         q = (selective_log_softmax(s_logits, labels) * mask).sum(-1)
         p = (selective_log_softmax(t_logits, labels) * mask).sum(-1)
         n = mask.sum(-1).clamp(min=1)

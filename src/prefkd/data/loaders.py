@@ -123,6 +123,9 @@ def _load_part(part: _Part, format: str, field_map: dict[str, str], require_refe
 # --- reading --------------------------------------------------------------------------------------------------
 
 
+_SPLIT_SUFFIX = re.compile(r"(.+)\[([\w.-]+)\]")
+
+
 def _read_source(source: str, split: str) -> tuple[list[_Part], str]:
     """The parts of `source` and what errors about the whole source name."""
     path = Path(source).expanduser()
@@ -134,6 +137,9 @@ def _read_source(source: str, split: str) -> tuple[list[_Part], str]:
     if looks_local:
         raise DataError("file not found; pass an existing .jsonl/.json/.csv/.parquet file or a directory of them "
                         "(a source without a file suffix is looked up as a Hugging Face dataset id)", source)
+    named = _SPLIT_SUFFIX.fullmatch(source)  # `id[split]`, as errors name a hub split: a split from the command line
+    if named:
+        source, split = named.group(1), named.group(2)
     where = f"{source}[{split}]"
     return [_Part(where, Path(source).name, _read_hub(source, split))], where
 

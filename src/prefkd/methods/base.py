@@ -84,6 +84,18 @@ def shifted_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> to
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
 
 
+def student_and_teacher_logits(inp: StepInputs, batch: dict[str, torch.Tensor]
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted logits of the student (with grad) and of the teacher (without) on the same tokens, cut to their
+    common width: models of one family may pad their embedding tables beyond the tokenizer's tokens to different
+    sizes (Qwen2.5-7B 152,064 rows, Qwen2.5-0.5B 151,936), rows that no text ever holds."""
+    s_logits = shifted_logits(inp.student, batch)
+    with torch.no_grad():
+        t_logits = shifted_logits(inp.teacher, batch)
+    width = min(s_logits.shape[-1], t_logits.shape[-1])
+    return s_logits[..., :width], t_logits[..., :width]
+
+
 def nll_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     mask = batch["response_mask"][:, 1:].float()
     return token_mean_nll(selective_log_softmax(logits, batch["input_ids"][:, 1:]) * mask, mask)

@@ -20,7 +20,7 @@ from prefkd.errors import ConfigError
 from prefkd.logprobs import selective_log_softmax
 from prefkd.losses.distillm2 import ALPHA_MIN, BETA_SCHEDULES
 from prefkd.methods import data
-from prefkd.methods.base import Method, MethodOutput, StepInputs, nll_from_logits, shifted_logits, to_device
+from prefkd.methods.base import Method, MethodOutput, StepInputs, nll_from_logits, student_and_teacher_logits, to_device
 
 ALPHA_SCHEDULES = ("fixed", "adaptive")
 
@@ -87,9 +87,7 @@ def step(inp: StepInputs) -> MethodOutput:
     rows = ([Example(e.prompt_ids, e.response_ids) for e in inp.examples]
             + [Example(e.prompt_ids, e.rejected_ids) for e in inp.examples])
     batch = to_device(collate(rows, inp.pad_id), inp.device)
-    s_logits = shifted_logits(inp.student, batch)
-    with torch.no_grad():
-        t_logits = shifted_logits(inp.teacher, batch)
+    s_logits, t_logits = student_and_teacher_logits(inp, batch)
     mask = batch["response_mask"][:, 1:]
     w_t, w_s = losses.distillm2_weights(inp.progress, c.beta_schedule, c.beta0)
     alpha_t: float | torch.Tensor = c.alpha

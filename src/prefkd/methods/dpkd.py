@@ -21,7 +21,7 @@ from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
 from prefkd.logprobs import group_token_logps, packed_token_logps, packing_supported, token_mean_nll
 from prefkd.methods import data
-from prefkd.methods.base import Method, MethodOutput, StepInputs, sample, shifted_logits, to_device
+from prefkd.methods.base import Method, MethodOutput, StepInputs, sample, student_and_teacher_logits, to_device
 
 if TYPE_CHECKING:
     from prefkd.methods.config import MethodConfig
@@ -192,9 +192,7 @@ def _token_logits(inp: StepInputs, prompts: list[list[int]], responses: list[lis
         raise ConfigError(f"distill.dpkd.anchor={kind} needs the teacher's logits: use a white-box method")
     batch = to_device(collate([Example(p, y) for p, y in zip(prompts, responses, strict=True)], inp.pad_id),
                       inp.device)
-    with torch.no_grad():
-        t_logits = shifted_logits(inp.teacher, batch)
-    return shifted_logits(inp.student, batch), t_logits, batch
+    return (*student_and_teacher_logits(inp, batch), batch)
 
 
 def dpkd_pair_loss(qt, qs, pt, ps, nt, ns, c: MethodConfig):

@@ -19,7 +19,7 @@ from prefkd.methods.base import (
     StepInputs,
     nll_from_logits,
     sample,
-    shifted_logits,
+    student_and_teacher_logits,
     to_device,
 )
 from prefkd.methods.token_kd import Divergence
@@ -50,9 +50,7 @@ def on_policy(divergence: Divergence, student_share: Callable[[MethodConfig], fl
         seqs = [Example(e.prompt_ids, r) for e, r in zip(inp.examples, sample(inp.student_sampler, inp.examples, inp),
                                                           strict=True)] if on else inp.examples
         batch = to_device(collate(seqs, inp.pad_id), inp.device)
-        s_logits = shifted_logits(inp.student, batch)
-        with torch.no_grad():
-            t_logits = shifted_logits(inp.teacher, batch)
+        s_logits, t_logits = student_and_teacher_logits(inp, batch)
         loss = divergence(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg)
         n = batch["response_mask"][:, 1:].sum().item()
         anchor, n_anchor = None, None

@@ -14,7 +14,7 @@ from prefkd.config import opt
 from prefkd.data.collate import collate
 from prefkd.errors import ConfigError
 from prefkd.methods import data
-from prefkd.methods.base import Method, MethodOutput, StepInputs, nll_from_logits, shifted_logits, to_device
+from prefkd.methods.base import Method, MethodOutput, StepInputs, nll_from_logits, student_and_teacher_logits, to_device
 
 if TYPE_CHECKING:
     from prefkd.methods.config import MethodConfig
@@ -49,9 +49,7 @@ def teacher_forced(divergence: Divergence):
 
     def step(inp: StepInputs) -> MethodOutput:
         batch = to_device(collate(inp.examples, inp.pad_id), inp.device)
-        s_logits = shifted_logits(inp.student, batch)
-        with torch.no_grad():
-            t_logits = shifted_logits(inp.teacher, batch)
+        s_logits, t_logits = student_and_teacher_logits(inp, batch)
         loss = divergence(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg)
         anchor = nll_from_logits(s_logits, batch)
         n = batch["response_mask"][:, 1:].sum().item()
