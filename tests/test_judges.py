@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ from prefkd.judges import (
     reference_scores,
     win_rate,
 )
+from prefkd.models import add_chat_format
 
 
 class WordCountJudge(Judge):
@@ -84,6 +86,23 @@ def test_rouge_judge_needs_references_and_cannot_judge_them():
 def test_question_text():
     assert question_text(RECORDS[0]) == "Name a colour."
     assert question_text(RECORDS[1]) == "Describe the sea.\n\nBe brief."
+    chat = Instruction("And the sky?", context=(("user", "Colour of grass?"), ("assistant", "Green."),
+                                                 ("user", "And the sky?")))
+    assert question_text(chat) == "user: Colour of grass?\n\nassistant: Green.\n\nuser: And the sky?"
+
+
+def test_a_chat_reward_model_reads_the_conversation_in_its_template(tmp_path, tokenizer):
+    tokenizer = add_chat_format(copy.deepcopy(tokenizer))
+    path = save_gpt2_reward_model(tmp_path / "rm", tokenizer)
+    judge = make_judge(JudgeConfig(path=path, batch_size=2))
+    chat = Instruction("And the sky?", context=(("system", "Be brief."), ("user", "Grass?"), ("assistant", "Green."),
+                                                 ("user", "And the sky?")))
+    model, tok = AutoModelForSequenceClassification.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nGrass?<|im_end|>\n<|im_start|>assistant\n"
+            "Green.<|im_end|>\n<|im_start|>user\nAnd the sky?<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n")
+    with torch.no_grad():
+        want = model(**tok(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
+    assert judge.score_one(chat, "Blue.") == pytest.approx(want, abs=1e-5)
 
 
 def test_gpt2_reward_model_judge_matches_one_by_one_forward(tmp_path, tokenizer):

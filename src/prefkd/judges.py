@@ -70,7 +70,10 @@ class Judge(ABC):
 
 
 def question_text(record: Instruction) -> str:
-    """The prompt as a reward model reads it: the instruction, then its input after a blank line."""
+    """The prompt as a reward model without a chat template reads it: the instruction, then its input after a blank
+    line; a conversation's turns one after another, each after its role."""
+    if len(record.context) > 1:
+        return "\n\n".join(f"{role}: {content}" for role, content in record.context)
     return f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
 
 
@@ -84,7 +87,9 @@ def _context(model: torch.nn.Module, default: int) -> int:
 
 
 class RewardModelJudge(Judge):
-    """A sequence-classification model with a single output; score = that logit for (question, response)."""
+    """A sequence-classification model with a single output; score = that logit for (question, response), or for
+    the conversation with the response as its last turn, rendered by the reward model's chat template when it has
+    one."""
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None,
                  trust_remote_code: bool = False):
@@ -111,8 +116,14 @@ class RewardModelJudge(Judge):
         out: list[float] = []
         for start in range(0, len(records), self.batch_size):
             recs, resp = records[start: start + self.batch_size], list(responses[start: start + self.batch_size])
-            enc = self.tokenizer([question_text(r) for r in recs], resp, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            if getattr(self.tokenizer, "chat_template", None):  # a chat reward model reads the whole conversation
+                texts = [self.tokenizer.apply_chat_template([*r.messages(), {"role": "assistant", "content": a}],
+                                                            tokenize=False) for r, a in zip(recs, resp, strict=True)]
+                enc = self.tokenizer(texts, add_special_tokens=False, padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+            else:
+                enc = self.tokenizer([question_text(r) for r in recs], resp, padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
             logits = self.model(**{k: v.to(_device(self.model)) for k, v in enc.items()}).logits
             out.extend(float(x) for x in logits[:, 0].float().cpu())
         return out
