@@ -1,6 +1,8 @@
 """prefkd.logprobs: sequence and token log-probs against a log-softmax summed by hand, and the fast paths (chunked
 log-softmax, packing with shared prompts) equal to the plain computation."""
 
+import copy
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -221,3 +223,62 @@ def test_selective_log_softmax_equals_full():
     labels = torch.randint(0, 33, (5, 7))
     full = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(selective_log_softmax(logits, labels, chunk_elements=2 * 33), full, atol=1e-6)
+
+
+# --- text_logprobs: the probability a model gives a text, in its own tokens ---------------------------------------
+
+AWKWARD = [" leading space", "trailing space ", "two\nlines\n", "caf\u00e9 \u00fcber \u4e2d\u6587 \U0001F600",
+           "literal <|im_end|> and <|endoftext|> inside", ""]
+
+
+def _brute_force(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """float64 forward of the whole sequence, log-softmax at every response position, summed in a loop."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits = model.double()(input_ids=ids).logits[0].double()
+    model.float()
+    total = 0.0
+    for j, token in enumerate(response_ids):
+        total += torch.log_softmax(logits[len(prompt_ids) + j - 1], -1)[token].item()
+    return total
+
+
+def test_text_logprobs_equals_a_float64_brute_force_on_awkward_texts(tokenizer):
+    from prefkd.logprobs import text_logprobs
+    from prefkd.models import add_chat_format, build_model
+
+    chat = add_chat_format(copy.deepcopy(tokenizer))
+    model = build_model("llama", "nano", chat, max_positions=512, seed=3).eval()
+    prompts = ["<|im_start|>user\nSay something.<|im_end|>\n<|im_start|>assistant\n"] * len(AWKWARD)
+    got = text_logprobs(model, chat, prompts, AWKWARD, batch_size=4)
+    end = chat.convert_tokens_to_ids("<|im_end|>")
+    for i, text in enumerate(AWKWARD):
+        p = chat(prompts[i], add_special_tokens=False)["input_ids"]
+        r = chat(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [end]
+        assert chat.decode(r[:-1]) == text  # the plain-text ids are the text, special-token strings included
+        assert got[i].item() == pytest.approx(_brute_force(model, p, r), abs=1e-4)
+    # the special-token strings inside a text are characters, not the tokens: a different (longer) sequence
+    inside = chat(AWKWARD[4], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert end not in inside and chat.convert_tokens_to_ids("<|endoftext|>") not in inside
+
+
+def test_text_logprobs_adds_the_bos_a_tokenizer_adds_once(tmp_path):
+    from support import chat_tokenizer, save_chat_model
+
+    from prefkd.logprobs import text_logprobs
+    from prefkd.models import load_model, load_tokenizer
+
+    texts = ["the cat sat on the mat", "two plus two is four"] * 40
+    path = save_chat_model(tmp_path / "llama", "llama", chat_tokenizer("llama", texts), seed=1)
+    model, tok = load_model(path).eval(), load_tokenizer(path)
+    bos, eot = tok.bos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")
+    plain = "Question: the cat?\nAnswer:"  # no BOS in the text: the tokenizer's own is added
+    templated = tok.apply_chat_template([{"role": "user", "content": "the cat?"}], tokenize=False,
+                                        add_generation_prompt=True)  # the template wrote its BOS: not a second one
+    got = text_logprobs(model, tok, [plain, templated], [" sat", "sat on the mat"])
+    p_plain = [bos] + tok(plain, add_special_tokens=False)["input_ids"]
+    p_templated = tok(templated, add_special_tokens=False)["input_ids"]
+    assert p_templated[0] == bos and p_templated.count(bos) == 1
+    want = [_brute_force(model, p_plain, tok(" sat", add_special_tokens=False)["input_ids"] + [eot]),
+            _brute_force(model, p_templated, tok("sat on the mat", add_special_tokens=False)["input_ids"] + [eot])]
+    assert got.tolist() == pytest.approx(want, abs=1e-4)

@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from prefkd.data.chat import Renderer
 from prefkd.data.collate import Example, collate
 
 # Logits per chunk of the log-softmax: 4M floats (16 MiB in fp32) bounds the extra memory at any vocabulary size.
@@ -314,3 +315,33 @@ def sequence_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tu
 def token_mean_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over every counted token of the batch (the one place it is normalised)."""
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A response text's ids as plain text: no special tokens added, and a special token's string inside the text
+    (another model's `<|im_end|>`, say) read as the characters it is, not as that token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def text_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                  responses: list[str], batch_size: int = 16, end_ids: list[int] | None = None) -> torch.Tensor:
+    """log p(response + end token | prompt) of each pair, summed over the response's tokens, as float32 [n] on the
+    CPU: the probability a model gives a text, whatever its tokenizer.
+
+    Prompt and response are tokenised separately, as training does: the prompt is rendered text (its template's
+    special tokens are tokens; the tokenizer's own BOS is added when it adds one and the text lacks it), the response
+    plain text (`text_ids`), followed by the model's end token (`end_ids`; default: the end-of-turn token of the
+    tokenizer's chat template, else its EOS). This is the log-prob of the tokenizer's own tokenization of the text,
+    a lower bound on the text's probability (which sums over every tokenization), tight for trained models."""
+    renderer = Renderer(tokenizer)
+    end = renderer.end_ids if end_ids is None else end_ids
+    examples = [Example(renderer.with_bos(tokenizer(p, add_special_tokens=False)["input_ids"]), text_ids(tokenizer, r)
+                        + end) for p, r in zip(prompts, responses, strict=True)]
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start: start + batch_size], tokenizer.pad_token_id or 0)
+        sums, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        out.append(sums.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)

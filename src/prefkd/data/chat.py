@@ -76,7 +76,7 @@ class Renderer:
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] if texts else []
 
     def prompt_ids(self, records: Sequence[Instruction]) -> list[list[int]]:
-        return [self._with_bos(ids) for ids in self.encode([self.prompt(r) for r in records])]
+        return [self.with_bos(ids) for ids in self.encode([self.prompt(r) for r in records])]
 
     def response_ids(self, rec: Instruction, text: str) -> list[int]:
         """The response's tokens and the end-of-turn token: what training scores."""
@@ -122,7 +122,8 @@ class Renderer:
             raise DataError(f"the chat template ({self.name}) refuses this conversation: {e}", rec.id or "record",
                             field="messages") from None
 
-    def _with_bos(self, ids: list[int]) -> list[int]:
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """Prompt ids with the BOS the tokenizer adds to plain text, when it adds one and they lack it."""
         return [self.bos, *ids] if self.bos is not None and ids[:1] != [self.bos] else ids
 
     def _offsets(self, text: str, n: int) -> list[tuple[int, int]]:
