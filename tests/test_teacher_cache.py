@@ -40,18 +40,17 @@ def _cfg(root, out, steps=4, mode="cached"):
 def counts(monkeypatch):
     """Teacher sampling calls and the y_t the teacher scores, per step."""
     state = {"teacher_samples": [], "teacher_scored_yt": []}
-    real_sample, real_logps = dpkd.sample, dpkd.teacher_logps
+    real_sample, real_logps = dpkd.sample_teacher, dpkd.teacher_logps
 
-    def sample(model, examples, inp):
-        if model is inp.teacher:
-            state["teacher_samples"].append(len(examples))
-        return real_sample(model, examples, inp)
+    def sample_teacher(examples, inp):
+        state["teacher_samples"].append(len(examples))
+        return real_sample(examples, inp)
 
     def logps(teacher, prompts, y_t, y_s, known, device):
         state["teacher_scored_yt"].append(sum(k is None for k in known))
         return real_logps(teacher, prompts, y_t, y_s, known, device)
 
-    monkeypatch.setattr(dpkd, "sample", sample)
+    monkeypatch.setattr(dpkd, "sample_teacher", sample_teacher)
     monkeypatch.setattr(dpkd, "teacher_logps", logps)
     return state
 

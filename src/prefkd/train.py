@@ -30,6 +30,7 @@ from prefkd.distributed import Term
 from prefkd.generation import SamplingConfig
 from prefkd.logprobs import response_token_logps, token_mean_nll
 from prefkd.methods import Method, MethodConfig, StepInputs
+from prefkd.methods.cross_tokenizer import TeacherTokens
 from prefkd.models import n_params, save_pretrained
 from prefkd.rundir import RunDirError
 
@@ -96,6 +97,7 @@ class RunData:
     replay: list[Example] | None = None  # labelled examples replayed with cross-entropy
     corpus: torch.Tensor | None = None  # [N, block] pretraining token blocks for the LM loss
     teacher_cache: TeacherCache | None = None  # teacher samples + log-probs (dpkd family, teacher_samples=cached)
+    teacher_tokens: TeacherTokens | None = None  # the teacher's own tokens, when its tokenizer differs
 
 
 def _split(batch_size: int, replay: float, has_replay: bool) -> tuple[int, int]:
@@ -196,7 +198,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
                 with acc.autocast():
                     loss, metrics = _micro_step(method, model, acc, teacher, data, streams, k, method_cfg, sampling,
                                                 pad, eos, (n_method, n_replay), use_lm, cfg.seed,
-                                                k / (cfg.steps * cfg.grad_accum))
+                                                k / (cfg.steps * cfg.grad_accum), tokenizer)
                 # Every process holds the same global values, so all of them stop together.
                 distributed.check_finite(step + 1, metrics, lambda: _kept(ckpt_root))
                 acc.backward(loss / cfg.grad_accum)
@@ -274,12 +276,13 @@ def _restore(acc: Accelerator, root: Path, state_path: Path, run_key: str, stric
 
 def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData, streams: dict[str, BatchStream],
                 k: int, mcfg: MethodConfig, sampling: SamplingConfig, pad: int, eos: int | tuple[int, ...],
-                sizes: tuple[int, int], use_lm: bool, seed: int, progress: float = 0.0
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+                sizes: tuple[int, int], use_lm: bool, seed: int, progress: float = 0.0,
+                tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """This process's loss for micro-batch k and the global-batch metrics (distributed.combine)."""
     examples = [data.examples[i] for i in distributed.shard(streams["method"].batch(k), acc)]
     inp = StepInputs(model, acc.unwrap_model(model), teacher, examples, sampling, mcfg, pad, eos, acc.device,
-                     distributed.shared_generator(seed, k), data.teacher_cache, progress)
+                     distributed.shared_generator(seed, k), data.teacher_cache, progress, data.teacher_tokens,
+                     tokenizer)
     res = method.step(inp)
     n_method, n_replay = sizes
     share = n_replay / (n_replay + n_method)  # of the global batch, the same on every process

@@ -176,6 +176,11 @@ def renderer_for(tokenizer: PreTrainedTokenizerBase, template: str = "auto") -> 
     return Renderer(tokenizer, template)
 
 
+def same_tokens(student: Renderer, teacher: Renderer) -> bool:
+    """Whether teacher and student read every record as the same token ids (same vocabulary, same rendering)."""
+    return student.tokenizer.get_vocab() == teacher.tokenizer.get_vocab() and same_rendering(student, teacher) is None
+
+
 def same_rendering(student: Renderer, teacher: Renderer) -> str | None:
     """Why two renderers would give teacher and student different prompts for the same record, or None."""
     if student.kind != teacher.kind:

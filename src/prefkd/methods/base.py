@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefkd.cache import TeacherCache
 from prefkd.data.collate import Example
@@ -21,6 +21,7 @@ from prefkd.logprobs import selective_log_softmax, token_mean_nll
 
 if TYPE_CHECKING:
     from prefkd.methods.config import MethodConfig
+    from prefkd.methods.cross_tokenizer import TeacherTokens
     from prefkd.methods.data import MethodData, PrepareContext
 
 
@@ -40,6 +41,8 @@ class StepInputs:
     teacher_cache: TeacherCache | None = None  # dpkd family, teacher_samples=cached
     # Fraction of training done before this step, in [0, 1): for schedules that move with training (distillm2).
     progress: float = 0.0
+    teacher_tokens: TeacherTokens | None = None  # the teacher's own tokens, when its tokenizer differs
+    tokenizer: PreTrainedTokenizerBase | None = None  # the student's (texts of samples: byte lengths)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Method:
     description: str
     paper: str
     trains_on: str  # what the examples hold, for `prefkd methods`
-    needs_teacher: bool  # the teacher model runs during training (white-box: same tokenizer)
+    needs_teacher: bool  # the teacher model runs during training
     prepare: Callable[[PrepareContext], MethodData]  # the examples (and any cache) the step consumes
     step: Callable[[StepInputs], MethodOutput]
     key_params: str = ""
@@ -69,6 +72,9 @@ class Method:
     auxiliary_losses: bool = True  # the loop adds replay and the LM loss (not for sft: it is cross-entropy already)
     samples_in_training: bool = False  # the step decodes with the student (or the teacher) as it trains
     check: Callable[[MethodConfig], None] | None = None  # refuses option combinations this method cannot run
+    # The teacher's tokenizer may differ from the student's: the method uses only texts and sequence log-probs
+    # (methods/cross_tokenizer.py). Other methods that run the teacher compare token distributions: same tokenizer.
+    cross_tokenizer: bool = False
 
     @property
     def black_box(self) -> bool:
@@ -103,3 +109,13 @@ def nll_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tor
 
 def sample(model: PreTrainedModel, examples: list[Example], inp: StepInputs) -> list[list[int]]:
     return sample_responses(model, [e.prompt_ids for e in examples], inp.sampling, inp.pad_id, inp.eos_id)
+
+
+def sample_teacher(examples: list[Example], inp: StepInputs) -> list[list[int]]:
+    """Teacher samples of the examples' prompts, in the teacher's own tokens (its prompts, pad and end tokens when
+    its tokenizer differs from the student's)."""
+    tt = inp.teacher_tokens
+    if tt is None:
+        return sample(inp.teacher, examples, inp)
+    pad = tt.teacher.tokenizer.pad_token_id
+    return sample_responses(inp.teacher, [tt.prompts[e.index] for e in examples], inp.sampling, pad, tt.teacher_stops)

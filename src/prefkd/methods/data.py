@@ -24,6 +24,7 @@ from prefkd.models import load_model, load_tokenizer
 from prefkd.vllm_backend import VLLMConfig, VLLMSampler
 
 if TYPE_CHECKING:
+    from prefkd.methods.cross_tokenizer import TeacherTokens
     from prefkd.recipes.distill import DistillRun
     from prefkd.train import TrainConfig
 
@@ -36,12 +37,15 @@ class PrepareContext:
     renderer: Renderer  # the student's tokenizer and template
     student: PreTrainedModel
     teacher: PreTrainedModel | None  # loaded when the method needs it during training
+    # The teacher's tokenizer and template, when they differ from the student's (cross-tokenizer methods).
+    teacher_renderer: Renderer | None = None
 
 
 @dataclass
 class MethodData:
     examples: list[Example]
     teacher_cache: TeacherCache | None = None  # dpkd family, teacher_samples=cached
+    teacher_tokens: TeacherTokens | None = None  # cross-tokenizer methods: the prompts in the teacher's tokens
 
 
 def reference_examples(renderer: Renderer, records: list[Instruction], cfg: TrainConfig, source: str,

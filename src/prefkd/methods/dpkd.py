@@ -21,19 +21,33 @@ from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
 from prefkd.logprobs import group_token_logps, packed_token_logps, packing_supported, token_mean_nll
 from prefkd.methods import data
-from prefkd.methods.base import Method, MethodOutput, StepInputs, sample, student_and_teacher_logits, to_device
+from prefkd.methods.base import (
+    Method,
+    MethodOutput,
+    StepInputs,
+    sample,
+    sample_teacher,
+    student_and_teacher_logits,
+    to_device,
+)
+from prefkd.methods.cross_tokenizer import TeacherTokens, byte_length
 
 if TYPE_CHECKING:
     from prefkd.methods.config import MethodConfig
 
 ANCHORS = ("ce", "kd", "rkl", "ce+rkl")
-_CHOICES = {"teacher_samples": ("fresh", "cached"), "baseline": ("none", "loo"), "anchor": ANCHORS}
+_CHOICES = {"teacher_samples": ("fresh", "cached"), "baseline": ("none", "loo"), "anchor": ANCHORS,
+            "length_unit": ("auto", "tokens", "bytes")}
 
 
 @dataclass
 class DPKDConfig:
     beta: float = opt(0.1, "dpkd, dpkd-token: DPKD's beta, the scale of the implicit reward beta/|y| log q/p")
     length_normalize: bool = opt(True, "dpkd: divide rewards by response length (Eq. 9); false = Eq. 8 ablation")
+    length_unit: str = opt("auto", "dpkd family: what |y| counts: 'tokens' (each model's own tokens: log q/|y|_S - "
+                                   "log p/|y|_T, the paper's form when the tokenizers agree), 'bytes' (the UTF-8 "
+                                   "length of the response text, the same for both models), 'auto' = tokens with "
+                                   "one tokenizer, bytes across tokenizers")
     teacher_samples: str = opt("fresh", "dpkd family: 'fresh' samples y_t every batch (Algorithm 1); 'cached' "
                                         "samples y_t once per prompt (the first time it is drawn) and keeps it with "
                                         "its teacher log-prob: later epochs run neither teacher sampling nor a "
@@ -67,19 +81,28 @@ def sampled_pairs(pair_loss: PairLoss):
         if inp.cfg.dpkd.teacher_samples == "cached":
             y_t, known = _cached_teacher_samples(inp)
         else:
-            y_t, known = sample(inp.teacher, inp.examples, inp), [None] * len(prompts)
+            y_t, known = sample_teacher(inp.examples, inp), [None] * len(prompts)
         k = inp.cfg.dpkd.student_samples
         flat = sample(inp.student_sampler, inp.examples * k, inp)  # sample j of prompt i at j * B + i
         y_s = [flat[j * len(prompts): (j + 1) * len(prompts)] for j in range(k)]
+        # y_t is in the teacher's tokens; the teacher scores y_t and y_s in its own tokens, the student in its own.
+        tt = inp.teacher_tokens
+        teacher_prompts = [tt.prompts[e.index] for e in inp.examples] if tt else prompts
+        y_s_teacher = [[tt.to_teacher(y, _stops(inp)) for y in ys] for ys in y_s] if tt else y_s
         p_t = p_s = None
         if inp.teacher is not None:
-            p_t, p_s = teacher_logps(inp.teacher, prompts, y_t, y_s, known, inp.device)
+            p_t, p_s = teacher_logps(inp.teacher, teacher_prompts, y_t, y_s_teacher, known, inp.device)
         if inp.teacher_cache is not None:
             new = [(e.index, y, lp) for e, y, k, lp in zip(inp.examples, y_t, known, p_t.tolist(), strict=True)
                    if k is None]
             if new:
                 inp.teacher_cache.add(new)
-        return pair_step(inp, y_t, y_s, pair_loss, p_t, p_s)
+        teacher_lengths = None
+        if tt is not None:
+            teacher_lengths = torch.tensor([len(y) for y in [*y_t, *[y for ys in y_s_teacher for y in ys]]],
+                                           dtype=torch.float32, device=inp.device)
+            y_t = [tt.to_student(y) for y in y_t]
+        return pair_step(inp, y_t, y_s, pair_loss, p_t, p_s, teacher_lengths)
 
     return step
 
@@ -100,7 +123,7 @@ def _cached_teacher_samples(inp: StepInputs) -> tuple[list[list[int]], list[floa
         cuda = [inp.device.index or 0] if inp.device.type == "cuda" else []  # manual_seed reseeds CUDA too
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(cache.sampling_seed([e.index for e in missing]))
-            sampled = dict(zip([e.index for e in missing], sample(inp.teacher, missing, inp), strict=True))
+            sampled = dict(zip([e.index for e in missing], sample_teacher(missing, inp), strict=True))
     y_t = [h[0] if h else sampled[e.index] for e, h in zip(inp.examples, hits, strict=True)]
     return y_t, [h[1] if h else None for h in hits]
 
@@ -125,9 +148,11 @@ def teacher_logps(teacher: PreTrainedModel, prompts: list[list[int]], y_t: list[
 
 
 def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[list[int]]], pair_loss: PairLoss,
-              p_t: torch.Tensor | None = None, p_s: torch.Tensor | None = None) -> MethodOutput:
-    """The DPKD family's loss on given pairs with the teacher's log-probs `p_t` [B], `p_s` [K * B] (None: no
-    teacher), for K student samples per prompt (`y_s[j][i]`).
+              p_t: torch.Tensor | None = None, p_s: torch.Tensor | None = None,
+              teacher_lengths: torch.Tensor | None = None) -> MethodOutput:
+    """The DPKD family's loss on given pairs (student tokens) with the teacher's log-probs `p_t` [B], `p_s` [K * B]
+    (None: no teacher), for K student samples per prompt (`y_s[j][i]`); `teacher_lengths` [(K + 1) * B]: the
+    token counts of y_t and the y_s in the teacher's tokens, when its tokenizer differs.
 
     The student scores y_t and every y_s in one packed forward that runs each prompt once. With K > 1 the loss
     averages the K pairs (y_t, y_s_j), or, with `dpkd.baseline=loo`, uses `losses.dpkd_loo_loss`."""
@@ -137,12 +162,14 @@ def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[list[int]]],
     q, n = q_tok.sum(-1), mask.sum(-1)
     metrics: dict[str, float] = {}
     if p_t is not None and p_s is not None:
-        n_s = n[b:].clamp(min=1)
+        n_teacher = (n if teacher_lengths is None else teacher_lengths).clamp(min=1)
         # The teacher's per-token log-prob of the student's samples: rises as the student learns what p knows.
-        metrics["teacher_logp_student"] = (p_s / n_s).mean().item()
-        metrics["seq_rkl"] = ((q[b:].detach() - p_s) / n_s).mean().item()
+        metrics["teacher_logp_student"] = (p_s / n_teacher[b:]).mean().item()
+        metrics["seq_rkl"] = (q[b:].detach() / n[b:].clamp(min=1) - p_s / n_teacher[b:]).mean().item()
+        n, p_t, p_s = _lengths(inp, [*y_t, *[y for ys in y_s for y in ys]], n, n_teacher, p_t, p_s)
     else:
         p_t, p_s = torch.zeros_like(q[:b]), torch.zeros_like(q[b:])
+        n = _lengths(inp, [*y_t, *[y for ys in y_s for y in ys]], n)[0]
     if inp.cfg.dpkd.baseline == "loo":
         if k < 2 or pair_loss is not dpkd_pair_loss:
             raise ConfigError("distill.dpkd.baseline=loo needs method dpkd and distill.dpkd.student_samples >= 2")
@@ -174,6 +201,32 @@ def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[list[int]]],
                                      "ce+rkl": "anchor_ce_rkl"}[kind])
 
 
+def _stops(inp: StepInputs) -> tuple[int, ...]:
+    return (inp.eos_id,) if isinstance(inp.eos_id, int) else tuple(inp.eos_id)
+
+
+def _lengths(inp: StepInputs, responses: list[list[int]], n: torch.Tensor, n_teacher: torch.Tensor | None = None,
+             p_t: torch.Tensor | None = None, p_s: torch.Tensor | None = None):
+    """(|y| of every response for the loss, p_t, p_s) under `dpkd.length_unit`.
+
+    bytes: the UTF-8 length of each response's text, for both models. tokens across tokenizers: the rewards
+    beta (log q/|y|_S - log p/|y|_T) are the loss's beta/|y|_S (log q - p'), with p' = p |y|_S/|y|_T."""
+    unit = _length_unit(inp)
+    if unit == "bytes":
+        counts = [byte_length(y, inp.tokenizer) for y in responses]
+        return torch.tensor(counts, dtype=n.dtype, device=n.device).clamp(min=1), p_t, p_s
+    if n_teacher is None or inp.teacher_tokens is None or not inp.cfg.dpkd.length_normalize:
+        return n, p_t, p_s
+    b = len(p_t)
+    scale = n.clamp(min=1) / n_teacher
+    return n, p_t * scale[:b], p_s * scale[b:]
+
+
+def _length_unit(inp: StepInputs) -> str:
+    unit = inp.cfg.dpkd.length_unit
+    return ("bytes" if inp.teacher_tokens is not None else "tokens") if unit == "auto" else unit
+
+
 def _kd_anchor(inp: StepInputs, prompts: list[list[int]], y_t: list[list[int]]) -> torch.Tensor:
     """Forward KL to the teacher's token distributions on the teacher samples (the `kd` divergence on y_t)."""
     s_logits, t_logits, batch = _token_logits(inp, prompts, y_t, "kd")
@@ -188,8 +241,9 @@ def _rkl_anchor(inp: StepInputs, prompts: list[list[int]], y_s: list[list[int]])
 
 def _token_logits(inp: StepInputs, prompts: list[list[int]], responses: list[list[int]], kind: str):
     """(student logits, teacher logits without grad, batch) on prompt + response, for a token-level anchor."""
-    if inp.teacher is None:
-        raise ConfigError(f"distill.dpkd.anchor={kind} needs the teacher's logits: use a white-box method")
+    if inp.teacher is None or inp.teacher_tokens is not None:
+        raise ConfigError(f"distill.dpkd.anchor={kind} needs the teacher's logits over the student's vocabulary: "
+                          "use a teacher with the student's tokenizer, or anchor=ce")
     batch = to_device(collate([Example(p, y) for p, y in zip(prompts, responses, strict=True)], inp.pad_id),
                       inp.device)
     return (*student_and_teacher_logits(inp, batch), batch)
@@ -204,8 +258,15 @@ def prompts_and_teacher_cache(ctx: data.PrepareContext) -> data.MethodData:
     keyed by teacher, prompts, sampling, seed and precision."""
     out = data.prompts(ctx)
     run = ctx.run
+    prompt_ids = [e.prompt_ids for e in out.examples]
+    if ctx.teacher_renderer is not None:
+        if run.distill.dpkd.anchor != "ce":
+            raise ConfigError(f"distill.dpkd.anchor={run.distill.dpkd.anchor} compares token distributions, which "
+                              "needs the student's tokenizer in the teacher; across tokenizers use anchor=ce")
+        out.teacher_tokens = TeacherTokens.build(ctx.teacher_renderer, ctx.renderer, ctx.teacher, ctx.prompts)
+        prompt_ids = out.teacher_tokens.prompts
     if run.distill.dpkd.teacher_samples == "cached":
-        key = teacher_cache_key(model_identity(run.teacher.path), [e.prompt_ids for e in out.examples], run.sampling,
+        key = teacher_cache_key(model_identity(run.teacher.path), prompt_ids, run.sampling,
                                 run.train.seed, run.train.bf16)
         out.teacher_cache = TeacherCache(data.cache_dir(run) / f"dpkd-teacher-{key}.jsonl", key, run.train.seed)
     return out
@@ -226,5 +287,5 @@ METHODS = [
     Method("dpkd", "DPKD paper form: teacher sample preferred over student sample by the implicit reward "
            "beta/|y| log q/p, both sampled every batch", "DPKD (2406.19774) Eq. 9, Alg. 1",
            "prompts (samples drawn in training)", True, prompts_and_teacher_cache, sampled_pairs(dpkd_pair_loss),
-           "dpkd.beta 0.1, lm_weight, kappa", check=check_baseline, samples_in_training=True),
+           "dpkd.beta 0.1, lm_weight, kappa", check=check_baseline, samples_in_training=True, cross_tokenizer=True),
 ]

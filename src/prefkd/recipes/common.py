@@ -78,13 +78,16 @@ def check_same_vocabulary(student: Renderer, teacher: Renderer, method: str) -> 
         raise PrefkdError(f"method '{method}' is white-box: it scores the same token ids with teacher and student, "
                           f"but their tokenizers differ (student '{student_tok.name_or_path}': {len(student_tok)} "
                           f"tokens; teacher '{teacher_tok.name_or_path}': {len(teacher_tok)} tokens). Use a teacher "
-                          f"with the student's tokenizer, or a black-box method such as seqkd or plad.")
+                          f"with the student's tokenizer; or a method that distils across tokenizers: the "
+                          f"sequence-level dpkd, dpo, ipo, cpo, simpo (texts and sequence log-probs), seqkd and plad "
+                          f"(teacher text only), or uld (token-level).")
     different = same_rendering(student, teacher)
     if different:
         raise PrefkdError(f"method '{method}' is white-box: teacher and student must see the same prompt, but "
                           f"{different} (student '{student_tok.name_or_path}', teacher "
                           f"'{teacher_tok.name_or_path}'). Give both the same chat template (data.template=FILE "
-                          f"sets one for both), or use a black-box method such as seqkd or plad.")
+                          f"sets one for both), or a method that distils across tokenizers and templates (dpkd, "
+                          f"dpo, ipo, cpo, simpo, seqkd, plad, uld).")
 
 
 def versions() -> dict[str, str]:

@@ -12,7 +12,7 @@ from prefkd.cache import model_identity
 from prefkd.cards import HubConfig, check_push, publish
 from prefkd.config import opt, section
 from prefkd.console import console
-from prefkd.data.chat import Renderer, renderer_for, same_rendering
+from prefkd.data.chat import Renderer, renderer_for, same_tokens
 from prefkd.data.corpus import token_blocks
 from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction
@@ -21,7 +21,7 @@ from prefkd.distributed import process_state
 from prefkd.errors import DataError
 from prefkd.generation import SamplingConfig
 from prefkd.lora import LoRAConfig, apply_lora, save_trained
-from prefkd.methods import MethodConfig, get_method
+from prefkd.methods import Method, MethodConfig, get_method
 from prefkd.methods.data import PrepareContext, cache_dir, reference_examples
 from prefkd.models import ModelConfig, load_model, load_tokenizer
 from prefkd.recipes.common import DataConfig, begin_run, check_run, check_same_vocabulary, need, read_corpus
@@ -70,7 +70,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
     renderer = renderer_for(tokenizer, cfg.data.template)
     student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
-    teacher = _teacher(cfg, method.needs_teacher, renderer, samples_only)
+    teacher, teacher_renderer = _teacher(cfg, method, renderer, samples_only)
 
     # Data: the method's examples (sample caches drawn here), replay references and the LM corpus.
     # References are checked by the methods that train on them, with the record that lacks one.
@@ -83,7 +83,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
         console.print("no replay data (data.replay): running without replay")
     source = cfg.data.prompts or "prompts"
     ctx = PrepareContext(cfg, _short_prompts(prompts, renderer, cfg.train.max_prompt_tokens, source), source,
-                         renderer, student, teacher)
+                         renderer, student, teacher, teacher_renderer)
     with process_state().main_process_first():  # the main process samples the caches, the others then read them
         prepared = method.prepare(ctx)
     if samples_only:
@@ -94,13 +94,14 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                    replay=reference_examples(renderer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
                    corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None,
-                   teacher_cache=prepared.teacher_cache)
+                   teacher_cache=prepared.teacher_cache, teacher_tokens=prepared.teacher_tokens)
     d = cfg.distill
     console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
 
     # Loop and save.
-    diagnostics = held_out_diagnostics(cfg, teacher, renderer, prompts)
+    # The diagnostics score the student's tokens with the teacher: one tokenizer only.
+    diagnostics = held_out_diagnostics(cfg, teacher, renderer, prompts) if teacher_renderer is None else None
     model = apply_lora(student, cfg.lora)
     begin_run(out, cfg, clear)
     identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
@@ -112,25 +113,32 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     return logs
 
 
-def _teacher(cfg: DistillRun, needed: bool, renderer: Renderer, samples_only: bool) -> PreTrainedModel | None:
-    """The teacher when the method runs it in training (white-box: same vocabulary and prompts), or for the
-    diagnostics alone."""
-    if needed:
+def _teacher(cfg: DistillRun, method: Method, renderer: Renderer, samples_only: bool
+             ) -> tuple[PreTrainedModel | None, Renderer | None]:
+    """The teacher when the method runs it in training, or for the diagnostics alone; and, when its tokenizer or
+    template differs from the student's (cross-tokenizer methods only), the teacher's renderer."""
+    if method.needs_teacher:
         teacher_path = need(cfg.teacher.path, "teacher.path")
         teacher_renderer = renderer_for(load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.data.template)
-        check_same_vocabulary(renderer, teacher_renderer, cfg.method)
+        differs = not same_tokens(renderer, teacher_renderer)
+        if not method.cross_tokenizer:
+            check_same_vocabulary(renderer, teacher_renderer, cfg.method)
         if samples_only and cfg.vllm.enabled:  # vLLM loads its own copy; a 13B teacher is not loaded twice
-            return None
-        return load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+            return None, teacher_renderer if differs else None
+        teacher = load_model(teacher_path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+        if differs:
+            console.print(f"{cfg.method} across tokenizers: the teacher ({teacher_path}, "
+                          f"{len(teacher_renderer.tokenizer)} tokens, {teacher_renderer.name}) reads every text in "
+                          f"its own tokens")
+        return teacher, teacher_renderer if differs else None
     if cfg.diagnostics.every and cfg.teacher.path and not samples_only:
         teacher_renderer = renderer_for(load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code),
                                         cfg.data.template)
-        if teacher_renderer.tokenizer.get_vocab() == renderer.tokenizer.get_vocab() and \
-                same_rendering(renderer, teacher_renderer) is None:
-            return load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, cfg.teacher.dtype)
+        if same_tokens(renderer, teacher_renderer):
+            return load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, cfg.teacher.dtype), None
         console.print("diagnostics off: they score the student's tokens of the student's prompts with the teacher, "
                       "whose tokenizer or chat template differs")
-    return None
+    return None, None
 
 
 def _short_prompts(prompts: list[Instruction], renderer: Renderer, max_tokens: int,
