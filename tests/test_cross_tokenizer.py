@@ -170,8 +170,8 @@ def test_token_level_methods_refuse_another_tokenizer_and_say_what_works(models,
 def test_a_token_level_dpkd_anchor_is_refused_across_tokenizers(models, tmp_path):
     root, prompts = models
     res = runner.invoke(app, ["distill", "--method", "dpkd", f"out={tmp_path / 'a'}",
-                              f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}", f"data.prompts={prompts}", "train.steps=1",
-                              "distill.dpkd.anchor=kd"])
+                              f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}",
+                              f"data.prompts={prompts}", "train.steps=1", "distill.dpkd.anchor=kd"])
     assert res.exit_code == 2 and "anchor=ce" in res.output
 
 
