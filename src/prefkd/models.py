@@ -167,10 +167,10 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     The generation config's EOS is the tokenizer's; with a chat template it is every token that ends a response
     (the end-of-turn token first, then the EOS and the model's own), so stock `generate` stops where prefkd's
     sampling stops."""
+    ends = list(Renderer(tokenizer, "chat").stop_ids_for(model)) if getattr(tokenizer, "chat_template", None) \
+        else tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if getattr(tokenizer, "chat_template", None):
-        model.generation_config.eos_token_id = list(Renderer(tokenizer, "chat").stop_ids_for(model))
+    model.generation_config.eos_token_id = ends
     with atomic.directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
