@@ -11,6 +11,8 @@ from prefkd.cli import app
 from prefkd.eval_files import read_records_of, read_responses
 from prefkd.evaluate import exact_match, rouge_l
 from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.models import CHATML
+from prefkd.recipes.render import RenderRun, render_records
 
 TINY = ["data.suite.n_people=16", "data.suite.skill_per_family=4", "data.suite.test_world_questions=4",
         "data.suite.test_profiles=2", "data.suite.test_skill=7", "data.suite.val_world_questions=2",
@@ -171,3 +173,50 @@ def test_demo_compares_several_methods(tmp_path):
     # The student never saw D's references: the distillation prompts file has none.
     rows = [json.loads(line) for line in (out / "data" / "d_prompts.jsonl").read_text().splitlines()]
     assert rows and all(r["references"] == [] for r in rows)
+
+
+def test_chat_demo_runs_in_chatml_end_to_end(tmp_path):
+    """`data.template=chat`: the tokenizer gains ChatML, and every stage (SFT of teacher and student, distillation
+    and its sample caches, evaluation) renders records with it through `data.template=auto`."""
+    out = tmp_path / "chat"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--methods", "kd,plad", *TINY, "data.template=chat",
+                                   "continued_sft=false", "eval.seeds=10"])
+    assert res.exit_code == 0, res.output
+    assert "ChatML" in res.output
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["teacher", "sft", "kd", "plad"]
+    _check_scores_from_predictions(out, results)
+
+    start, end = "<|im_start|>", "<|im_end|>"
+    for name in ("teacher/model", "sft/model", "kd/seed0/model", "plad/seed0/model"):
+        path = str(out / name)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert tok.chat_template == CHATML, name
+        model = AutoModelForCausalLM.from_pretrained(path)
+        # Built from scratch with the ChatML tokenizer: an embedding row for each added token.
+        assert model.get_input_embeddings().weight.shape[0] == len(tok) == 402, name
+        # Stock generate stops at the end of the turn, as prefkd's sampling does.
+        assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids([end, tok.eos_token]), name
+
+    # What the student sees: ChatML prompts, responses that end with <|im_end|>.
+    about, rows = render_records(RenderRun(model=str(out / "plad" / "seed0" / "model"),
+                                           data=str(out / "data" / "test.jsonl"), limit=3))
+    assert about["end_of_turn"] == [end] and about["stop_tokens"][0] == end
+    tok = AutoTokenizer.from_pretrained(str(out / "plad" / "seed0" / "model"))
+    for row in rows:
+        assert row["prompt"].startswith(f"{start}user\n") and row["prompt"].endswith(f"{end}\n{start}assistant\n")
+        assert row["input_ids"][-1] == tok.convert_tokens_to_ids(end) and end not in row["response"]
+
+    # Sample caches (teacher samples for kd, teacher and student pairs for plad) and evaluation samples were drawn
+    # from ChatML prompts; the decoded responses and predictions carry no markup.
+    caches = sorted((out / "cache").glob("*.jsonl")) + sorted((out / "eval").rglob("samples/*.jsonl"))
+    assert {p.name.split("-")[0] for p in caches} == {"teacher", "student", "seed"}
+    for path in caches:
+        samples = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+        assert samples, path
+        for s in samples:
+            assert s["prompt"].startswith(f"{start}user\n") and s["prompt"].endswith(f"{start}assistant\n"), path
+            assert "<|im_" not in s["response"], path
+    for row in results["rows"]:
+        predictions = (_eval_dir(out, row["name"]) / "predictions.json").read_text()
+        assert "<|im_" not in predictions and "<|endoftext|>" not in predictions

@@ -1,12 +1,14 @@
 """prefkd.models: loading models (what prefkd changes on the way in must not change what the model computes) and
 the tokenizer prefkd trains for the models it builds."""
 
+import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from support import CHAT_FAMILIES, chat_tokenizer, save_chat_model
+from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 from transformers.activations import GELUTanh
 
 from prefkd.data.synthetic import SuiteConfig, build_suite
-from prefkd.models import load_model, train_tokenizer
+from prefkd.models import add_chat_format, build_model, load_model, save_pretrained, train_tokenizer
 
 
 def test_gpt2_gelu_is_swapped_for_the_fused_kernel_without_changing_outputs(tmp_path):
@@ -36,3 +38,25 @@ def test_train_tokenizer_reaches_target_vocabulary_on_the_suite():
     suite = build_suite(SuiteConfig())
     texts = [r.prompt + r.references[0] for r in suite.d0 + suite.d] + suite.corpus
     assert len(train_tokenizer(texts, vocab_size=2048)) == 2048
+
+
+# save_pretrained: what stock `generate` stops at.
+@pytest.mark.parametrize("family", sorted(CHAT_FAMILIES))
+def test_saved_chat_model_stops_at_the_end_of_turn_and_keeps_its_own_end_tokens(family, tiny_suite, tmp_path):
+    texts = [r.prompt + r.references[0] for r in tiny_suite.d0]
+    tok = chat_tokenizer(family, texts)
+    model = load_model(save_chat_model(tmp_path / "hub", family, tok))
+    save_pretrained(model, tok, tmp_path / "saved")
+    end_of_turn, own = CHAT_FAMILIES[family][6], CHAT_FAMILIES[family][4]
+    expected = list(dict.fromkeys(tok.convert_tokens_to_ids([end_of_turn, tok.eos_token, *own])))
+    assert GenerationConfig.from_pretrained(tmp_path / "saved").eos_token_id == expected
+
+
+def test_saved_model_of_a_built_tokenizer_stops_at_its_eos_or_at_chatml_end(tokenizer, tmp_path):
+    plain = build_model("gpt2", "nano", tokenizer)
+    save_pretrained(plain, tokenizer, tmp_path / "alpaca")
+    assert GenerationConfig.from_pretrained(tmp_path / "alpaca").eos_token_id == tokenizer.eos_token_id
+    chat = add_chat_format(AutoTokenizer.from_pretrained(tmp_path / "alpaca"))
+    save_pretrained(build_model("gpt2", "nano", chat), chat, tmp_path / "chat")
+    assert GenerationConfig.from_pretrained(tmp_path / "chat").eos_token_id == \
+        chat.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])

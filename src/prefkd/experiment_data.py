@@ -7,7 +7,10 @@ Every source writes the same files under `OUT/data` (the PLaD protocol):
   validation.jsonl  for tuning and the diagnostics batch;  test.jsonl  for the final numbers
   corpus.txt        LM-loss corpus (documents separated by blank lines)
   pretrain.txt      pretraining corpus for models built from scratch (may be empty)
-  tokenizer/        byte-level BPE trained on D0 + D + the corpora
+  tokenizer/        byte-level BPE trained on D0 + D + the corpora; with `data.template=chat`, the same BPE plus
+                    ChatML's special tokens and chat template (`models.add_chat_format`), so that every later stage
+                    (SFT, distillation, sample caches, evaluation) renders records in ChatML through
+                    `data.template=auto`
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from prefkd.data.prepare import dolly_splits, load_corpus, plad_shards
 from prefkd.data.records import Instruction, write_records
 from prefkd.data.synthetic import SuiteConfig, build_suite
 from prefkd.errors import ConfigError
-from prefkd.models import train_tokenizer
+from prefkd.models import add_chat_format, train_tokenizer
+
+TEMPLATES = ("alpaca", "chat")
 
 
 @dataclass
@@ -47,6 +52,9 @@ class ExperimentDataConfig:
     pretrain_corpus: list[str] = opt([], "text files for pretraining models built from scratch (e.g. WikiText-2)")
     lm_corpus: str = opt("auto", "LM-loss corpus: 'auto' (the suite's own corpus, or pretrain_corpus for Dolly), "
                                  "'none', or a text file")
+    template: str = opt("alpaca", "format the models are trained and evaluated in: 'alpaca' (the Alpaca prompt, "
+                                  "EOS ends a response) or 'chat' (ChatML: the tokenizer gains <|im_start|>, "
+                                  "<|im_end|> and a chat template; the BPE is trained on the same plain text)")
 
 
 def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
@@ -59,6 +67,11 @@ def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
         key = stages.fingerprint("dolly", asdict(cfg.dolly), cfg.vocab_size, cfg.pretrain_corpus, cfg.lm_corpus)
     else:
         raise ConfigError(f"data.source '{cfg.source}' is not one of: suite, dolly")
+    if cfg.template not in TEMPLATES:
+        raise ConfigError(f"data.template '{cfg.template}' is not one of: {', '.join(TEMPLATES)} (an experiment "
+                          "builds its tokenizer; `prefkd sft` and `prefkd distill` take a model's own template)")
+    if cfg.template != "alpaca":  # Alpaca keeps the key it always had, so existing runs' stages stay valid
+        key = stages.fingerprint(key, "template", cfg.template)
     if stages.is_done(data_dir, key):
         return key
     shards, suite_corpus = _suite(cfg.suite) if cfg.source == "suite" else _dolly(cfg.dolly)
@@ -73,12 +86,17 @@ def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
     write_records(data_dir / "d_prompts.jsonl", [replace(r, references=()) for r in shards["d"]])
     atomic.write_text(data_dir / "corpus.txt", "\n\n".join(lm))
     atomic.write_text(data_dir / "pretrain.txt", "\n\n".join(pretrain))
+    # The BPE is learnt from the same text whatever the template, so its merges do not depend on the markup.
     texts = [r.prompt + r.references[0] for r in shards["d0"] + shards["d"]] + suite_corpus + pretrain
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    if cfg.template == "chat":
+        tokenizer = add_chat_format(tokenizer)
     with atomic.directory(data_dir / "tokenizer") as tmp:
-        train_tokenizer(texts, cfg.vocab_size).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     sizes = {n: len(v) for n, v in shards.items()}
     console.print(f"data ({cfg.source}): {sizes}, LM corpus {len(lm)} documents, pretraining corpus "
-                  f"{len(pretrain)} documents, tokenizer {cfg.vocab_size} tokens")
+                  f"{len(pretrain)} documents, tokenizer {cfg.vocab_size} tokens"
+                  + (" + ChatML's 2 special tokens and chat template" if cfg.template == "chat" else ""))
     stages.mark_done(data_dir, key, {"sizes": sizes})
     return key
 

@@ -30,6 +30,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 from prefkd import atomic
 from prefkd.config import opt
+from prefkd.data.chat import Renderer
 from prefkd.errors import PrefkdError
 
 transformers.utils.logging.disable_progress_bar()
@@ -161,9 +162,15 @@ def model_from_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
-    """Save model (safetensors) and tokenizer together, atomically."""
+    """Save model (safetensors) and tokenizer together, atomically.
+
+    The generation config's EOS is the tokenizer's; with a chat template it is every token that ends a response
+    (the end-of-turn token first, then the EOS and the model's own), so stock `generate` stops where prefkd's
+    sampling stops."""
+    ends = list(Renderer(tokenizer, "chat").stop_ids_for(model)) if getattr(tokenizer, "chat_template", None) \
+        else tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = ends
     with atomic.directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -1,0 +1,70 @@
+"""The data stage of `prefkd compare` / `prefkd demo`: its key, and the chat format's tokenizer."""
+
+from dataclasses import asdict, replace
+
+import pytest
+from support import write_dolly_files
+
+from prefkd import stages
+from prefkd.errors import ConfigError
+from prefkd.experiment_data import ExperimentDataConfig, prepare_data
+from prefkd.models import CHATML, load_tokenizer
+
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def test_alpaca_keeps_the_data_key_it_had_and_chat_changes_it(tmp_path, tiny_suite_config):
+    """Alpaca is the default and keys the stage exactly as before the template option existed (so the stages of
+    runs made then stay valid); the chat format is another data stage."""
+    cfg = ExperimentDataConfig(suite=tiny_suite_config, vocab_size=400)
+    assert cfg.template == "alpaca"
+    old = stages.fingerprint(asdict(cfg.suite), cfg.vocab_size)  # how the key was computed before the option
+    assert prepare_data(cfg, tmp_path / "alpaca") == old
+    assert prepare_data(replace(cfg, template="alpaca"), tmp_path / "alpaca") == old
+    chat = prepare_data(replace(cfg, template="chat"), tmp_path / "chat")
+    assert chat != old
+    # The other branches of the key too: a suite with its own LM corpus, and Dolly.
+    suite_none = replace(cfg, lm_corpus="none")
+    assert prepare_data(suite_none, tmp_path / "none") == stages.fingerprint(old, [], "none")
+    assert prepare_data(replace(suite_none, template="chat"), tmp_path / "none-chat") not in (old, chat)
+    files = write_dolly_files(tmp_path / "dolly-files")
+    dolly = replace(cfg, source="dolly", dolly=replace(cfg.dolly, **files))
+    dolly_key = prepare_data(dolly, tmp_path / "dolly")
+    assert dolly_key == stages.fingerprint("dolly", asdict(dolly.dolly), 400, [], "auto")
+    assert prepare_data(replace(dolly, template="chat"), tmp_path / "dolly-chat") != dolly_key
+
+    # One data directory, the template switched: the stage is rebuilt, not reused with the other tokenizer.
+    shared = tmp_path / "shared"
+    prepare_data(cfg, shared)
+    assert not load_tokenizer(str(shared / "tokenizer")).chat_template
+    prepare_data(replace(cfg, template="chat"), shared)
+    assert load_tokenizer(str(shared / "tokenizer")).chat_template == CHATML
+
+
+def test_chat_tokenizer_is_the_alpaca_bpe_plus_chatml_and_the_data_is_the_same(tmp_path, tiny_suite_config):
+    cfg = ExperimentDataConfig(suite=tiny_suite_config, vocab_size=400)
+    prepare_data(cfg, tmp_path / "alpaca")
+    prepare_data(replace(cfg, template="chat"), tmp_path / "chat")
+    alpaca, chat = (load_tokenizer(str(tmp_path / n / "tokenizer")) for n in ("alpaca", "chat"))
+    # The BPE is learnt from the same plain text: same tokens, same ids; ChatML's two tokens come on top, special
+    # (never split, skipped when decoding), and models built from this tokenizer have room for them.
+    chat_vocab = chat.get_vocab()
+    added = {t: chat_vocab.pop(t) for t in CHAT_TOKENS}
+    assert chat_vocab == alpaca.get_vocab()
+    assert sorted(added.values()) == [len(alpaca), len(alpaca) + 1] and len(chat) == len(alpaca) + 2
+    assert set(CHAT_TOKENS) <= set(chat.all_special_tokens)
+    text = "Name the town where Baxdor Talton lives."
+    assert chat(text)["input_ids"] == alpaca(text)["input_ids"]
+    assert chat.chat_template == CHATML and not alpaca.chat_template
+    assert chat.eos_token == alpaca.eos_token and chat.pad_token_id == alpaca.pad_token_id
+    # Shards, the LM corpus and the pretraining corpus do not depend on the template.
+    for name in ("d0.jsonl", "d.jsonl", "d_prompts.jsonl", "validation.jsonl", "test.jsonl", "corpus.txt",
+                 "pretrain.txt"):
+        assert (tmp_path / "chat" / name).read_bytes() == (tmp_path / "alpaca" / name).read_bytes(), name
+
+
+def test_an_unknown_template_is_refused_before_anything_is_written(tmp_path, tiny_suite_config):
+    cfg = ExperimentDataConfig(suite=tiny_suite_config, vocab_size=400, template="chatml")
+    with pytest.raises(ConfigError, match="data.template 'chatml' is not one of: alpaca, chat"):
+        prepare_data(cfg, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
