@@ -30,6 +30,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 from prefkd import atomic
 from prefkd.config import opt
+from prefkd.data.chat import Renderer
 from prefkd.errors import PrefkdError
 
 transformers.utils.logging.disable_progress_bar()
@@ -163,10 +164,26 @@ def model_from_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
     """Save model (safetensors) and tokenizer together, atomically."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = end_token_ids(model, tokenizer)
     with atomic.directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+
+
+def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int | list[int]:
+    """What a saved model's generation config stops at: the end tokens it already lists (an instruct model's list,
+    e.g. Gemma's <eos> and <end_of_turn>), the tokenizer's EOS and its chat template's end-of-turn token, so that
+    stock `generate` ends a reply where prefkd's sampling does (`Renderer.stop_ids_for`). One id stays an int."""
+    had = model.generation_config.eos_token_id
+    had = [] if had is None else [had] if isinstance(had, int) else list(had)
+    end_of_turn = []
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            end_of_turn = Renderer(tokenizer, "chat").end_ids
+        except PrefkdError:  # a template prefkd cannot read was refused when the run rendered its data
+            pass
+    ids = list(dict.fromkeys([*had, tokenizer.eos_token_id, *end_of_turn]))
+    return ids[0] if len(ids) == 1 else ids
 
 
 def n_params(model: torch.nn.Module) -> int:
