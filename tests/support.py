@@ -310,3 +310,22 @@ def chat_record(row: dict):
     context = tuple((m["role"], m["content"]) for m in (turns[:-1] if reply else turns))
     return Instruction(context[-1][1], references=(turns[-1]["content"],) if reply else (), id=row["id"],
                        context=context)
+
+
+def marked_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
+    """The stretches of `ids` that `mask` marks, each as its own list (one per trained assistant turn)."""
+    runs, current = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+DROPS_EARLIER_REPLIES = (  # ChatML that writes an earlier assistant turn without its content (as reasoning
+    # templates drop earlier thinking): the prompt of a later turn is no continuation of an earlier one
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] != 'assistant' or loop.last %}"
+    "{{ m['content'] }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

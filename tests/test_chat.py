@@ -8,7 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 import support
-from support import CHAT_CONVERSATIONS, CHAT_FAMILIES, MINILLM_HEAD, chat_record, chat_rows, chat_texts
+from support import (
+    CHAT_CONVERSATIONS,
+    CHAT_FAMILIES,
+    DROPS_EARLIER_REPLIES,
+    MINILLM_HEAD,
+    chat_record,
+    chat_rows,
+    chat_texts,
+    marked_runs,
+)
 from transformers import GenerationConfig
 
 from prefkd.data.chat import Renderer, renderer_for
@@ -42,18 +51,6 @@ def _ids(tok, text):
 
 def _template_ids(tok, messages):
     return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-
-
-def _runs(ids, mask):
-    """The marked stretches of `ids`, each as its own list."""
-    runs, current = [], []
-    for i, m in zip(ids, mask, strict=True):
-        if m:
-            current.append(i)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -136,19 +133,12 @@ def test_multi_turn_mask_marks_exactly_the_earlier_assistant_turns(name):
         assert prompt_ids == r.prompt_ids([rec])[0] and response_ids == r.response_ids(rec, reply)
         assert len(mask) == len(prompt_ids)
         earlier = [m["content"] for m in row["messages"][:-1] if m["role"] == "assistant"]
-        runs = _runs(prompt_ids, mask)
+        runs = marked_runs(prompt_ids, mask)
         # Each earlier assistant turn is one marked stretch: its content's tokens and the end token, nothing else.
         assert runs == [_ids(tok, c) + [end] for c in earlier], row["id"]
         assert [tok.decode(run) for run in runs] == [c + end_token for c in earlier]
         earlier_turns.append(len(earlier))
     assert earlier_turns == [1, 2, 0, 0, 1, 0]
-
-
-DROPS_EARLIER_REPLIES = (  # ChatML that writes an earlier assistant turn without its content (as reasoning
-    # templates drop earlier thinking): the prompt of a later turn is no continuation of an earlier one
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] != 'assistant' or loop.last %}"
-    "{{ m['content'] }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def test_a_template_that_rewrites_earlier_turns_cannot_train_them_and_says_so(tmp_path):
