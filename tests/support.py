@@ -257,3 +257,75 @@ def save_chat_model(path: Path, family: str, tokenizer, seed: int = 0, layers: i
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# Conversations in TRL's messages format: system prompts, one to three turns. Gemma's template refuses a system
+# turn, so its files leave them out (`chat_rows`).
+CHAT_CONVERSATIONS = [
+    {"id": "c1", "messages": [{"role": "system", "content": "Answer in one or two words."},
+                              {"role": "user", "content": "Name a colour."},
+                              {"role": "assistant", "content": "Blue."},
+                              {"role": "user", "content": "Another one?"},
+                              {"role": "assistant", "content": "Red."}]},
+    {"id": "c2", "messages": [{"role": "user", "content": "What is two plus two?"},
+                              {"role": "assistant", "content": "Four."},
+                              {"role": "user", "content": "And two plus three?"},
+                              {"role": "assistant", "content": "Five."},
+                              {"role": "user", "content": "And three plus three?"},
+                              {"role": "assistant", "content": "Six."}]},
+    {"id": "c3", "messages": [{"role": "user", "content": "Name a fruit."},
+                              {"role": "assistant", "content": "An apple."}]},
+    {"id": "c4", "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                              {"role": "user", "content": "Say hello."},
+                              {"role": "assistant", "content": "Hello there."}]},
+    {"id": "c5", "messages": [{"role": "user", "content": "Name an animal."},
+                              {"role": "assistant", "content": "A cat."},
+                              {"role": "user", "content": "A bigger one?"},
+                              {"role": "assistant", "content": "A horse."}]},
+    {"id": "c6", "messages": [{"role": "user", "content": "Is the sky blue?"},
+                              {"role": "assistant", "content": "Yes, on a clear day."}]},
+]
+
+
+def chat_rows(family: str) -> list[dict]:
+    """CHAT_CONVERSATIONS as `family`'s template takes them (Gemma: without system turns)."""
+    if family != "gemma":
+        return CHAT_CONVERSATIONS
+    return [{**row, "messages": [m for m in row["messages"] if m["role"] != "system"]} for row in CHAT_CONVERSATIONS]
+
+
+def chat_texts(rows: list[dict]) -> list[str]:
+    """Texts to train a chat tokenizer on: every turn's content and role name, repeated so that BPE merges them."""
+    words = ["system", "user", "assistant", "model", "You are Qwen, created by Alibaba Cloud."]
+    return [m["content"] for row in rows for m in row["messages"]] * 4 + words * 4
+
+
+def chat_record(row: dict):
+    """A messages row as the loader makes it a record: the turns before the last assistant turn are the context,
+    that turn the reference (a row ending with a user turn is a prompt without one)."""
+    from prefkd.data.records import Instruction
+
+    turns = row["messages"]
+    reply = turns[-1]["role"] == "assistant"
+    context = tuple((m["role"], m["content"]) for m in (turns[:-1] if reply else turns))
+    return Instruction(context[-1][1], references=(turns[-1]["content"],) if reply else (), id=row["id"],
+                       context=context)
+
+
+def marked_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
+    """The stretches of `ids` that `mask` marks, each as its own list (one per trained assistant turn)."""
+    runs, current = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+DROPS_EARLIER_REPLIES = (  # ChatML that writes an earlier assistant turn without its content (as reasoning
+    # templates drop earlier thinking): the prompt of a later turn is no continuation of an earlier one
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] != 'assistant' or loop.last %}"
+    "{{ m['content'] }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

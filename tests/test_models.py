@@ -60,3 +60,23 @@ def test_saved_model_of_a_built_tokenizer_stops_at_its_eos_or_at_chatml_end(toke
     save_pretrained(build_model("gpt2", "nano", chat), chat, tmp_path / "chat")
     assert GenerationConfig.from_pretrained(tmp_path / "chat").eos_token_id == \
         chat.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+def test_save_pretrained_keeps_every_end_token_in_the_generation_config(tmp_path, tokenizer):
+    """A saved model's generation config stops where prefkd's sampling stops: at the tokenizer's EOS, at its chat
+    template's end-of-turn token, and at every end token the model already listed (an instruct model's list)."""
+    import copy
+
+    from support import save_lm
+    from transformers import GenerationConfig
+
+    from prefkd.models import add_chat_format, build_model, save_pretrained
+
+    eos = tokenizer.eos_token_id
+    assert GenerationConfig.from_pretrained(save_lm(tmp_path / "plain", tokenizer)).eos_token_id == eos  # an int
+    chat = add_chat_format(copy.deepcopy(tokenizer))
+    im_end = chat.convert_tokens_to_ids("<|im_end|>")
+    model = build_model("gpt2", "nano", chat)
+    save_pretrained(model, chat, tmp_path / "chat")
+    assert GenerationConfig.from_pretrained(tmp_path / "chat").eos_token_id == [im_end, eos]
+    model.generation_config.eos_token_id = [7, im_end]  # listed by the model: kept, after the end of turn and EOS
+    save_pretrained(model, chat, tmp_path / "listed")
+    assert GenerationConfig.from_pretrained(tmp_path / "listed").eos_token_id == [im_end, eos, 7]

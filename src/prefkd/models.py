@@ -162,18 +162,30 @@ def model_from_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
-    """Save model (safetensors) and tokenizer together, atomically.
-
-    The generation config's EOS is the tokenizer's; with a chat template it is every token that ends a response
-    (the end-of-turn token first, then the EOS and the model's own), so stock `generate` stops where prefkd's
-    sampling stops."""
-    ends = list(Renderer(tokenizer, "chat").stop_ids_for(model)) if getattr(tokenizer, "chat_template", None) \
-        else tokenizer.eos_token_id
+    """Save model (safetensors) and tokenizer together, atomically; the generation config stops at every end token
+    (`end_token_ids`)."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = ends
+    model.generation_config.eos_token_id = end_token_ids(model, tokenizer)
     with atomic.directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+
+
+def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int | list[int]:
+    """What a saved model's generation config stops at: its chat template's end-of-turn token first, the
+    tokenizer's EOS, then the end tokens the model already lists (an instruct model's list, e.g. Gemma's <eos> and
+    <end_of_turn>), so that stock `generate` ends a reply where prefkd's sampling does (`Renderer.stop_ids_for`).
+    One id stays an int."""
+    had = model.generation_config.eos_token_id
+    had = [] if had is None else [had] if isinstance(had, int) else list(had)
+    end_of_turn = []
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            end_of_turn = Renderer(tokenizer, "chat").end_ids
+        except PrefkdError:  # a template prefkd cannot read was refused when the run rendered its data
+            pass
+    ids = list(dict.fromkeys([*end_of_turn, tokenizer.eos_token_id, *had]))
+    return ids[0] if len(ids) == 1 else ids
 
 
 def n_params(model: torch.nn.Module) -> int:

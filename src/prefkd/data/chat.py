@@ -108,9 +108,9 @@ class Renderer:
         extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
         return tuple(dict.fromkeys([*self.stop_ids, *extra]))
 
-    def describe(self) -> dict:
+    def describe(self, model: PreTrainedModel | None = None) -> dict:
         return {"template": self.name, "end_of_turn": self.tokenizer.convert_ids_to_tokens(self.end_ids),
-                "stop_tokens": self.tokenizer.convert_ids_to_tokens(list(self.stop_ids))}
+                "stop_tokens": self.tokenizer.convert_ids_to_tokens(list(self.stop_ids_for(model)))}
 
     # --- helpers ------------------------------------------------------------------------------------------------
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
+
+from transformers import GenerationConfig
 
 from prefkd.config import opt
 from prefkd.data.chat import TEMPLATE_HELP, check_assistant_turns, renderer_for
@@ -26,15 +29,18 @@ def render_records(cfg: RenderRun) -> tuple[dict, list[dict]]:
     with the generation prompt), `response` (the last turn's text without its end token), their token counts,
     the ids and which of them SFT trains on."""
     check_assistant_turns(cfg.assistant_turns)
-    renderer = renderer_for(load_tokenizer(need(cfg.model, "model")), cfg.template)
+    model = need(cfg.model, "model")
+    renderer = renderer_for(load_tokenizer(model), cfg.template)
     records = load_instructions(need(cfg.data, "data"), require_references=False)
     records = records[: cfg.limit] if cfg.limit else records
     rows = []
     for rec in records:
         reply = rec.references[0] if rec.references else ""
-        prompt_ids, response_ids, mask = renderer.conversation(rec, reply)
-        if cfg.assistant_turns == "last":
-            mask = [0] * len(mask)
+        if cfg.assistant_turns == "all":
+            prompt_ids, response_ids, mask = renderer.conversation(rec, reply)
+        else:  # as SFT renders the last turn: earlier turns are not rendered on their own, nor need to be
+            prompt_ids, response_ids = renderer.prompt_ids([rec])[0], renderer.response_ids(rec, reply)
+            mask = [0] * len(prompt_ids)
         if not rec.references:
             response_ids = []
         rows.append({"id": rec.id, "prompt": renderer.prompt(rec),
@@ -42,7 +48,16 @@ def render_records(cfg: RenderRun) -> tuple[dict, list[dict]]:
                      "prompt_tokens": len(prompt_ids), "response_tokens": len(response_ids),
                      "input_ids": prompt_ids + response_ids,
                      "trained": mask + [1] * len(response_ids)})
-    return renderer.describe(), rows
+    return renderer.describe(_generation_config(model)), rows
+
+
+def _generation_config(model: str) -> SimpleNamespace | None:
+    """The model's generation config (its end tokens are stops too), without loading the weights; None for a
+    tokenizer alone."""
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(model))
+    except OSError:
+        return None
 
 
 def as_json_lines(rows: list[dict]) -> str:
