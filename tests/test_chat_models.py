@@ -73,8 +73,10 @@ def _end(m) -> int:
 
 
 def _listed_eos(m) -> list[int]:
-    """The end tokens the instruct model's generation config lists (save_chat_model)."""
-    return [m.tok.convert_tokens_to_ids(t) for t in CHAT_FAMILIES[m.name][4]]
+    """What a saved student stops at: the end of turn first, then the EOS and the end tokens the instruct model's
+    generation config lists (save_chat_model), each once."""
+    end_of_turn, eos = CHAT_FAMILIES[m.name][6], m.tok.eos_token
+    return list(dict.fromkeys(m.tok.convert_tokens_to_ids([end_of_turn, eos, *CHAT_FAMILIES[m.name][4]])))
 
 
 def _spy(monkeypatch, module) -> list:
@@ -275,7 +277,8 @@ def test_white_box_refuses_a_teacher_with_another_chat_template_and_black_box_us
     assert (f"error: method 'kd' is white-box: teacher and student must see the same prompt, but the student's chat "
             f"template (the chat template of {m.student}) differs from the teacher's (the chat template of "
             f"{teacher}) (student '{m.student}', teacher '{teacher}'). Give both the same chat template "
-            "(data.template=FILE sets one for both), or use a black-box method such as seqkd or plad.") in res.output
+            "(data.template=FILE sets one for both), or a method that distils across tokenizers and templates "
+            "(dpkd, dpo, ipo, cpo, simpo, seqkd, plad, uld).") in res.output
 
     seen = _spy(monkeypatch, distill_recipe)
     res = runner.invoke(app, ["distill", "--method", "seqkd", f"out={tmp_path / 'seqkd'}", *common])

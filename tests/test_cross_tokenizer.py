@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from prefkd.cli import app
 from prefkd.data.chat import Renderer
 from prefkd.data.records import Instruction
+from prefkd.errors import PrefkdError
 from prefkd.logprobs import text_ids, text_logprobs
 from prefkd.methods import dpkd
 from prefkd.methods.cross_tokenizer import TeacherTokens, byte_length
@@ -180,3 +181,13 @@ def test_train_tokenizer_pairs_differ(pair):
     student, teacher = pair
     assert student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab()
     assert len(student.tokenizer) != len(teacher.tokenizer)
+
+
+def test_teacher_prompts_are_cut_from_the_left_to_fit_its_context_with_the_longest_response(pair):
+    student, teacher = pair
+    tt = TeacherTokens(teacher, student, teacher.stop_ids, [], context=10)
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    branches = [[[9, 9, 9], [9]], [[9] * 6, [9, 9]]]  # y_t, then one y_s per prompt
+    assert tt.fit(prompts, branches) == [[3, 4, 5, 6], [7, 8]]  # 4 + 6 fits 10; 2 + 2 needed no cut
+    with pytest.raises(PrefkdError, match="10 positions"):
+        tt.fit(prompts, [[[9] * 10, [9]]])

@@ -137,7 +137,8 @@ def test_white_box_method_refuses_different_tokenizers(tmp_path, tokenizer):
         res = runner.invoke(app, ["sft", f"out={tmp_path / name}", f"tokenizer={tok}", "model.size=nano",
                                   f"data.train={files['train']}", "train.steps=1", "train.batch_size=2"])
         assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["distill", f"out={tmp_path / 'x'}", f"student.path={tmp_path / 'student' / 'model'}",
+    res = runner.invoke(app, ["distill", "--method", "kd", f"out={tmp_path / 'x'}",
+                              f"student.path={tmp_path / 'student' / 'model'}",
                               f"teacher.path={tmp_path / 'teacher' / 'model'}", f"data.prompts={files['train']}"])
     assert res.exit_code == 2
     assert "white-box" in res.output and "plad" in res.output

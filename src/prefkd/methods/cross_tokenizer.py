@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefkd.data.chat import Renderer
 from prefkd.data.records import Instruction
+from prefkd.errors import PrefkdError
 from prefkd.logprobs import text_ids
 
 
@@ -29,11 +30,26 @@ class TeacherTokens:
     student: Renderer
     teacher_stops: tuple[int, ...]  # the tokens that end a teacher sample (its model's end tokens)
     prompts: list[list[int]]  # the teacher's prompt ids, by `Example.index`
+    context: int | None = None  # the teacher's positions
 
     @classmethod
     def build(cls, teacher: Renderer, student: Renderer, model: PreTrainedModel | None,
               records: list[Instruction]) -> TeacherTokens:
-        return cls(teacher, student, teacher.stop_ids_for(model), teacher.prompt_ids(records))
+        config = getattr(model, "config", None)
+        context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        return cls(teacher, student, teacher.stop_ids_for(model), teacher.prompt_ids(records), context)
+
+    def fit(self, prompts: list[list[int]], branches: list[list[list[int]]]) -> list[list[int]]:
+        """Prompts cut from the left so that each fits the teacher's context with its longest response (the
+        student's limits count student tokens; a text can be longer in the teacher's), as sampling cuts them."""
+        if not self.context:
+            return prompts
+        longest = [max(len(b[i]) for b in branches) for i in range(len(prompts))]
+        if max(longest) >= self.context:
+            raise PrefkdError(f"a response is {max(longest)} tokens in the teacher's tokenizer, more than its "
+                              f"{self.context} positions hold with a prompt; lower sampling.max_new_tokens")
+        return [p[-max(1, self.context - n):] if len(p) + n > self.context else p
+                for p, n in zip(prompts, longest, strict=True)]
 
     def text(self, ids: list[int], renderer: Renderer) -> str:
         """A response's text as the model that produced it wrote it, without its special tokens."""

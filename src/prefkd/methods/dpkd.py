@@ -89,6 +89,8 @@ def sampled_pairs(pair_loss: PairLoss):
         tt = inp.teacher_tokens
         teacher_prompts = [tt.prompts[e.index] for e in inp.examples] if tt else prompts
         y_s_teacher = [[tt.to_teacher(y, _stops(inp)) for y in ys] for ys in y_s] if tt else y_s
+        if tt is not None:
+            teacher_prompts = tt.fit(teacher_prompts, [y_t, *y_s_teacher])
         p_t = p_s = None
         if inp.teacher is not None:
             p_t, p_s = teacher_logps(inp.teacher, teacher_prompts, y_t, y_s_teacher, known, inp.device)
