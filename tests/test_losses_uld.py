@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prefkd.data.byte_spans import response_byte_spans
+from prefkd.errors import PrefkdError
 from prefkd.losses import (
     byte_span_groups,
     merged_group_probs,
@@ -395,3 +397,116 @@ def test_uld_loss_official_weights():
     ce, dist = torch.tensor(2.0), torch.tensor(0.4)
     assert abs(uld_loss(ce, dist).item() - (2.0 + 1.5 * 0.4)) < 1e-6
     assert abs(uld_loss(ce, dist, ce_weight=0.0, distance_weight=1.0).item() - 0.4) < 1e-7
+
+
+# --- byte spans of a response's tokens ------------------------------------------------------------------------
+
+_TEXTS = ["hello world, héllo wörld — naïve café 日本語 テキスト 🙂 ok"] * 3 + ["plain ascii text here and there"] * 3
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer():
+    from prefkd.models import train_tokenizer
+
+    return train_tokenizer(_TEXTS, vocab_size=300)
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "日本語 テキスト 🙂🙂 ", "café naïve — x", "plain",
+                                  "a<|endoftext|>b ü"])
+def test_response_byte_spans_on_non_ascii_text(byte_level_tokenizer, text):
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from prefkd.logprobs import text_ids
+
+    tok = byte_level_tokenizer
+    ids, spans = response_byte_spans(tok, text)
+    raw = text.encode()
+    assert ids == text_ids(tok, text)
+    # The spans tile the text's bytes, in order.
+    assert spans[0][0] == 0 and spans[-1][1] == len(raw)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    # Each span holds exactly the bytes of its token (transformers' own byte-level table decodes the token).
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    for token, (a, b) in zip(tok.convert_ids_to_tokens(ids), spans, strict=True):
+        assert raw[a:b] == bytes(decoder[c] for c in token)
+    # A prefix of tokens that ends on a character boundary decodes to the text up to that byte.
+    for k, (_, end) in enumerate(spans, start=1):
+        try:
+            prefix = raw[:end].decode()
+        except UnicodeDecodeError:
+            continue
+        assert tok.decode(ids[:k]) == prefix
+
+
+def test_response_byte_spans_splits_characters_cut_between_tokens(byte_level_tokenizer):
+    # With 300 tokens, the CJK characters are cut between byte tokens; the raw character offsets overlap there.
+    text = "日本語 🙂"
+    ids, spans = response_byte_spans(byte_level_tokenizer, text)
+    offsets = byte_level_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert any(b[0] < a[1] for a, b in zip(offsets, offsets[1:], strict=False))
+    raw = text.encode()
+    assert any(not _is_utf8(raw[a:b]) for a, b in spans)
+    assert b"".join(raw[a:b] for a, b in spans) == raw
+
+
+@pytest.mark.parametrize("prefix_space", [False, True])
+def test_response_byte_spans_undoes_trimmed_offsets_and_prefix_spaces(prefix_space):
+    from tokenizers import pre_tokenizers, processors
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from prefkd.models import train_tokenizer
+
+    tok = train_tokenizer(_TEXTS, vocab_size=300)
+    # Offsets trimmed of whitespace (RoBERTa's post-processor): a lone space token reports no characters and
+    # " w" reports only "w".
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    if prefix_space:  # the tokenizer adds a space before the text, which is not in it
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    text = "hello  world, café  🙂 x"
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert any(a == b for a, b in offsets)
+    ids, spans = response_byte_spans(tok, text)
+    raw = text.encode()
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    pieces = [bytes(decoder[c] for c in t) for t in tok.convert_ids_to_tokens(ids)]
+    if prefix_space:
+        assert pieces[0].startswith(b" ") and not text.startswith(" ")
+        pieces[0] = pieces[0][1:]
+    assert [raw[a:b] for a, b in spans] == pieces
+    assert b"".join(pieces) == raw and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def _is_utf8(data):
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_response_byte_spans_converts_character_offsets_to_bytes():
+    # A word-level tokenizer (not byte-level): the spans are its character offsets turned into byte offsets.
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "héllo": 1, "wörld": 2, "日本": 3, "!": 4}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    ids, spans = response_byte_spans(tok, "héllo wörld 日本!")
+    assert ids == [1, 2, 3, 4]
+    # h é(2) l l o = 6 bytes; space; w ö(2) r l d = 6; space; 日本 = 6; ! = 1
+    assert spans == [(0, 6), (7, 13), (14, 20), (20, 21)]
+    # The two tokenizations group as the text says.
+    other = _spans(["hé", "llo", " wörld", " 日", "本!"])
+    assert byte_span_groups(spans, other) == [([0], [0, 1]), ([1], [2]), ([2, 3], [3, 4])]
+
+
+def test_response_byte_spans_needs_a_fast_tokenizer():
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(PrefkdError):
+        response_byte_spans(Slow(), "x")
