@@ -122,7 +122,7 @@ def test_docs_the_code_cites_exist():
                  "docs/benchmarks.md", "docs/development.md", "results/README.md"):
         assert (ROOT / page).is_file(), page
     anchors = _anchors(ROOT / "docs/methods.md")
-    for section in ("Token-level divergences", "DPKD as released"):
+    for section in ("Token-level divergences", "DPKD as released", "ULD: token-level KD across tokenizers"):
         assert _slug(section) in anchors, f"docs/methods.md lacks the section '{section}' that losses/*.py cite"
 
 
