@@ -23,6 +23,10 @@ class Example:
     index: int = -1  # position in the run's prompt list (keys the teacher cache of dpkd's cached mode)
     prompt_mask: list[int] = field(default_factory=list)  # 1 on prompt tokens also trained on (earlier assistant
     # turns of a conversation in multi-turn SFT); empty: none
+    # The same example in the teacher's tokens and the response's text (uld, which reads it in both tokenizers).
+    text: str = ""
+    teacher_prompt_ids: list[int] = field(default_factory=list)
+    teacher_response_ids: list[int] = field(default_factory=list)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import difflib
 
 from prefkd.errors import ConfigError
-from prefkd.methods import distillm2, dpkd, on_policy, plad, preference, sft, token_kd
+from prefkd.methods import distillm2, dpkd, on_policy, plad, preference, sft, token_kd, uld
 from prefkd.methods.base import Method, MethodOutput, StepInputs
 from prefkd.methods.config import MethodConfig
 
-METHODS: dict[str, Method] = {m.name: m for module in (sft, token_kd, on_policy, dpkd, preference, plad, distillm2)
-                              for m in module.METHODS}
+FAMILIES = (sft, token_kd, on_policy, dpkd, preference, plad, distillm2, uld)
+METHODS: dict[str, Method] = {m.name: m for module in FAMILIES for m in module.METHODS}
 
 
 def get_method(name: str) -> Method:
@@ -24,8 +24,13 @@ def get_method(name: str) -> Method:
 
 def describe() -> list[str]:
     """One line per method, for `prefkd methods`."""
-    return [f"{m.name:12s} {m.description} [{m.paper}; {'white-box' if m.needs_teacher else 'black-box'}; "
-            f"trains on {m.trains_on}]" for m in METHODS.values()]
+    return [f"{m.name:12s} {m.description} [{m.paper}; {_kind(m)}; trains on {m.trains_on}]" for m in METHODS.values()]
+
+
+def _kind(m: Method) -> str:
+    if not m.needs_teacher:
+        return "black-box"
+    return "teacher in training, any tokenizer" if m.cross_tokenizer else "white-box"
 
 
 __all__ = ["METHODS", "Method", "MethodConfig", "MethodOutput", "StepInputs", "describe", "get_method"]

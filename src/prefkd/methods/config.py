@@ -13,6 +13,7 @@ from prefkd.methods.on_policy import GKDConfig, RKLConfig
 from prefkd.methods.plad import PLaDConfig
 from prefkd.methods.preference import CPOConfig, DPOConfig, IPOConfig, SimPOConfig
 from prefkd.methods.token_kd import AKLConfig, KDConfig, SkewConfig
+from prefkd.methods.uld import ULDConfig
 
 
 @dataclass
@@ -43,6 +44,7 @@ class MethodConfig:
     simpo: SimPOConfig = section(SimPOConfig)
     plad: PLaDConfig = section(PLaDConfig)
     distillm2: DistiLLM2Config = section(DistiLLM2Config)
+    uld: ULDConfig = section(ULDConfig)
 
     def __post_init__(self) -> None:
         if self.responses not in ("auto", "teacher"):
