@@ -18,6 +18,7 @@ BENCHMARKS = {  # name -> module; the order of the issue
     "teacher_cache": "bench.teacher_cache",
     "train_mfu": "bench.train_mfu",
     "bf16": "bench.bf16",
+    "cross_tokenizer": "bench.cross_tokenizer",
 }
 
 
