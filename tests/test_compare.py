@@ -162,3 +162,29 @@ def test_teacher_win_rates_pair_each_eval_seed_with_the_teachers():
     loose = teacher_win_rates({"teacher": teacher, "s": student}, texts, tie_tolerance=2.0)
     assert loose["s"][0, 0].tolist() == [50, 50, 50]  # |3-1|, 0 and |2-4| are all within 2
     assert teacher_win_rates({"s": student}, {"s": texts["s"]}) == {}
+
+
+def test_compare_evaluates_every_model_on_a_conversations_file_in_the_chat_format(tmp_path):
+    """eval_split=FILE: each model answers the last user turn of multi-turn conversations in its chat template, and
+    is scored against the last assistant turn."""
+    from test_end_to_end import TINY
+
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": f"Who is {n}?"},
+                          {"role": "assistant", "content": f"{n} is a person."},
+                          {"role": "user", "content": "And what does she do?"},
+                          {"role": "assistant", "content": f"{n} writes books."}]} for n in ("Ada", "Bea", "Cy")]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--methods", "kd", *TINY, "continued_sft=false",
+                                   "eval.seeds=10", "data.template=chat", f"eval_split={chats}"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert {r["name"] for r in results["rows"]} == {"teacher", "sft", "kd"}
+    assert all(r["breakdown"]["all"]["n"] == 3 for r in results["rows"])
+    samples = (out / "eval" / "file-chats" / "kd" / "seed0" / "samples" / "seed-10.jsonl").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in samples[1:]]
+    assert prompts[0].startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWho is")
+    assert prompts[0].endswith("And what does she do?<|im_end|>\n<|im_start|>assistant\n")
+    records = read_records_of(out / "eval" / "file-chats" / "kd" / "seed0")
+    assert [r.references for r in records] == [(f"{n} writes books.",) for n in ("Ada", "Bea", "Cy")]

@@ -13,6 +13,7 @@ then results.json (means, bootstrap intervals, differences from sft, gap recover
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -81,7 +82,8 @@ class ExperimentConfig:
     diagnostics: DiagnosticsConfig = section(DiagnosticsConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(  # MiniLLM's protocol, 160 new tokens at most
         seeds=[10, 20, 30], sampling=SamplingConfig(max_new_tokens=160, batch_size=64, no_repeat_ngram_size=6)))
-    eval_split: str = opt("test", "'test' for final numbers, 'validation' while tuning")
+    eval_split: str = opt("test", "'test' for final numbers, 'validation' while tuning, or a records file of your "
+                                  "own (any format prefkd reads, conversations included) every model is evaluated on")
     judge: JudgeConfig = section(JudgeConfig, "optional judge of every evaluated response against the references "
                                               "(win rates, PLaD's view); judge.path=teacher uses OUT/teacher/model")
     bootstrap: int = opt(2000, "bootstrap replicates of every interval")
@@ -190,9 +192,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             runs[name].append(Run(f"seed{seed}", d / "model", key))
     run_jobs(train_jobs, cfg.workers, out / "logs")
 
-    split = data / f"{cfg.eval_split}.jsonl"
-    if cfg.eval_split not in ("test", "validation"):
-        raise ConfigError(f"eval_split '{cfg.eval_split}' is not one of: test, validation")
+    split, split_name, split_key = eval_records_file(cfg.eval_split, data)
     records = load_instructions(str(split))
     judge = replace(cfg.judge, path=str(out / "teacher" / "model")) if cfg.judge.path == "teacher" else cfg.judge
     metrics = (*METRICS, "win_rate", "judge_score") if judge.path else METRICS
@@ -200,8 +200,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     for name, rs in runs.items():
         eval_jobs[name] = []
         for r in rs:
-            eval_dir = out / "eval" / cfg.eval_split / name / (r.label or "model")
-            key = stages.fingerprint(r.key, asdict(cfg.eval), cfg.eval_split, *([asdict(judge)] if judge.path else []))
+            eval_dir = out / "eval" / split_name / name / (r.label or "model")
+            key = stages.fingerprint(r.key, asdict(cfg.eval), split_key, *([asdict(judge)] if judge.path else []))
             run = EvaluateRun(model=str(r.model_dir), data=str(split), out=str(eval_dir), eval=cfg.eval, judge=judge)
             eval_jobs[name].append(Job(f"eval {name} {r.label}".strip(), run, eval_dir, key, records=str(split)))
     run_jobs([j for js in eval_jobs.values() for j in js], cfg.workers, out / "logs")
@@ -280,6 +280,17 @@ def teacher_win_rates(scores: dict[str, np.ndarray], texts: dict[str, list[dict[
         out[name] = np.array([[preferences(t_scores[k], s[r, k], t_texts[seed], run_texts[seed], tie_tolerance)
                                for k, seed in enumerate(run_texts)] for r, run_texts in enumerate(texts[name])])
     return out
+
+
+def eval_records_file(eval_split: str, data: Path) -> tuple[Path, str, str]:
+    """(the records file, the name of its evaluation directory, what its stage keys hold): a split of the data stage,
+    or a user's file, keyed by its content so that an edited file is evaluated again."""
+    if eval_split in ("test", "validation"):
+        return data / f"{eval_split}.jsonl", eval_split, eval_split  # = the key of runs from before user files
+    path = Path(eval_split)
+    if not path.is_file():
+        raise ConfigError(f"eval_split '{eval_split}' is neither test, validation nor an existing records file")
+    return path, f"file-{path.stem}", hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def summarize(scores: dict[str, dict[str, np.ndarray]], records: list, cfg: ExperimentConfig,
