@@ -66,9 +66,11 @@ def run(quick: bool) -> dict:
     rounds = 2 if quick else 4
     same, student = fixtures.models()
     other = other_teacher()
-    prompts = fixtures.balanced(load_instructions(fixtures.data_dir() / "d_prompts.jsonl"), PROMPTS)
+    prompts = fixtures.balanced(load_instructions(fixtures.data_dir() / "d_prompts.jsonl", require_references=False),
+                                PROMPTS)
     times: dict[str, list[float]] = {"same": [], "cross": []}
     lengths: dict[str, list[float]] = {"same": [], "cross": []}
+    teacher_lengths: dict[str, list[float]] = {"same": [], "cross": []}
     load_before = common.load_avg()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
@@ -76,6 +78,7 @@ def run(quick: bool) -> dict:
                 logs = _run(Path(tmp) / f"{name}{r}", teacher, student, r, prompts)
                 times[name] += _step_times(logs)[1:]  # the first step of a run also warms up
                 lengths[name] += [row["len_student"] for row in logs]
+                teacher_lengths[name] += [row["len_teacher"] for row in logs]
     ratio = round(common.median(times["cross"]) / common.median(times["same"]), 2)
     figures = {"dpkd_cross_tokenizer_step_cost": ratio}
     settings = {"method": "dpkd", "teacher_samples": "fresh", "prompts": PROMPTS, "batch": BATCH, "runs": rounds,
@@ -84,6 +87,8 @@ def run(quick: bool) -> dict:
                 "threads": torch.get_num_threads()}
     details = {"median_step_s": {k: round(common.median(v), 3) for k, v in times.items()},
                "mean_student_sample_tokens": {k: round(sum(v) / len(v), 1) for k, v in lengths.items()},
+               "mean_teacher_sample_student_tokens": {k: round(sum(v) / len(v), 1) for k, v in
+                                                      teacher_lengths.items()},
                "load_avg_start": load_before, "load_avg_end": common.load_avg()}
     common.save("cross_tokenizer", figures, settings, details)
     common.table("7. DPKD step with a teacher of another tokenizer vs the student's", [
@@ -91,5 +96,8 @@ def run(quick: bool) -> dict:
         ("median step s (same, other)", f"{details['median_step_s']['same']}, {details['median_step_s']['cross']}",
          ""),
         ("mean student sample tokens (same, other)", f"{details['mean_student_sample_tokens']['same']}, "
-                                                     f"{details['mean_student_sample_tokens']['cross']}", "")])
+                                                     f"{details['mean_student_sample_tokens']['cross']}", ""),
+        ("mean teacher sample, student tokens (same, other)",
+         f"{details['mean_teacher_sample_student_tokens']['same']}, "
+         f"{details['mean_teacher_sample_student_tokens']['cross']}", "")])
     return figures

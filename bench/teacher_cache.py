@@ -47,7 +47,8 @@ def _run(out: Path, mode: str, seed: int, prompts) -> list[float]:
 
 def run(quick: bool) -> dict:
     rounds = 2 if quick else 3
-    prompts = fixtures.balanced(load_instructions(fixtures.data_dir() / "d_prompts.jsonl"), PROMPTS)
+    prompts = fixtures.balanced(load_instructions(fixtures.data_dir() / "d_prompts.jsonl", require_references=False),
+                                PROMPTS)
     per_epoch = PROMPTS // BATCH
     epoch1, epoch2, fresh = [], [], []
     load_before = common.load_avg()

@@ -12,7 +12,7 @@ _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @functools.cache
-def _byte_level_decoder() -> dict[str, int]:
+def byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others are shifted
     to 256 + n (a space is 'Ġ', a newline 'Ċ')."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -38,7 +38,7 @@ def _token_bytes(token: str, byte_level: bool) -> bytes | None:
     if m:
         return bytes([int(m.group(1), 16)])
     if byte_level:
-        decoder = _byte_level_decoder()
+        decoder = byte_level_decoder()
         if token and all(c in decoder for c in token):
             return bytes(decoder[c] for c in token)
     return None

@@ -162,6 +162,7 @@ def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[list[int]]],
     b, k = len(prompts), len(y_s)
     q_tok, mask = group_token_logps(inp.student, prompts, [y_t, *y_s], inp.device)
     q, n = q_tok.sum(-1), mask.sum(-1)
+    n_tokens = n  # the student's token counts, for the length metrics whatever the loss's |y| is
     metrics: dict[str, float] = {}
     if p_t is not None and p_s is not None:
         n_teacher = (n if teacher_lengths is None else teacher_lengths).clamp(min=1)
@@ -196,7 +197,7 @@ def pair_step(inp: StepInputs, y_t: list[list[int]], y_s: list[list[list[int]]],
     metrics.update({
         "pref_loss": loss.item(), "reward_chosen": r_t.mean().item(), "reward_rejected": r_s.mean().item(),
         "margin": (r_t - r_s).mean().item(), "pref_accuracy": (r_t > r_s).float().mean().item(),
-        "len_teacher": n[:b].mean().item(), "len_student": n[b:].mean().item(),
+        "len_teacher": n_tokens[:b].mean().item(), "len_student": n_tokens[b:].mean().item(),
     })
     return MethodOutput(loss, anchor, metrics, loss_count=b, anchor_count=anchor_count,
                         anchor_name={"ce": "anchor_nll", "kd": "anchor_kl", "rkl": "anchor_rkl",
