@@ -191,3 +191,13 @@ def test_teacher_prompts_are_cut_from_the_left_to_fit_its_context_with_the_longe
     assert tt.fit(prompts, branches) == [[3, 4, 5, 6], [7, 8]]  # 4 + 6 fits 10; 2 + 2 needed no cut
     with pytest.raises(PrefkdError, match="10 positions"):
         tt.fit(prompts, [[[9] * 10, [9]]])
+
+
+def test_a_cached_samples_text_enters_the_students_tokens_as_plain_text(pair):
+    """`Renderer.sample_ids` (cached teacher samples of seqkd, plad, uld): special-token strings stay characters."""
+    student, _ = pair
+    s_end = student.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = student.sample_ids(AWKWARD[4], finished=True)
+    assert ids[-1] == s_end and s_end not in ids[:-1]
+    assert ids == text_ids(student.tokenizer, AWKWARD[4]) + [s_end]
+    assert student.sample_ids("cut short", finished=False) == text_ids(student.tokenizer, "cut short")

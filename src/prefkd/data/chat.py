@@ -83,8 +83,10 @@ class Renderer:
         return self.encode([self.response(rec, text)])[0] + self.end_ids
 
     def sample_ids(self, text: str, finished: bool) -> list[int]:
-        """A sampled response's decoded text in this tokenizer's tokens, with the end token when it had ended."""
-        return self.encode([text])[0] + (self.end_ids if finished else [])
+        """A sampled response's decoded text in this tokenizer's tokens (as plain text: a special token's string in
+        it stays characters), with the end token when it had ended."""
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return ids + (self.end_ids if finished else [])
 
     def conversation(self, rec: Instruction, reply: str) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, response ids, loss mask over the prompt ids): every earlier assistant turn's tokens, end
