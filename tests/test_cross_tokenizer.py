@@ -147,8 +147,10 @@ def teacher_tokenized(tt, prompt):
 @pytest.mark.parametrize("method,extra", [("dpkd", ["distill.dpkd.length_unit=bytes"]),
                                           ("dpkd", ["distill.dpkd.length_unit=tokens",
                                                     "distill.dpkd.teacher_samples=cached"]),
-                                          ("simpo", []), ("seqkd", []), ("plad", [])])
-def test_sequence_level_methods_run_across_tokenizers(models, method, extra, tmp_path):
+                                          ("dpo", []), ("ipo", []), ("cpo", []), ("simpo", []), ("seqkd", []),
+                                          ("plad", []), ("plad-margin", []), ("uld", []),
+                                          ("uld", ["distill.uld.alignment=bytes"])])
+def test_every_cross_tokenizer_method_runs_across_tokenizers(models, method, extra, tmp_path):
     root, prompts = models
     res = runner.invoke(app, ["distill", "--method", method, f"out={tmp_path / method}",
                               f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}",
