@@ -329,3 +329,53 @@ DROPS_EARLIER_REPLIES = (  # ChatML that writes an earlier assistant turn withou
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] != 'assistant' or loop.last %}"
     "{{ m['content'] }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model, log_path: Path, port: int | None = None, timeout: float = 180.0):
+    """`prefkd serve --model MODEL` on 127.0.0.1 and a free port, once /v1/models answers: (process, base URL).
+    The caller stops it with `stop_server`."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = port or free_port()
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "prefkd.cli", "serve", "--model", str(model), "--port", str(port),
+                             "batch_wait_ms=20"], stdout=log, stderr=subprocess.STDOUT, env=cli_env())
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefkd serve exited with {proc.returncode}: {Path(log_path).read_text()}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError(f"prefkd serve did not answer within {timeout} s: {Path(log_path).read_text()}")
+
+
+def stop_server(proc) -> None:
+    """Stop a server from `start_server` (SIGTERM, then SIGKILL) and wait for it."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -250,6 +250,26 @@ def winrate(overrides: Overrides = None, config_file: ConfigFile = None, debug: 
     _run(go, debug)
 
 
+from prefkd.serve import ServeRun  # noqa: E402
+
+
+@app.command(epilog=_keys_help(ServeRun))
+def serve(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+          model: Annotated[str | None, typer.Option("--model", help="model path or hub id (model=...)")] = None,
+          port: Annotated[int | None, typer.Option("--port", help="port, default 8000 (port=...)")] = None,
+          host: Annotated[str | None, typer.Option("--host", help="interface, default 127.0.0.1 (host=...)")] = None,
+          ) -> None:
+    """Serve a model as a teacher behind the OpenAI completions API (vLLM's subset: sampling and scoring by token
+    ids), for `teacher.url=http://HOST:PORT/v1`."""
+    from prefkd.serve import run_serve
+
+    def go():
+        flags = _flags(model=model, port=None if port is None else str(port), host=host)
+        run_serve(config.load(ServeRun, config_file, [*(overrides or []), *flags]))
+
+    _run(go, debug)
+
+
 analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Analyses of trained models.")
 app.add_typer(analyze_app, name="analyze")
 

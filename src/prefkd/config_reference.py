@@ -17,11 +17,12 @@ from prefkd.recipes.generate import GenerateRun
 from prefkd.recipes.prepare import PrepareRun
 from prefkd.recipes.sft import SFTRun
 from prefkd.recipes.winrate import WinRateRun
+from prefkd.serve import ServeRun
 
 VERBS = [("prefkd sft", SFTRun), ("prefkd distill", DistillRun), ("prefkd generate", GenerateRun),
          ("prefkd evaluate", EvaluateRun), ("prefkd winrate", WinRateRun),
          ("prefkd compare / prefkd demo", ExperimentConfig), ("prefkd prepare", PrepareRun),
-         ("prefkd analyze noise", NoiseRun)]
+         ("prefkd analyze noise", NoiseRun), ("prefkd serve", ServeRun)]
 
 
 def _rows(cls: type, prefix: str = "", base: object = None) -> list[tuple[str, str, str]]:

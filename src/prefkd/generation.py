@@ -35,9 +35,13 @@ class SamplingConfig:
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: SamplingConfig, pad_id: int,
                      eos_id: int | Sequence[int], seed: int | None = None,
-                     on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+                     on_batch: Callable[[int], None] | None = None,
+                     generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
     """Sample one response per prompt. Each response ends with one of the end tokens `eos_id` (an id or several:
-    a chat model's end-of-turn token and its EOS) unless it hit `max_new_tokens`."""
+    a chat model's end-of-turn token and its EOS) unless it hit `max_new_tokens`.
+
+    `generators` (one per prompt) draw each prompt's tokens from its own random stream, so that a prompt's sample
+    does not depend on what else is in the batch (`prefkd serve` batches requests with their own seeds)."""
     if seed is not None:
         torch.manual_seed(seed)
     prompt_ids = _fit_context(model, prompt_ids, cfg.max_new_tokens)
@@ -50,7 +54,8 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
         idx = order[start: start + cfg.batch_size]
         prompts = [prompt_ids[i] for i in idx]
         ids, attn = left_padded(prompts, pad_id)
-        for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id, prompts),
+        gens = [generators[i] for i in idx] if generators is not None else None
+        for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id, prompts, gens),
                                   strict=True):
             out[row] = response
         if on_batch:
@@ -305,7 +310,8 @@ class RoomyLayer(DynamicLayer):
 
 
 def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: SamplingConfig,
-            eos_id: int | Sequence[int], prompts: list[list[int]] | None = None) -> list[list[int]]:
+            eos_id: int | Sequence[int], prompts: list[list[int]] | None = None,
+            generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; a row leaves the batch at its EOS.
 
     What `generate` does, except that padding and finished rows cost nothing: with short and long responses in
@@ -327,7 +333,14 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
     seqs = ids
     for t in range(cfg.max_new_tokens):
         scores = procs(seqs, logits.float())
-        nxt = scores.argmax(-1) if cfg.temperature <= 0 else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        if cfg.temperature <= 0:
+            nxt = scores.argmax(-1)
+        elif generators is None:
+            nxt = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        else:  # each row from its own stream (generators live on the CPU: the draw does too)
+            probs = scores.softmax(-1).cpu()
+            nxt = torch.cat([torch.multinomial(probs[j], 1, generator=generators[r])
+                             for j, r in enumerate(rows.tolist())]).to(scores.device)
         for r, token in zip(rows.tolist(), nxt.tolist(), strict=True):
             out[r].append(token)
         alive = ~torch.isin(nxt, stops)

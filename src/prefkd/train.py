@@ -33,6 +33,7 @@ from prefkd.methods import Method, MethodConfig, StepInputs
 from prefkd.methods.cross_tokenizer import TeacherTokens
 from prefkd.models import n_params, save_pretrained
 from prefkd.rundir import RunDirError
+from prefkd.teacher_client import TeacherServerError
 
 # save_state warns on every checkpoint that tied embeddings are stored once; that is expected and harmless.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -149,7 +150,7 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
         return _read_log(log_path)
     distributed.configure(acc, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     model, optimizer, scheduler = acc.prepare(student, optimizer, scheduler)
-    if teacher is not None:
+    if isinstance(teacher, torch.nn.Module):  # not a teacher server (teacher_client.py)
         teacher = distributed.place_teacher(acc, teacher)
     uses_replay = method.auxiliary_losses and data.replay is not None and method_cfg.replay > 0
     n_method, n_replay = _split(cfg.batch_size, method_cfg.replay, uses_replay)
@@ -196,9 +197,13 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
             for micro in range(cfg.grad_accum):
                 k = step * cfg.grad_accum + micro
                 with acc.autocast():
-                    loss, metrics = _micro_step(method, model, acc, teacher, data, streams, k, method_cfg, sampling,
-                                                pad, eos, (n_method, n_replay), use_lm, cfg.seed,
-                                                k / (cfg.steps * cfg.grad_accum), tokenizer)
+                    try:
+                        loss, metrics = _micro_step(method, model, acc, teacher, data, streams, k, method_cfg,
+                                                    sampling, pad, eos, (n_method, n_replay), use_lm, cfg.seed,
+                                                    k / (cfg.steps * cfg.grad_accum), tokenizer)
+                    except TeacherServerError as e:  # the server stays down: say what --resume will continue from
+                        raise TeacherServerError(f"{e}; {_kept(ckpt_root)}, and --resume continues from it once "
+                                                 "the server is back") from None
                 # Every process holds the same global values, so all of them stop together.
                 distributed.check_finite(step + 1, metrics, lambda: _kept(ckpt_root))
                 acc.backward(loss / cfg.grad_accum)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +19,7 @@ from prefkd.cache import TeacherCache
 from prefkd.data.collate import Example
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.logprobs import selective_log_softmax, token_mean_nll
+from prefkd.teacher_client import TeacherServer
 
 if TYPE_CHECKING:
     from prefkd.methods.config import MethodConfig
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 class StepInputs:
     student: PreTrainedModel  # as prepared by Accelerate: forward with grad
     student_sampler: PreTrainedModel  # the unwrapped student, for sampling
-    teacher: PreTrainedModel | None
+    teacher: PreTrainedModel | TeacherServer | None  # a server: methods with `sequence_teacher` only
     examples: list[Example]  # prompts; response_ids hold the reference / teacher sample where the method uses one
     sampling: SamplingConfig
     cfg: MethodConfig
@@ -75,6 +77,9 @@ class Method:
     # The teacher's tokenizer may differ from the student's: the method uses only texts and sequence log-probs
     # (methods/cross_tokenizer.py). Other methods that run the teacher compare token distributions: same tokenizer.
     cross_tokenizer: bool = False
+    # The method needs from the teacher only its samples and the log-probs of given responses, which a completions
+    # server gives: `teacher.url` may replace `teacher.path` (teacher_client.py).
+    sequence_teacher: bool = False
 
     @property
     def black_box(self) -> bool:
@@ -115,7 +120,8 @@ def sample_teacher(examples: list[Example], inp: StepInputs) -> list[list[int]]:
     """Teacher samples of the examples' prompts, in the teacher's own tokens (its prompts, pad and end tokens when
     its tokenizer differs from the student's)."""
     tt = inp.teacher_tokens
+    draw = inp.teacher.sample if isinstance(inp.teacher, TeacherServer) else partial(sample_responses, inp.teacher)
     if tt is None:
-        return sample(inp.teacher, examples, inp)
+        return draw([e.prompt_ids for e in examples], inp.sampling, inp.pad_id, inp.eos_id)
     pad = tt.teacher.tokenizer.pad_token_id
-    return sample_responses(inp.teacher, [tt.prompts[e.index] for e in examples], inp.sampling, pad, tt.teacher_stops)
+    return draw([tt.prompts[e.index] for e in examples], inp.sampling, pad, tt.teacher_stops)

@@ -21,6 +21,7 @@ from prefkd.distributed import process_state
 from prefkd.errors import ConfigError, DataError
 from prefkd.generation import SamplingConfig
 from prefkd.models import load_model, load_tokenizer
+from prefkd.teacher_client import TeacherServer, connect
 from prefkd.vllm_backend import VLLMConfig, VLLMSampler
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class PrepareContext:
     source: str  # how errors and messages name the data
     renderer: Renderer  # the student's tokenizer and template
     student: PreTrainedModel
-    teacher: PreTrainedModel | None  # loaded when the method needs it during training
+    teacher: PreTrainedModel | TeacherServer | None  # loaded (or connected) when the method needs it in training
     # The teacher's tokenizer and template, when they differ from the student's (cross-tokenizer methods).
     teacher_renderer: Renderer | None = None
 
@@ -108,6 +109,21 @@ def backend(cfg: VLLMConfig) -> str:
     return "vllm" if cfg.enabled else "hf"
 
 
+def teacher_identity(ctx: PrepareContext) -> str:
+    """What cache keys know the teacher by: its weights, or the server's name for them (teacher.url)."""
+    if isinstance(ctx.teacher, TeacherServer):
+        return ctx.teacher.identity
+    return model_identity(ctx.run.teacher.path)
+
+
+def teacher_server(ctx: PrepareContext) -> TeacherServer:
+    """The run's teacher server: the one the method's teacher already is, else connected now."""
+    if isinstance(ctx.teacher, TeacherServer):
+        return ctx.teacher
+    ctx.teacher = connect(ctx.run.teacher)
+    return ctx.teacher
+
+
 def sample_cache(ctx: PrepareContext, role: str, sampling: SamplingConfig
                  ) -> list[tuple[list[int], list[int], str]]:
     """(student prompt ids, student-tokenised response + end token if finished, text) per prompt, from a keyed cache
@@ -118,6 +134,15 @@ def sample_cache(ctx: PrepareContext, role: str, sampling: SamplingConfig
     methods)."""
     run = ctx.run
     spec = run.teacher if role == "teacher" else run.student
+    if role == "teacher" and run.teacher.url:  # the teacher server samples; nothing is loaded here
+        server = teacher_server(ctx)
+        renderer = renderer_for(server.tokenizer, run.data.template)
+        key = cache_key(server.identity, [renderer.prompt(r) for r in ctx.prompts], sampling, run.train.seed,
+                        "server")
+        rows = generate_cached(server, renderer, ctx.prompts, sampling, cache_dir(run) / f"{role}-{key}.jsonl", key,
+                               run.train.seed, name=f"{role} samples", sampler=server.sample)
+        return [(p, ctx.renderer.sample_ids(row["response"], row["finished"]), row["response"])
+                for p, row in zip(ctx.renderer.prompt_ids(ctx.prompts), rows, strict=True)]
     if not spec.path:
         raise ConfigError(f"set {role}.path=... (on the command line or in --config)")
     renderer = (ctx.renderer if role == "student" else

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from prefkd import losses
-from prefkd.cache import TeacherCache, model_identity, teacher_cache_key
+from prefkd.cache import TeacherCache, teacher_cache_key
 from prefkd.config import opt
 from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
@@ -31,6 +31,7 @@ from prefkd.methods.base import (
     to_device,
 )
 from prefkd.methods.cross_tokenizer import TeacherTokens, byte_length
+from prefkd.teacher_client import TeacherServer
 
 if TYPE_CHECKING:
     from prefkd.methods.config import MethodConfig
@@ -130,11 +131,13 @@ def _cached_teacher_samples(inp: StepInputs) -> tuple[list[list[int]], list[floa
     return y_t, [h[1] if h else None for h in hits]
 
 
-def teacher_logps(teacher: PreTrainedModel, prompts: list[list[int]], y_t: list[list[int]],
+def teacher_logps(teacher: PreTrainedModel | TeacherServer, prompts: list[list[int]], y_t: list[list[int]],
                   y_s: list[list[list[int]]], known_t: list[float | None], device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(y_t) [B], log p(y_s) [K * B]) under the frozen teacher, for K student samples per prompt (`y_s[j][i]`,
     branch-major); y_t is scored only where `known_t` has no value."""
+    if isinstance(teacher, TeacherServer):
+        return teacher.pair_logps(prompts, y_t, y_s, known_t, device)
     b, k = len(prompts), len(y_s)
     with torch.no_grad():
         if not packing_supported(teacher) or all(x is None for x in known_t):
@@ -262,6 +265,9 @@ def prompts_and_teacher_cache(ctx: data.PrepareContext) -> data.MethodData:
     out = data.prompts(ctx)
     run = ctx.run
     prompt_ids = [e.prompt_ids for e in out.examples]
+    if isinstance(ctx.teacher, TeacherServer) and run.distill.dpkd.anchor != "ce":
+        raise ConfigError(f"distill.dpkd.anchor={run.distill.dpkd.anchor} compares token distributions, which a "
+                          "teacher server (teacher.url) does not give; use anchor=ce")
     if ctx.teacher_renderer is not None:
         if run.distill.dpkd.anchor != "ce":
             raise ConfigError(f"distill.dpkd.anchor={run.distill.dpkd.anchor} compares token distributions, which "
@@ -269,7 +275,7 @@ def prompts_and_teacher_cache(ctx: data.PrepareContext) -> data.MethodData:
         out.teacher_tokens = TeacherTokens.build(ctx.teacher_renderer, ctx.renderer, ctx.teacher, ctx.prompts)
         prompt_ids = out.teacher_tokens.prompts
     if run.distill.dpkd.teacher_samples == "cached":
-        key = teacher_cache_key(model_identity(run.teacher.path), prompt_ids, run.sampling,
+        key = teacher_cache_key(data.teacher_identity(ctx), prompt_ids, run.sampling,
                                 run.train.seed, run.train.bf16)
         out.teacher_cache = TeacherCache(data.cache_dir(run) / f"dpkd-teacher-{key}.jsonl", key, run.train.seed)
     return out
@@ -290,5 +296,6 @@ METHODS = [
     Method("dpkd", "DPKD paper form: teacher sample preferred over student sample by the implicit reward "
            "beta/|y| log q/p, both sampled every batch", "DPKD (2406.19774) Eq. 9, Alg. 1",
            "prompts (samples drawn in training)", True, prompts_and_teacher_cache, sampled_pairs(dpkd_pair_loss),
-           "dpkd.beta 0.1, lm_weight, kappa", check=check_baseline, samples_in_training=True, cross_tokenizer=True),
+           "dpkd.beta 0.1, lm_weight, kappa", check=check_baseline, samples_in_training=True, cross_tokenizer=True,
+           sequence_teacher=True),
 ]

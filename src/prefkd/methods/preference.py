@@ -37,7 +37,7 @@ class SimPOConfig:
 def _method(name: str, description: str, paper: str, pair_loss, key_params: str) -> Method:
     return Method(name, description, paper, "prompts (samples drawn in training)", True, prompts_and_teacher_cache,
                   sampled_pairs(pair_loss), key_params, check=refuse_baseline, samples_in_training=True,
-                  cross_tokenizer=True)
+                  cross_tokenizer=True, sequence_teacher=True)
 
 
 METHODS = [

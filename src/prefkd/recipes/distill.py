@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from prefkd import config, trackers
@@ -18,13 +20,14 @@ from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction
 from prefkd.diagnostics import DiagnosticsConfig, HeldOutDiagnostics
 from prefkd.distributed import process_state
-from prefkd.errors import DataError
+from prefkd.errors import ConfigError, DataError
 from prefkd.generation import SamplingConfig
 from prefkd.lora import LoRAConfig, apply_lora, save_trained
-from prefkd.methods import Method, MethodConfig, get_method
+from prefkd.methods import METHODS, Method, MethodConfig, get_method
 from prefkd.methods.data import PrepareContext, cache_dir, reference_examples
 from prefkd.models import ModelConfig, load_model, load_tokenizer
 from prefkd.recipes.common import DataConfig, begin_run, check_run, check_same_vocabulary, need, read_corpus
+from prefkd.teacher_client import TeacherConfig, TeacherServer, connect
 from prefkd.train import RunData, TrainConfig, train
 from prefkd.vllm_backend import VLLMConfig
 
@@ -34,7 +37,7 @@ class DistillRun:
     out: str = opt("runs/distill", "output directory")
     method: str = opt("dpkd", "distillation method (see `prefkd methods`)")
     student: ModelConfig = section(ModelConfig, "the student, usually an SFT checkpoint (student.path)")
-    teacher: ModelConfig = section(ModelConfig, "the frozen teacher (teacher.path)")
+    teacher: TeacherConfig = section(TeacherConfig, "the frozen teacher (teacher.path), or its server (teacher.url)")
     data: DataConfig = section(DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
     distill: MethodConfig = section(MethodConfig)
@@ -47,6 +50,10 @@ class DistillRun:
     push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training",
                            keyed=False)
     hub: HubConfig = section(HubConfig, keyed=False)
+
+    def __post_init__(self) -> None:
+        if type(self.teacher) is ModelConfig:  # a caller's plain model config: a teacher to load, no server
+            self.teacher = TeacherConfig(**dataclasses.asdict(self.teacher))
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
@@ -104,7 +111,9 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     diagnostics = held_out_diagnostics(cfg, teacher, renderer, prompts) if teacher_renderer is None else None
     model = apply_lora(student, cfg.lora)
     begin_run(out, cfg, clear)
-    identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
+    teacher_id = (teacher.identity if isinstance(teacher, TeacherServer) else
+                  model_identity(cfg.teacher.path) if teacher is not None else None)
+    identity = [model_identity(student_path), teacher_id]
     logs = train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
                  diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
@@ -114,9 +123,11 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
 
 
 def _teacher(cfg: DistillRun, method: Method, renderer: Renderer, samples_only: bool
-             ) -> tuple[PreTrainedModel | None, Renderer | None]:
+             ) -> tuple[PreTrainedModel | TeacherServer | None, Renderer | None]:
     """The teacher when the method runs it in training, or for the diagnostics alone; and, when its tokenizer or
     template differs from the student's (cross-tokenizer methods only), the teacher's renderer."""
+    if cfg.teacher.url:
+        return _teacher_server(cfg, method, renderer)
     if method.needs_teacher:
         teacher_path = need(cfg.teacher.path, "teacher.path")
         teacher_renderer = renderer_for(load_tokenizer(teacher_path, cfg.teacher.trust_remote_code), cfg.data.template)
@@ -141,6 +152,36 @@ def _teacher(cfg: DistillRun, method: Method, renderer: Renderer, samples_only: 
     return None, None
 
 
+def _teacher_server(cfg: DistillRun, method: Method, renderer: Renderer
+                    ) -> tuple[TeacherServer | None, Renderer | None]:
+    """The teacher behind teacher.url, for a method that needs only its samples and sequence log-probs (black-box
+    methods reach it when their sample caches are drawn).
+
+    Its texts cross tokenizers as with a local teacher of another tokenizer (TeacherTokens), except when the server's
+    tokenizer reads every record as the student's does: then ids go to the server as they are, so that a run against
+    the server computes what a run with the same teacher loaded does (no re-tokenised samples, no byte lengths)."""
+    if cfg.teacher.path:
+        raise ConfigError(f"teacher.url={cfg.teacher.url} and teacher.path={cfg.teacher.path} are both set: the "
+                          "teacher is either on a server or loaded here; drop one")
+    if method.needs_teacher and not method.sequence_teacher:
+        served = ", ".join(m.name for m in METHODS.values() if m.sequence_teacher or not m.needs_teacher)
+        raise ConfigError(f"{cfg.method} compares the teacher's next-token distributions, which a completions "
+                          f"server (teacher.url) does not give: train it from offline teacher logits "
+                          f"(teacher.logits=DIR) or a loaded teacher (teacher.path); teacher.url serves {served}")
+    if not method.needs_teacher:
+        return None, None
+    server = connect(cfg.teacher)
+    teacher_renderer = renderer_for(server.tokenizer, cfg.data.template)
+    differs = not same_tokens(renderer, teacher_renderer)
+    console.print(f"{cfg.method}: the teacher is {server.name} on {server.url}" +
+                  (f", across tokenizers ({len(teacher_renderer.tokenizer)} tokens, {teacher_renderer.name})"
+                   if differs else ""))
+    if cfg.diagnostics.every:
+        console.print("diagnostics off: they need the teacher's token distributions, which a teacher server does "
+                      "not give")
+    return server, teacher_renderer if differs else None
+
+
 def _short_prompts(prompts: list[Instruction], renderer: Renderer, max_tokens: int,
                    source: str) -> list[Instruction]:
     """As MiniLLM/DPKD: long prompts are dropped before anything is sampled for them."""
@@ -154,9 +195,9 @@ def _short_prompts(prompts: list[Instruction], renderer: Renderer, max_tokens: i
     return kept
 
 
-def held_out_diagnostics(cfg: DistillRun, teacher: PreTrainedModel | None, renderer: Renderer,
+def held_out_diagnostics(cfg: DistillRun, teacher: PreTrainedModel | TeacherServer | None, renderer: Renderer,
                          prompts: list[Instruction]) -> HeldOutDiagnostics | None:
-    if not cfg.diagnostics.every or teacher is None:
+    if not cfg.diagnostics.every or not isinstance(teacher, torch.nn.Module):
         return None
     records = load_instructions(cfg.data.heldout, require_references=False) if cfg.data.heldout else prompts
     ids = [p for p in renderer.prompt_ids(records) if len(p) <= cfg.train.max_prompt_tokens]
