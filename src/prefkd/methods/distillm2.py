@@ -2,8 +2,9 @@
 sample) pairs, skew KL on the teacher's response and skew reverse KL on the student's. White-box: both models score
 both responses over the full vocabulary.
 
-The pairs are sampled once before training (like PLaD's), not regenerated every epoch as the paper's "batched
-on-policy" data is; see docs/methods.md, "DistiLLM-2".
+The teacher's samples are drawn once before training; the student's are drawn again every epoch from the current
+student (the paper's "batched on-policy" data), or once from the initial student (`distillm2.student_samples`);
+see docs/methods.md, "DistiLLM-2".
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from prefkd.config import opt
 from prefkd.console import console
 from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
+from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.logprobs import selective_log_softmax
 from prefkd.losses.distillm2 import ALPHA_MIN, BETA_SCHEDULES
 from prefkd.methods import data
 from prefkd.methods.base import Method, MethodOutput, StepInputs, nll_from_logits, student_and_teacher_logits, to_device
 
 ALPHA_SCHEDULES = ("fixed", "adaptive")
+STUDENT_SAMPLES = ("epoch", "initial")
 
 
 @dataclass
@@ -42,6 +45,9 @@ class DistiLLM2Config:
                                      "value is the same; false = the gradient of the true SRKL)")
     temperature: float = opt(0.8, "distillm2: sampling temperature of the pair cache (official generate_vllm.py: 0.8)")
     top_p: float = opt(0.95, "distillm2: nucleus threshold of the pair cache (official generate_vllm.py: 0.95)")
+    student_samples: str = opt("epoch", "distillm2: 'epoch' = y_s drawn from the current student every epoch (the "
+                                        "paper's batched on-policy data: each prompt's y_s when the prompt is drawn, "
+                                        "once per epoch); 'initial' = once from the initial student, cached")
 
     def __post_init__(self) -> None:
         if not ALPHA_MIN <= self.alpha < 1:
@@ -54,24 +60,32 @@ class DistiLLM2Config:
                               f"not '{self.beta_schedule}'")
         if not 0.0 <= self.beta0 <= 1.0:
             raise ConfigError(f"distill.distillm2.beta0 must be in [0, 1], not {self.beta0}")
+        if self.student_samples not in STUDENT_SAMPLES:
+            raise ConfigError(f"distill.distillm2.student_samples must be one of {', '.join(STUDENT_SAMPLES)}, "
+                              f"not '{self.student_samples}'")
         if not 0.0 <= self.adaptive_from <= 1.0:
             raise ConfigError(f"distill.distillm2.adaptive_from must be in [0, 1], not {self.adaptive_from}")
 
 
 def pairs(ctx: data.PrepareContext) -> data.MethodData:
-    """(x, y_t, y_s): one teacher and one initial-student sample per prompt, from the keyed sample caches at
-    distillm2.temperature / top_p. Both come from the same prompt list in the same order, so a y_s is never paired
-    with another prompt's y_t."""
+    """(x, y_t, y_s): one teacher sample per prompt from the keyed sample cache at distillm2.temperature / top_p;
+    with `student_samples=initial` one initial-student sample too (else y_s is drawn in training). Both come from
+    the same prompt list in the same order, so a y_s is never paired with another prompt's y_t."""
     c = ctx.run.distill.distillm2
-    sampling = replace(ctx.run.sampling, temperature=c.temperature, top_p=c.top_p)
-    teacher = data.sample_cache(ctx, "teacher", sampling)
-    student = data.sample_cache(ctx, "student", sampling)
-    out = [Example(p, y_t, y_s, index=i)
-           for i, ((p, y_t, _), (_, y_s, _)) in enumerate(zip(teacher, student, strict=True))]
-    empty = sum(not e.response_ids or not e.rejected_ids for e in out)
+    teacher = data.sample_cache(ctx, "teacher", _sampling(ctx.run.sampling, c))
+    if c.student_samples == "initial":
+        student = [y_s for _, y_s, _ in data.sample_cache(ctx, "student", _sampling(ctx.run.sampling, c))]
+    else:
+        student = [[] for _ in teacher]
+    out = [Example(p, y_t, y_s, index=i) for i, ((p, y_t, _), y_s) in enumerate(zip(teacher, student, strict=True))]
+    empty = sum(not e.response_ids or (c.student_samples == "initial" and not e.rejected_ids) for e in out)
     if empty:
         console.print(f"{empty} of {len(out)} pairs have an empty response (that term skips them)")
     return data.MethodData(out)
+
+
+def _sampling(sampling: SamplingConfig, c: DistiLLM2Config) -> SamplingConfig:
+    return replace(sampling, temperature=c.temperature, top_p=c.top_p)
 
 
 def _mean_token_logp(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -83,6 +97,10 @@ def _mean_token_logp(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
 def step(inp: StepInputs) -> MethodOutput:
     c = inp.cfg.distillm2
     b = len(inp.examples)
+    if c.student_samples == "epoch":  # each prompt is drawn once an epoch: a new y_s from the current student
+        ys = sample_responses(inp.student_sampler, [e.prompt_ids for e in inp.examples], _sampling(inp.sampling, c),
+                              inp.pad_id, inp.eos_id)
+        inp = replace(inp, examples=[replace(e, rejected_ids=y) for e, y in zip(inp.examples, ys, strict=True)])
     # One padded batch [y_t rows; y_s rows], so each model runs one forward; the loss splits them again.
     rows = ([Example(e.prompt_ids, e.response_ids) for e in inp.examples]
             + [Example(e.prompt_ids, e.rejected_ids) for e in inp.examples])
@@ -115,7 +133,7 @@ def step(inp: StepInputs) -> MethodOutput:
 METHODS = [
     Method("distillm2", "DistiLLM-2 CALD: skew KL to the teacher on its samples y_t + skew reverse KL on the "
            "student's samples y_s (released form: alpha 0.1, equal weights)", "DistiLLM-2 (2503.07067) Eq. 5",
-           "pairs (cached teacher and initial-student samples)", True, pairs, step,
+           "pairs (cached teacher samples; student samples drawn every epoch)", True, pairs, step,
            "distillm2.alpha 0.1, distillm2.temperature 0.8; paper form kappa 1, replay 0",
-           samples_before_training=True),
+           samples_before_training=True, samples_in_training=True),
 ]
