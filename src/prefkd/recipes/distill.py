@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -18,15 +18,34 @@ from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction
 from prefkd.diagnostics import DiagnosticsConfig, HeldOutDiagnostics
 from prefkd.distributed import process_state
-from prefkd.errors import DataError
+from prefkd.errors import ConfigError, DataError
 from prefkd.generation import SamplingConfig
 from prefkd.lora import LoRAConfig, apply_lora, save_trained
-from prefkd.methods import Method, MethodConfig, get_method
+from prefkd.losses.top_k import TAIL_MODES
+from prefkd.methods import METHODS, Method, MethodConfig, get_method
 from prefkd.methods.data import PrepareContext, cache_dir, reference_examples
 from prefkd.models import ModelConfig, load_model, load_tokenizer
 from prefkd.recipes.common import DataConfig, begin_run, check_run, check_same_vocabulary, need, read_corpus
+from prefkd.teacher_logits import TeacherLogits
 from prefkd.train import RunData, TrainConfig, train
 from prefkd.vllm_backend import VLLMConfig
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a model (ModelConfig's keys), or what stands in for it during training."""
+
+    # --- offline teacher logits (`prefkd teacher-logits`) ---------------------------------------------------------
+    logits: str = opt("", "a `prefkd teacher-logits` directory: kd, akl, tvd, skl, srkl and gkd (lmbda 0) train "
+                          "from the teacher's cached top-k log-probs with no teacher loaded")
+    logits_tail: str = opt("renorm", "how top-k log-probs become the teacher's distribution (docs/methods.md): "
+                                     "renorm (the top-k renormalised) or bucket (the rest's mass as one extra "
+                                     "category, the student's tail merged likewise)")
+
+    def __post_init__(self) -> None:
+        if self.logits_tail not in TAIL_MODES:
+            raise ConfigError(f"teacher.logits_tail must be one of {', '.join(TAIL_MODES)}, not "
+                              f"'{self.logits_tail}'")
 
 
 @dataclass
@@ -34,7 +53,8 @@ class DistillRun:
     out: str = opt("runs/distill", "output directory")
     method: str = opt("dpkd", "distillation method (see `prefkd methods`)")
     student: ModelConfig = section(ModelConfig, "the student, usually an SFT checkpoint (student.path)")
-    teacher: ModelConfig = section(ModelConfig, "the frozen teacher (teacher.path)")
+    teacher: TeacherConfig = section(TeacherConfig, "the frozen teacher (teacher.path), or its offline logits "
+                                                    "(teacher.logits)")
     data: DataConfig = section(DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
     distill: MethodConfig = section(MethodConfig)
@@ -47,6 +67,10 @@ class DistillRun:
     push_to_hub: str = opt("", "Hub repo id (user/name): upload OUT/model with its model card after training",
                            keyed=False)
     hub: HubConfig = section(HubConfig, keyed=False)
+
+    def __post_init__(self) -> None:
+        if type(self.teacher) is ModelConfig:  # callers of the Python API that build the teacher as a ModelConfig
+            self.teacher = TeacherConfig(**asdict(self.teacher))
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
@@ -70,7 +94,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
     renderer = renderer_for(tokenizer, cfg.data.template)
     student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
-    teacher, teacher_renderer = _teacher(cfg, method, renderer, samples_only)
+    logits = _offline_logits(cfg, method) if cfg.teacher.logits else None
+    teacher, teacher_renderer = _teacher(cfg, method, renderer, samples_only) if logits is None else (None, None)
 
     # Data: the method's examples (sample caches drawn here), replay references and the LM corpus.
     # References are checked by the methods that train on them, with the record that lacks one.
@@ -86,6 +111,10 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                          renderer, student, teacher, teacher_renderer)
     with process_state().main_process_first():  # the main process samples the caches, the others then read them
         prepared = method.prepare(ctx)
+    if logits is not None:
+        logits.check(renderer, prepared.examples, source)
+        console.print(f"{cfg.method}: teacher logits from {cfg.teacher.logits} ({logits.manifest['model']}, "
+                      f"top-{logits.k}, tail {logits.tail}); no teacher loaded")
     if samples_only:
         console.print(f"{cfg.method}: sample caches ready for {len(prepared.examples)} prompts under "
                       f"{cache_dir(cfg)}")
@@ -94,7 +123,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                    replay=reference_examples(renderer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
                    corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None,
-                   teacher_cache=prepared.teacher_cache, teacher_tokens=prepared.teacher_tokens)
+                   teacher_cache=prepared.teacher_cache, teacher_tokens=prepared.teacher_tokens,
+                   teacher_logits=logits)
     d = cfg.distill
     console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
@@ -104,13 +134,30 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     diagnostics = held_out_diagnostics(cfg, teacher, renderer, prompts) if teacher_renderer is None else None
     model = apply_lora(student, cfg.lora)
     begin_run(out, cfg, clear)
-    identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else None]
+    identity = [model_identity(student_path), model_identity(cfg.teacher.path) if teacher is not None else
+                logits.identity if logits is not None else None]
     logs = train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
                  diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
                  identity=identity, run_config=config.to_dict(cfg), stop_ids=renderer.stop_ids_for(student))
     publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
     return logs
+
+
+def _offline_logits(cfg: DistillRun, method: Method) -> TeacherLogits:
+    """The cache of teacher.logits, opened for this method (which must be able to train from it)."""
+    if method.cached_logits is None:
+        able = ", ".join(m.name for m in METHODS.values() if m.cached_logits is not None)
+        raise ConfigError(f"method '{cfg.method}' cannot train from offline teacher logits (teacher.logits): it "
+                          f"needs the live teacher (teacher.path). Methods that can: {able}")
+    temperature = method.cached_logits(cfg.distill, cfg.teacher.logits_tail)
+    if cfg.teacher.logits_tail == "bucket" and temperature != 1.0:
+        raise ConfigError(f"teacher.logits_tail=bucket needs the divergence's temperature 1 (it is {temperature}): "
+                          "the tail's mass at another temperature is not in the cache; use "
+                          "teacher.logits_tail=renorm")
+    if cfg.diagnostics.every:
+        console.print("diagnostics off: they run the teacher, which teacher.logits leaves unloaded")
+    return TeacherLogits(cfg.teacher.logits, cfg.teacher.logits_tail, temperature)
 
 
 def _teacher(cfg: DistillRun, method: Method, renderer: Renderer, samples_only: bool
