@@ -19,6 +19,7 @@ BENCHMARKS = {  # name -> module; the order of the issue
     "train_mfu": "bench.train_mfu",
     "bf16": "bench.bf16",
     "cross_tokenizer": "bench.cross_tokenizer",
+    "teacher_logits": "bench.teacher_logits",
 }
 
 
