@@ -20,6 +20,7 @@ BENCHMARKS = {  # name -> module; the order of the issue
     "bf16": "bench.bf16",
     "cross_tokenizer": "bench.cross_tokenizer",
     "canonical_mass": "bench.canonical_mass",
+    "teacher_logits": "bench.teacher_logits",
 }
 
 

@@ -75,6 +75,18 @@ def read_cache(path: str | Path) -> tuple[dict, list[dict]]:
     return header, rows
 
 
+def complete_cache(path: str | Path, key: str, n: int) -> list[dict] | None:
+    """The rows of a cache file of this key that holds all `n` samples, else None (nothing is written)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        header, rows, _ = _scan(path)
+    except DataError:
+        return None
+    return rows if header.get("cache_key") == key and header["n"] == n and len(rows) == n else None
+
+
 def generate_cached(model: PreTrainedModel | None, renderer: Renderer, records: list[Instruction],
                     sampling: SamplingConfig, path: str | Path, key: str, seed: int, name: str = "generate",
                     overwrite: bool = False, sampler: Sampler | None = None) -> list[dict]:

@@ -174,6 +174,32 @@ def generate(overrides: Overrides = None, config_file: ConfigFile = None, debug:
     _run(go, debug)
 
 
+from prefkd.recipes.teacher_logits import TeacherLogitsRun  # noqa: E402
+
+
+@app.command("teacher-logits", epilog=_keys_help(TeacherLogitsRun))
+def teacher_logits(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
+                   model: Annotated[str | None, typer.Option("--model", help="the teacher (model=...)")] = None,
+                   data: Annotated[str | None, typer.Option("--data", help="records (data=...)")] = None,
+                   samples: Annotated[str | None, typer.Option("--samples", help="a `prefkd generate` cache of "
+                                                                                 "these records: score its "
+                                                                                 "responses (samples=...)")] = None,
+                   top_k: Annotated[int | None, typer.Option("--top-k", help="log-probs kept per position "
+                                                                             "(top_k=...)")] = None,
+                   out: Annotated[str | None, typer.Option("--out", help="output directory (out=...)")] = None,
+                   overwrite: Overwrite = False) -> None:
+    """The teacher's top-k next-token log-probs on every response token of the data's sequences, in shards with a
+    manifest (resumable): token-level methods then train from them with no teacher loaded (teacher.logits=DIR)."""
+    from prefkd.recipes.teacher_logits import run_teacher_logits
+
+    def go():
+        flags = _flags(model=model, data=data, samples=samples, out=out,
+                       top_k=None if top_k is None else str(top_k))
+        run_teacher_logits(config.load(TeacherLogitsRun, config_file, [*(overrides or []), *flags]), overwrite)
+
+    _run(go, debug)
+
+
 @app.command(epilog=_keys_help(RenderRun))
 def render(overrides: Overrides = None, config_file: ConfigFile = None, debug: Debug = False,
            model: Annotated[str | None, typer.Option("--model", help="model or tokenizer path (model=...)")] = None,

@@ -16,10 +16,12 @@ from prefkd.recipes.evaluate import EvaluateRun
 from prefkd.recipes.generate import GenerateRun
 from prefkd.recipes.prepare import PrepareRun
 from prefkd.recipes.sft import SFTRun
+from prefkd.recipes.teacher_logits import TeacherLogitsRun
 from prefkd.recipes.winrate import WinRateRun
 from prefkd.serve import ServeRun
 
 VERBS = [("prefkd sft", SFTRun), ("prefkd distill", DistillRun), ("prefkd generate", GenerateRun),
+         ("prefkd teacher-logits", TeacherLogitsRun),
          ("prefkd evaluate", EvaluateRun), ("prefkd winrate", WinRateRun),
          ("prefkd compare / prefkd demo", ExperimentConfig), ("prefkd prepare", PrepareRun),
          ("prefkd analyze noise", NoiseRun), ("prefkd serve", ServeRun)]

@@ -62,11 +62,6 @@ class ServerConfig:
     timeout: float = opt(300.0, "seconds one request to teacher.url may take", keyed=False)
 
 
-@dataclass
-class TeacherConfig(ServerConfig, ModelConfig):
-    """The frozen teacher: a model to load (path) or a server to ask (url)."""
-
-
 class TeacherServerError(PrefkdError):
     """The teacher server failed, or replied with something the client cannot read."""
 
@@ -332,5 +327,5 @@ def _message(reply) -> str:
     return json.dumps(data)[:200]
 
 
-def connect(cfg: TeacherConfig) -> TeacherServer:
-    return TeacherServer(cfg, cfg.trust_remote_code)
+def connect(cfg: ServerConfig, trust_remote_code: bool = False) -> TeacherServer:
+    return TeacherServer(cfg, trust_remote_code)

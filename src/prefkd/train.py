@@ -34,6 +34,7 @@ from prefkd.methods.cross_tokenizer import TeacherTokens
 from prefkd.models import n_params, save_pretrained
 from prefkd.rundir import RunDirError
 from prefkd.teacher_client import TeacherServerError
+from prefkd.teacher_logits import TeacherLogits
 
 # save_state warns on every checkpoint that tied embeddings are stored once; that is expected and harmless.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -99,6 +100,7 @@ class RunData:
     corpus: torch.Tensor | None = None  # [N, block] pretraining token blocks for the LM loss
     teacher_cache: TeacherCache | None = None  # teacher samples + log-probs (dpkd family, teacher_samples=cached)
     teacher_tokens: TeacherTokens | None = None  # the teacher's own tokens, when its tokenizer differs
+    teacher_logits: TeacherLogits | None = None  # offline top-k teacher logits instead of the teacher
 
 
 def _split(batch_size: int, replay: float, has_replay: bool) -> tuple[int, int]:
@@ -287,7 +289,7 @@ def _micro_step(method: Method, model, acc: Accelerator, teacher, data: RunData,
     examples = [data.examples[i] for i in distributed.shard(streams["method"].batch(k), acc)]
     inp = StepInputs(model, acc.unwrap_model(model), teacher, examples, sampling, mcfg, pad, eos, acc.device,
                      distributed.shared_generator(seed, k), data.teacher_cache, progress, data.teacher_tokens,
-                     tokenizer)
+                     tokenizer, data.teacher_logits)
     res = method.step(inp)
     n_method, n_replay = sizes
     share = n_replay / (n_replay + n_method)  # of the global batch, the same on every process

@@ -20,11 +20,13 @@ from prefkd.data.collate import Example
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.logprobs import selective_log_softmax, token_mean_nll
 from prefkd.teacher_client import TeacherServer
+from prefkd.losses.top_k import coarse_logits
 
 if TYPE_CHECKING:
     from prefkd.methods.config import MethodConfig
     from prefkd.methods.cross_tokenizer import TeacherTokens
     from prefkd.methods.data import MethodData, PrepareContext
+    from prefkd.teacher_logits import TeacherLogits
 
 
 @dataclass
@@ -45,6 +47,7 @@ class StepInputs:
     progress: float = 0.0
     teacher_tokens: TeacherTokens | None = None  # the teacher's own tokens, when its tokenizer differs
     tokenizer: PreTrainedTokenizerBase | None = None  # the student's (texts of samples: byte lengths)
+    teacher_logits: TeacherLogits | None = None  # offline top-k teacher logits replacing the teacher (teacher.logits)
 
 
 @dataclass
@@ -80,6 +83,10 @@ class Method:
     # The method needs from the teacher only its samples and the log-probs of given responses, which a completions
     # server gives: `teacher.url` may replace `teacher.path` (teacher_client.py).
     sequence_teacher: bool = False
+    # Trains from offline teacher logits (teacher.logits) instead of a live teacher: given the method's config and
+    # the tail mode, returns the temperature its divergence applies, or raises ConfigError for settings it cannot run
+    # that way. None: the method needs the live teacher.
+    cached_logits: Callable[[MethodConfig, str], float] | None = None
 
     @property
     def black_box(self) -> bool:
@@ -105,6 +112,21 @@ def student_and_teacher_logits(inp: StepInputs, batch: dict[str, torch.Tensor]
         t_logits = shifted_logits(inp.teacher, batch)
     width = min(s_logits.shape[-1], t_logits.shape[-1])
     return s_logits[..., :width], t_logits[..., :width]
+
+
+def divergence_logits(inp: StepInputs, batch: dict[str, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the student's shifted logits, for its anchor; the student's and the teacher's logits the divergence
+    compares): the full vocabularies with a live teacher, or the k + 1 categories of offline top-k teacher logits
+    (losses/top_k.py)."""
+    if inp.teacher_logits is None:
+        s_logits, t_logits = student_and_teacher_logits(inp, batch)
+        return s_logits, s_logits, t_logits
+    s_logits = shifted_logits(inp.student, batch)
+    cache = inp.teacher_logits
+    ids, logps, tail = cache.batch(inp.examples, s_logits.shape[1], s_logits.device)
+    s_div, t_div = coarse_logits(s_logits, ids, logps, tail, cache.tail, cache.temperature)
+    return s_logits, s_div, t_div
 
 
 def nll_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

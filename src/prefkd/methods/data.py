@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedModel
 
 from prefkd import rundir
-from prefkd.cache import TeacherCache, cache_key, generate_cached, model_identity
+from prefkd.cache import TeacherCache, cache_key, complete_cache, generate_cached, model_identity
 from prefkd.console import console
 from prefkd.data.chat import Renderer, renderer_for
 from prefkd.data.collate import Example, encode_examples
@@ -150,15 +150,17 @@ def sample_cache(ctx: PrepareContext, role: str, sampling: SamplingConfig
     key = cache_key(model_identity(spec.path), [renderer.prompt(r) for r in ctx.prompts], sampling, run.train.seed,
                     backend(run.vllm))
     path = cache_dir(run) / f"{role}-{key}.jsonl"
-    model = ctx.teacher if role == "teacher" else ctx.student
-    sampler = VLLMSampler(spec.path, run.vllm, spec.trust_remote_code) if run.vllm.enabled else None
-    if sampler is None and model is None:  # a loaded teacher is not loaded twice
-        model = load_model(spec.path, spec.trust_remote_code, spec.dtype)
-    if model is not None:
-        model.to(process_state().device)  # sample on this process's GPU, where training would put the model anyway
-    rows = generate_cached(model, renderer, ctx.prompts, sampling, path, key, run.train.seed,
-                           name=f"{role} samples", sampler=sampler)
-    if sampler is not None:
-        sampler.close()
+    rows = complete_cache(path, key, len(ctx.prompts))
+    if rows is None:  # a complete cache loads no model (a run from offline teacher logits loads no teacher)
+        model = ctx.teacher if role == "teacher" else ctx.student
+        sampler = VLLMSampler(spec.path, run.vllm, spec.trust_remote_code) if run.vllm.enabled else None
+        if sampler is None and model is None:  # a loaded teacher is not loaded twice
+            model = load_model(spec.path, spec.trust_remote_code, spec.dtype)
+        if model is not None:
+            model.to(process_state().device)  # sample on this process's GPU, where training would put it anyway
+        rows = generate_cached(model, renderer, ctx.prompts, sampling, path, key, run.train.seed,
+                               name=f"{role} samples", sampler=sampler)
+        if sampler is not None:
+            sampler.close()
     return [(p, ctx.renderer.sample_ids(row["response"], row["finished"]), row["response"])
             for p, row in zip(ctx.renderer.prompt_ids(ctx.prompts), rows, strict=True)]

@@ -11,15 +11,16 @@ import torch
 from prefkd import losses
 from prefkd.config import opt
 from prefkd.data.collate import Example, collate
+from prefkd.errors import ConfigError
 from prefkd.logprobs import response_token_logps, token_mean_nll
 from prefkd.methods import data
 from prefkd.methods.base import (
     Method,
     MethodOutput,
     StepInputs,
+    divergence_logits,
     nll_from_logits,
     sample,
-    student_and_teacher_logits,
     to_device,
 )
 from prefkd.methods.token_kd import Divergence
@@ -50,8 +51,10 @@ def on_policy(divergence: Divergence, student_share: Callable[[MethodConfig], fl
         seqs = [Example(e.prompt_ids, r) for e, r in zip(inp.examples, sample(inp.student_sampler, inp.examples, inp),
                                                           strict=True)] if on else inp.examples
         batch = to_device(collate(seqs, inp.pad_id), inp.device)
-        s_logits, t_logits = student_and_teacher_logits(inp, batch)
-        loss = divergence(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg)
+        if on and inp.teacher is None:
+            raise ConfigError("on-policy steps need the live teacher (teacher.path), not offline teacher logits")
+        s_logits, s_div, t_div = divergence_logits(inp, batch)
+        loss = divergence(s_div, t_div, batch["response_mask"][:, 1:], inp.cfg)
         n = batch["response_mask"][:, 1:].sum().item()
         anchor, n_anchor = None, None
         if inp.cfg.kappa < 1 and inp.examples[0].response_ids:
@@ -67,6 +70,17 @@ def on_policy(divergence: Divergence, student_share: Callable[[MethodConfig], fl
     return step
 
 
+def _gkd_cached(cfg: MethodConfig, tail: str) -> float:
+    """gkd from offline teacher logits is its off-policy part: the sequences only (lmbda = 0). A batch of student
+    samples needs the teacher's distributions on tokens no cache holds; loading the teacher for those batches would
+    defeat the cache, and quietly training with lmbda = 0 would be another method than the one asked for."""
+    if cfg.gkd.lmbda != 0:
+        raise ConfigError(f"gkd with teacher.logits trains on the cached sequences only: set distill.gkd.lmbda=0 "
+                          f"(it is {cfg.gkd.lmbda}). Its on-policy share scores the student's own samples, which "
+                          "need the live teacher (teacher.path without teacher.logits)")
+    return cfg.gkd.temperature
+
+
 METHODS = [
     Method("rkl", "on-policy token-level reverse KL on student samples (MiniLLM-style, not MiniLLM's policy "
            "gradient)", "MiniLLM (Gu et al. 2024), simplified", "student samples; anchor on the sequences", True,
@@ -76,5 +90,5 @@ METHODS = [
            "GKD (Agarwal et al. 2024)", "student samples or the sequences", True, data.sequences,
            on_policy(lambda s, t, m, c: losses.generalized_jsd(s, t, m, c.gkd.beta, c.gkd.temperature),
                      lambda c: c.gkd.lmbda), "gkd.beta 0.5, gkd.lmbda 0.5", samples_before_training=True,
-           samples_in_training=True),
+           samples_in_training=True, cached_logits=_gkd_cached),
 ]

@@ -39,7 +39,7 @@ from prefkd.judges import JudgeConfig, preferences
 from prefkd.methods import METHODS, MethodConfig
 from prefkd.models import ModelConfig, load_tokenizer
 from prefkd.recipes.common import DataConfig, write_run_config
-from prefkd.recipes.distill import DistillRun
+from prefkd.recipes.distill import DistillRun, TeacherConfig
 from prefkd.recipes.evaluate import EvaluateRun
 from prefkd.recipes.sft import SFTRun, run_sft
 from prefkd.report import results_table, verdict, write_report
@@ -179,7 +179,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         runs[name] = []
         for seed in cfg.seeds:
             d = out / name / f"seed{seed}"
-            base = DistillRun(str(d), name, student, ModelConfig(path=str(out / "teacher" / "model")),
+            base = DistillRun(str(d), name, student, TeacherConfig(path=str(out / "teacher" / "model")),
                               DataConfig(prompts=str(data / "d_prompts.jsonl"), replay=str(data / "d0.jsonl"),
                                          corpus=str(corpus) if corpus.read_text(encoding="utf-8").strip() else "",
                                          heldout=str(data / "validation.jsonl")),

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,13 +22,35 @@ from prefkd.distributed import process_state
 from prefkd.errors import ConfigError, DataError
 from prefkd.generation import SamplingConfig
 from prefkd.lora import LoRAConfig, apply_lora, save_trained
+from prefkd.losses.top_k import TAIL_MODES
 from prefkd.methods import METHODS, Method, MethodConfig, get_method
 from prefkd.methods.data import PrepareContext, cache_dir, reference_examples
 from prefkd.models import ModelConfig, load_model, load_tokenizer
 from prefkd.recipes.common import DataConfig, begin_run, check_run, check_same_vocabulary, need, read_corpus
-from prefkd.teacher_client import TeacherConfig, TeacherServer, connect
+from prefkd.teacher_client import ServerConfig, TeacherServer, connect
+from prefkd.teacher_logits import TeacherLogits
 from prefkd.train import RunData, TrainConfig, train
 from prefkd.vllm_backend import VLLMConfig
+
+
+@dataclass
+class TeacherConfig(ServerConfig, ModelConfig):
+    """The teacher: a model to load (ModelConfig's keys), a server to ask (teacher.url, teacher_client.py), or its
+    offline logits (teacher.logits)."""
+
+    # --- offline teacher logits (`prefkd teacher-logits`) ---------------------------------------------------------
+    logits: str = opt("", "a `prefkd teacher-logits` directory: kd, akl, tvd, skl, srkl and gkd (lmbda 0) train "
+                          "from the teacher's cached top-k log-probs with no teacher loaded")
+    logits_tail: str = opt("renorm", "how top-k log-probs become the teacher's distribution (docs/methods.md): "
+                                     "renorm (the top-k renormalised) or bucket (the rest's mass as one extra "
+                                     "category, the student's tail merged likewise)")
+
+    def __post_init__(self) -> None:
+        if self.logits and self.url:
+            raise ConfigError("teacher.logits and teacher.url are two ways to stand in for the teacher: set one")
+        if self.logits_tail not in TAIL_MODES:
+            raise ConfigError(f"teacher.logits_tail must be one of {', '.join(TAIL_MODES)}, not "
+                              f"'{self.logits_tail}'")
 
 
 @dataclass
@@ -37,7 +58,8 @@ class DistillRun:
     out: str = opt("runs/distill", "output directory")
     method: str = opt("dpkd", "distillation method (see `prefkd methods`)")
     student: ModelConfig = section(ModelConfig, "the student, usually an SFT checkpoint (student.path)")
-    teacher: TeacherConfig = section(TeacherConfig, "the frozen teacher (teacher.path), or its server (teacher.url)")
+    teacher: TeacherConfig = section(TeacherConfig, "the frozen teacher (teacher.path), its server (teacher.url) or "
+                                                    "its offline logits (teacher.logits)")
     data: DataConfig = section(DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
     distill: MethodConfig = section(MethodConfig)
@@ -52,8 +74,8 @@ class DistillRun:
     hub: HubConfig = section(HubConfig, keyed=False)
 
     def __post_init__(self) -> None:
-        if type(self.teacher) is ModelConfig:  # a caller's plain model config: a teacher to load, no server
-            self.teacher = TeacherConfig(**dataclasses.asdict(self.teacher))
+        if type(self.teacher) is ModelConfig:  # callers of the Python API that build the teacher as a ModelConfig
+            self.teacher = TeacherConfig(**asdict(self.teacher))
 
 
 def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, replay: list[Instruction] | None = None,
@@ -77,7 +99,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     tokenizer = load_tokenizer(student_path, cfg.student.trust_remote_code)
     renderer = renderer_for(tokenizer, cfg.data.template)
     student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
-    teacher, teacher_renderer = _teacher(cfg, method, renderer, samples_only)
+    logits = _offline_logits(cfg, method) if cfg.teacher.logits else None
+    teacher, teacher_renderer = _teacher(cfg, method, renderer, samples_only) if logits is None else (None, None)
 
     # Data: the method's examples (sample caches drawn here), replay references and the LM corpus.
     # References are checked by the methods that train on them, with the record that lacks one.
@@ -93,6 +116,10 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                          renderer, student, teacher, teacher_renderer)
     with process_state().main_process_first():  # the main process samples the caches, the others then read them
         prepared = method.prepare(ctx)
+    if logits is not None:
+        logits.check(renderer, prepared.examples, source)
+        console.print(f"{cfg.method}: teacher logits from {cfg.teacher.logits} ({logits.manifest['model']}, "
+                      f"top-{logits.k}, tail {logits.tail}); no teacher loaded")
     if samples_only:
         console.print(f"{cfg.method}: sample caches ready for {len(prepared.examples)} prompts under "
                       f"{cache_dir(cfg)}")
@@ -101,7 +128,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                    replay=reference_examples(renderer, replay, cfg.train, cfg.data.replay or "replay") if replay
                    else None,
                    corpus=token_blocks(tokenizer, corpus, cfg.distill.lm_block_size) if corpus else None,
-                   teacher_cache=prepared.teacher_cache, teacher_tokens=prepared.teacher_tokens)
+                   teacher_cache=prepared.teacher_cache, teacher_tokens=prepared.teacher_tokens,
+                   teacher_logits=logits)
     d = cfg.distill
     console.print(f"[bold]{cfg.method}[/]: {len(data.examples)} prompts, kappa {d.kappa}, replay "
                   f"{d.replay if data.replay else 0}, lm_weight {d.lm_weight if data.corpus is not None else 0}")
@@ -112,7 +140,8 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     model = apply_lora(student, cfg.lora)
     begin_run(out, cfg, clear)
     teacher_id = (teacher.identity if isinstance(teacher, TeacherServer) else
-                  model_identity(cfg.teacher.path) if teacher is not None else None)
+                  model_identity(cfg.teacher.path) if teacher is not None else
+                  logits.identity if logits is not None else None)
     identity = [model_identity(student_path), teacher_id]
     logs = train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
@@ -120,6 +149,22 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
                  identity=identity, run_config=config.to_dict(cfg), stop_ids=renderer.stop_ids_for(student))
     publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
     return logs
+
+
+def _offline_logits(cfg: DistillRun, method: Method) -> TeacherLogits:
+    """The cache of teacher.logits, opened for this method (which must be able to train from it)."""
+    if method.cached_logits is None:
+        able = ", ".join(m.name for m in METHODS.values() if m.cached_logits is not None)
+        raise ConfigError(f"method '{cfg.method}' cannot train from offline teacher logits (teacher.logits): it "
+                          f"needs the live teacher (teacher.path). Methods that can: {able}")
+    temperature = method.cached_logits(cfg.distill, cfg.teacher.logits_tail)
+    if cfg.teacher.logits_tail == "bucket" and temperature != 1.0:
+        raise ConfigError(f"teacher.logits_tail=bucket needs the divergence's temperature 1 (it is {temperature}): "
+                          "the tail's mass at another temperature is not in the cache; use "
+                          "teacher.logits_tail=renorm")
+    if cfg.diagnostics.every:
+        console.print("diagnostics off: they run the teacher, which teacher.logits leaves unloaded")
+    return TeacherLogits(cfg.teacher.logits, cfg.teacher.logits_tail, temperature)
 
 
 def _teacher(cfg: DistillRun, method: Method, renderer: Renderer, samples_only: bool
@@ -170,7 +215,7 @@ def _teacher_server(cfg: DistillRun, method: Method, renderer: Renderer
                           f"(teacher.logits=DIR) or a loaded teacher (teacher.path); teacher.url serves {served}")
     if not method.needs_teacher:
         return None, None
-    server = connect(cfg.teacher)
+    server = connect(cfg.teacher, cfg.teacher.trust_remote_code)
     teacher_renderer = renderer_for(server.tokenizer, cfg.data.template)
     differs = not same_tokens(renderer, teacher_renderer)
     console.print(f"{cfg.method}: the teacher is {server.name} on {server.url}" +
