@@ -38,7 +38,7 @@ import torch
 from prefkd.config import opt
 from prefkd.errors import ConfigError, PrefkdError
 from prefkd.generation import SamplingConfig
-from prefkd.models import ModelConfig, load_tokenizer
+from prefkd.models import load_tokenizer
 from prefkd.vllm_backend import response_ids
 
 SCORE_BATCH = 16  # sequences per scoring request

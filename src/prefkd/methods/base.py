@@ -19,8 +19,8 @@ from prefkd.cache import TeacherCache
 from prefkd.data.collate import Example
 from prefkd.generation import SamplingConfig, sample_responses
 from prefkd.logprobs import selective_log_softmax, token_mean_nll
-from prefkd.teacher_client import TeacherServer
 from prefkd.losses.top_k import coarse_logits
+from prefkd.teacher_client import TeacherServer
 
 if TYPE_CHECKING:
     from prefkd.methods.config import MethodConfig
