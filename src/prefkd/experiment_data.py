@@ -136,16 +136,25 @@ def prepare_teacher_tokenizer(cfg: ExperimentDataConfig, data_dir: Path, data_ke
     t_vocab, s_vocab = teacher.get_vocab(), student.get_vocab()
     shared = set(t_vocab) & set(s_vocab)
     same_id = sum(t_vocab[t] == s_vocab[t] for t in shared)
-    test = [_text(r) for r in load_instructions(str(data_dir / "test.jsonl"))]
+    # How differently the two read the test set's responses: bytes per token, and the share of responses split
+    # into the same strings (the ids differ all the same).
+    test = [r.references[0] for r in load_instructions(str(data_dir / "test.jsonl"))]
+    pieces = {n: [tok.convert_ids_to_tokens(tok(t)["input_ids"]) for t in test] for n, tok in (("teacher", teacher),
+                                                                                              ("student", student))}
     n_bytes = sum(len(t.encode("utf-8")) for t in test)
-    per_byte = {n: sum(len(tok(t)["input_ids"]) for t in test) / n_bytes for n, tok in (("teacher", teacher),
-                                                                                       ("student", student))}
+    same_split = sum(a == b for a, b in zip(pieces["teacher"], pieces["student"], strict=True)) / len(test)
     info = {"teacher_tokens": len(teacher), "student_tokens": len(student), "shared_strings": len(shared),
-            "same_id": same_id, "test_bytes_per_token": {n: round(1 / v, 3) for n, v in per_byte.items()}}
+            "same_id": same_id, "test_bytes_per_token": {n: round(n_bytes / sum(map(len, p)), 3)
+                                                         for n, p in pieces.items()},
+            "test_same_segmentation": round(same_split, 3)}
+    if len(teacher) < size:  # the BPE stops when no pair of tokens is seen twice more
+        console.print(f"[yellow]teacher tokenizer: the BPE stopped at {len(teacher)} of data.teacher_tokenizer."
+                      f"vocab_size={size} tokens: D and the corpora hold no more pairs seen twice")
     console.print(f"teacher tokenizer: {len(teacher)} tokens trained on D and the corpora; {len(shared)} of them are "
-                  f"also the student's ({same_id} with the same id); test texts: "
+                  f"also the student's ({same_id} with the same id); test responses: "
                   f"{info['test_bytes_per_token']['teacher']} bytes per teacher token, "
-                  f"{info['test_bytes_per_token']['student']} per student token")
+                  f"{info['test_bytes_per_token']['student']} per student token, {same_split:.0%} split into the "
+                  "same strings")
     stages.mark_done(out, key, info)
     return key
 
