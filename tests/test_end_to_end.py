@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from typer.testing import CliRunner
 
@@ -221,3 +222,72 @@ def test_chat_demo_runs_in_chatml_end_to_end(tmp_path):
     for row in results["rows"]:
         predictions = (_eval_dir(out, row["name"]) / "predictions.json").read_text()
         assert "<|im_" not in predictions and "<|endoftext|>" not in predictions
+
+
+def test_compare_with_a_teacher_of_another_tokenizer_and_architecture(tmp_path):
+    """`data.teacher_tokenizer.vocab_size`: the teacher (here a Llama) is trained with its own BPE, saved with its
+    model, and every later stage reads it in its own tokens: dpkd (bytes), uld (both alignments) and seqkd distil,
+    the teacher is evaluated and judges with its tokenizer. The student's stages keep their keys."""
+    out = tmp_path / "xtok"
+    base = ["compare", f"out={out}", *TINY, "continued_sft=false", "eval.seeds=10"]
+    res = CliRunner().invoke(app, [*base, "methods=[seqkd]"])  # the shared-tokenizer experiment first
+    assert res.exit_code == 0, res.output
+    assert not (out / "data" / "tokenizer_teacher").exists()
+    sft_key = json.loads((out / "sft" / "stage.json").read_text())["key"]
+    sft_stamp = (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
+
+    xtok = ["data.teacher_tokenizer.vocab_size=500", "teacher.arch=llama", "judge.path=teacher", "contrasts=[dpkd]",
+            "methods=[dpkd, uld, uld-bytes, seqkd]",
+            "variants={uld-bytes: {method: uld, set: [distill.uld.alignment=bytes]}}"]
+    res = CliRunner().invoke(app, [*base, *xtok])
+    assert res.exit_code == 0, res.output
+    assert "teacher tokenizer: 500 tokens" in " ".join(res.output.split())
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["teacher", "sft", "dpkd", "uld", "uld-bytes", "seqkd"]
+    assert "dpkd" in results["rows"][3]["rougeL"]["vs"]
+    _check_scores_from_predictions(out, results)
+
+    # The teacher: a Llama with the teacher's tokenizer, which differs from the student's (other merges, other ids).
+    student_tok = AutoTokenizer.from_pretrained(str(out / "data" / "tokenizer"))
+    teacher_tok = AutoTokenizer.from_pretrained(str(out / "data" / "tokenizer_teacher"))
+    assert len(teacher_tok) == 500 and len(student_tok) == 400
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    assert any(s_vocab.get(t) != i for t, i in t_vocab.items())
+    text = "Name the town where Baxdor Talton lives."
+    assert student_tok(text)["input_ids"] != teacher_tok(text)["input_ids"]
+    teacher = AutoModelForCausalLM.from_pretrained(str(out / "teacher" / "model"))
+    assert teacher.config.model_type == "llama" and teacher.config.vocab_size == 500
+    assert AutoTokenizer.from_pretrained(str(out / "teacher" / "model")).get_vocab() == t_vocab
+    # The student and every distilled student keep the student's tokenizer; the SFT student was reused as it was.
+    for name in ("sft/model", "dpkd/seed0/model", "uld/seed0/model", "uld-bytes/seed0/model", "seqkd/seed0/model"):
+        assert AutoTokenizer.from_pretrained(str(out / name)).get_vocab() == s_vocab, name
+    assert json.loads((out / "sft" / "stage.json").read_text())["key"] == sft_key
+    assert (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_stamp
+    # Distillation read the teacher in its own tokens: dpkd normalised by bytes, uld aligned both ways.
+    output = " ".join(res.output.split())
+    assert "dpkd across tokenizers: the teacher" in output and "uld across tokenizers: the teacher" in output
+    config = yaml.safe_load((out / "uld-bytes" / "seed0" / "config.yaml").read_text())
+    assert config["distill"]["uld"]["alignment"] == "bytes" and config["teacher"]["path"].endswith("teacher/model")
+    log = [json.loads(line) for line in (out / "dpkd" / "seed0" / "train_log.jsonl").read_text().splitlines()]
+    assert all("teacher_logp_student" in row and "pref_accuracy" in row for row in log)
+    assert all(np.isfinite(row["uld_distance"]) for name in ("uld", "uld-bytes") for row in
+               map(json.loads, (out / name / "seed0" / "train_log.jsonl").read_text().splitlines()))
+    # The teacher judged every row (a log-likelihood judge in its own tokens) and was evaluated with its tokenizer.
+    assert results["judge"] == "teacher"
+    for row in results["rows"]:
+        settings = json.loads((_eval_dir(out, row["name"]) / "settings.json").read_text())
+        assert settings["judge"]["name"] == f"loglik:{out / 'teacher' / 'model'}", row["name"]
+        assert np.isfinite(row["judge_score"]["mean"]), row["name"]
+    settings = json.loads((_eval_dir(out, "teacher") / "settings.json").read_text())
+    assert settings["generation"]["model"] == str(out / "teacher" / "model")
+
+    # A token-level method is refused before any stage, by name, with the methods that work across tokenizers.
+    fresh = tmp_path / "refused"
+    res = CliRunner().invoke(app, ["compare", f"out={fresh}", *TINY, *xtok[:2], "methods=[dpkd, kd, dpkd-kd]",
+                                   "variants={dpkd-kd: {method: dpkd, set: [distill.dpkd.anchor=kd]}}"])
+    assert res.exit_code == 2, res.output
+    message = " ".join(res.output.split())
+    assert "kd (kd compares the two models' distributions over one vocabulary)" in message
+    assert "dpkd-kd (distill.dpkd.anchor=kd" in message and "uld" in message and "seqkd" in message
+    assert "dpkd (" not in message and "Traceback" not in message
+    assert not fresh.exists()

@@ -68,3 +68,42 @@ def test_an_unknown_template_is_refused_before_anything_is_written(tmp_path, tin
     with pytest.raises(ConfigError, match="data.template 'chatml' is not one of: alpaca, chat"):
         prepare_data(cfg, tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_the_teachers_own_tokenizer_is_its_own_stage_on_other_texts(tmp_path, tiny_suite_config):
+    """`teacher_tokenizer.vocab_size` 0 (the default) writes nothing and leaves the data key alone; > 0 trains the
+    teacher's BPE on D and the corpora (not D0) beside the shared one, in the same template, keyed on its own."""
+    from prefkd.experiment_data import TeacherTokenizerConfig, prepare_teacher_tokenizer
+
+    cfg = ExperimentDataConfig(suite=tiny_suite_config, vocab_size=400)
+    old = stages.fingerprint(asdict(cfg.suite), cfg.vocab_size)
+    data = tmp_path / "data"
+    assert prepare_data(cfg, data) == old
+    assert prepare_teacher_tokenizer(cfg, data, old) is None and not (data / "tokenizer_teacher").exists()
+    own = replace(cfg, teacher_tokenizer=TeacherTokenizerConfig(vocab_size=450))
+    assert prepare_data(own, data) == old  # the student's stages keep their keys
+    key = prepare_teacher_tokenizer(own, data, old)
+    assert key and key != old
+    teacher, student = (load_tokenizer(str(data / n)) for n in ("tokenizer_teacher", "tokenizer"))
+    assert len(teacher) == 450 and not teacher.chat_template
+    info = stages.json.loads((data / "tokenizer_teacher" / "stage.json").read_text())
+    assert info["teacher_tokens"] == 450 and info["same_id"] < info["shared_strings"] < 450
+    # Trained without D0: relative to the student's tokenizer (which saw both), D0's texts take more teacher tokens
+    # than D's.
+    from prefkd.data.loaders import load_instructions
+
+    def ratio(shard):
+        texts = [r.prompt + r.references[0] for r in load_instructions(str(data / f"{shard}.jsonl"))]
+        return sum(len(teacher(t)["input_ids"]) for t in texts) / sum(len(student(t)["input_ids"]) for t in texts)
+
+    assert ratio("d0") > ratio("d")
+    stamp = (data / "tokenizer_teacher" / "tokenizer.json").stat().st_mtime_ns
+    assert prepare_teacher_tokenizer(own, data, old) == key  # reused
+    assert (data / "tokenizer_teacher" / "tokenizer.json").stat().st_mtime_ns == stamp
+    chat = replace(own, template="chat")
+    chat_key = prepare_data(chat, tmp_path / "chat")
+    assert prepare_teacher_tokenizer(chat, tmp_path / "chat", chat_key) not in (key, None)
+    chat_teacher = load_tokenizer(str(tmp_path / "chat" / "tokenizer_teacher"))
+    assert chat_teacher.chat_template == CHATML and len(chat_teacher) == 452
+    with pytest.raises(ConfigError, match="teacher_tokenizer.vocab_size must be 0"):
+        prepare_teacher_tokenizer(replace(cfg, teacher_tokenizer=TeacherTokenizerConfig(vocab_size=-1)), data, old)

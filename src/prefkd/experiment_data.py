@@ -11,6 +11,10 @@ Every source writes the same files under `OUT/data` (the PLaD protocol):
                     ChatML's special tokens and chat template (`models.add_chat_format`), so that every later stage
                     (SFT, distillation, sample caches, evaluation) renders records in ChatML through
                     `data.template=auto`
+  tokenizer_teacher/  only with `data.teacher_tokenizer.vocab_size` > 0: the teacher's own byte-level BPE, trained
+                    on D + the corpora (not D0) with its own vocabulary size, in the same template; the teacher is
+                    trained with it and keeps it in its saved model, so distillation runs cross tokenizers. Its own
+                    stage (`prepare_teacher_tokenizer`): the data key, and so the student's stages, stay as they are.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from pathlib import Path
 from prefkd import atomic, stages
 from prefkd.config import opt, section
 from prefkd.console import console
+from prefkd.data.loaders import load_instructions
 from prefkd.data.prepare import dolly_splits, load_corpus, plad_shards
 from prefkd.data.records import Instruction, write_records
 from prefkd.data.synthetic import SuiteConfig, build_suite
 from prefkd.errors import ConfigError
-from prefkd.models import add_chat_format, train_tokenizer
+from prefkd.models import add_chat_format, load_tokenizer, train_tokenizer
 
 TEMPLATES = ("alpaca", "chat")
 
@@ -44,6 +49,14 @@ class DollyConfig:
 
 
 @dataclass
+class TeacherTokenizerConfig:
+    vocab_size: int = opt(0, "0 = the teacher reads the experiment's tokenizer; > 0 = the teacher gets its own "
+                             "byte-level BPE of this size, trained on D and the corpora only (not D0: other texts "
+                             "than the student's tokenizer, so other merges and other ids), saved as "
+                             "OUT/data/tokenizer_teacher (distillation then runs across tokenizers)")
+
+
+@dataclass
 class ExperimentDataConfig:
     source: str = opt("suite", "'suite' (the embedded instruction suite) or 'dolly' (MiniLLM/DPKD splits)")
     vocab_size: int = opt(2048, "byte-level BPE vocabulary trained on the experiment's text")
@@ -55,6 +68,7 @@ class ExperimentDataConfig:
     template: str = opt("alpaca", "format the models are trained and evaluated in: 'alpaca' (the Alpaca prompt, "
                                   "EOS ends a response) or 'chat' (ChatML: the tokenizer gains <|im_start|>, "
                                   "<|im_end|> and a chat template; the BPE is trained on the same plain text)")
+    teacher_tokenizer: TeacherTokenizerConfig = section(TeacherTokenizerConfig)
 
 
 def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
@@ -87,18 +101,73 @@ def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
     atomic.write_text(data_dir / "corpus.txt", "\n\n".join(lm))
     atomic.write_text(data_dir / "pretrain.txt", "\n\n".join(pretrain))
     # The BPE is learnt from the same text whatever the template, so its merges do not depend on the markup.
-    texts = [r.prompt + r.references[0] for r in shards["d0"] + shards["d"]] + suite_corpus + pretrain
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    if cfg.template == "chat":
-        tokenizer = add_chat_format(tokenizer)
-    with atomic.directory(data_dir / "tokenizer") as tmp:
-        tokenizer.save_pretrained(tmp)
+    texts = [_text(r) for r in shards["d0"] + shards["d"]] + suite_corpus + pretrain
+    _save_tokenizer(train_tokenizer(texts, cfg.vocab_size), cfg.template, data_dir / "tokenizer")
     sizes = {n: len(v) for n, v in shards.items()}
     console.print(f"data ({cfg.source}): {sizes}, LM corpus {len(lm)} documents, pretraining corpus "
                   f"{len(pretrain)} documents, tokenizer {cfg.vocab_size} tokens"
                   + (" + ChatML's 2 special tokens and chat template" if cfg.template == "chat" else ""))
     stages.mark_done(data_dir, key, {"sizes": sizes})
     return key
+
+
+def prepare_teacher_tokenizer(cfg: ExperimentDataConfig, data_dir: Path, data_key: str) -> str | None:
+    """With `teacher_tokenizer.vocab_size` > 0, write OUT/data/tokenizer_teacher once (after `prepare_data`); return
+    its key, or None when the teacher shares the experiment's tokenizer.
+
+    The teacher's BPE is trained on D's prompts and references plus the LM and pretraining corpora: the teacher's
+    own data without the student's D0, so its merges (and ids) differ from the shared tokenizer's as a tokenizer
+    trained on another corpus would, while every text still has a byte-level encoding in both."""
+    size = cfg.teacher_tokenizer.vocab_size
+    if size == 0:
+        return None
+    if size < 0:
+        raise ConfigError(f"data.teacher_tokenizer.vocab_size must be 0 (the shared tokenizer) or positive, not "
+                          f"{size}")
+    out = data_dir / "tokenizer_teacher"
+    key = stages.fingerprint(data_key, "teacher_tokenizer", asdict(cfg.teacher_tokenizer))
+    if stages.is_done(out, key):
+        return key
+    d = load_instructions(str(data_dir / "d.jsonl"))
+    corpora = [(data_dir / f).read_text(encoding="utf-8") for f in ("corpus.txt", "pretrain.txt")]
+    texts = [_text(r) for r in d] + [doc for c in corpora for doc in c.split("\n\n") if doc.strip()]
+    _save_tokenizer(train_tokenizer(texts, size), cfg.template, out)
+    teacher, student = (load_tokenizer(str(data_dir / n)) for n in ("tokenizer_teacher", "tokenizer"))
+    t_vocab, s_vocab = teacher.get_vocab(), student.get_vocab()
+    shared = set(t_vocab) & set(s_vocab)
+    same_id = sum(t_vocab[t] == s_vocab[t] for t in shared)
+    # How differently the two read the test set's responses: bytes per token, and the share of responses split
+    # into the same strings (the ids differ all the same).
+    test = [r.references[0] for r in load_instructions(str(data_dir / "test.jsonl"))]
+    pieces = {n: [tok.convert_ids_to_tokens(tok(t)["input_ids"]) for t in test] for n, tok in (("teacher", teacher),
+                                                                                              ("student", student))}
+    n_bytes = sum(len(t.encode("utf-8")) for t in test)
+    same_split = sum(a == b for a, b in zip(pieces["teacher"], pieces["student"], strict=True)) / len(test)
+    info = {"teacher_tokens": len(teacher), "student_tokens": len(student), "shared_strings": len(shared),
+            "same_id": same_id, "test_bytes_per_token": {n: round(n_bytes / sum(map(len, p)), 3)
+                                                         for n, p in pieces.items()},
+            "test_same_segmentation": round(same_split, 3)}
+    if len(teacher) < size:  # the BPE stops when no pair of tokens is seen twice more
+        console.print(f"[yellow]teacher tokenizer: the BPE stopped at {len(teacher)} of data.teacher_tokenizer."
+                      f"vocab_size={size} tokens: D and the corpora hold no more pairs seen twice")
+    console.print(f"teacher tokenizer: {len(teacher)} tokens trained on D and the corpora; {len(shared)} of them are "
+                  f"also the student's ({same_id} with the same id); test responses: "
+                  f"{info['test_bytes_per_token']['teacher']} bytes per teacher token, "
+                  f"{info['test_bytes_per_token']['student']} per student token, {same_split:.0%} split into the "
+                  "same strings")
+    stages.mark_done(out, key, info)
+    return key
+
+
+def _text(r: Instruction) -> str:
+    return r.prompt + r.references[0]
+
+
+def _save_tokenizer(tokenizer, template: str, path: Path) -> None:
+    if template == "chat":
+        tokenizer = add_chat_format(tokenizer)
+    with atomic.directory(path) as tmp:
+        tokenizer.save_pretrained(tmp)
 
 
 def _suite(cfg: SuiteConfig) -> tuple[dict[str, list[Instruction]], list[str]]:

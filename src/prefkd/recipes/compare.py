@@ -32,11 +32,12 @@ from prefkd.diagnostics import DiagnosticsConfig
 from prefkd.errors import ConfigError, PrefkdError
 from prefkd.eval_files import read_responses
 from prefkd.evaluate import EvalConfig, groups
-from prefkd.experiment_data import ExperimentDataConfig, prepare_data
+from prefkd.experiment_data import ExperimentDataConfig, prepare_data, prepare_teacher_tokenizer
 from prefkd.generation import SamplingConfig
 from prefkd.jobs import Job, run_jobs
 from prefkd.judges import JudgeConfig, preferences
 from prefkd.methods import METHODS, MethodConfig
+from prefkd.methods.dpkd import prompts_and_teacher_cache
 from prefkd.models import ModelConfig, load_tokenizer
 from prefkd.recipes.common import DataConfig, write_run_config
 from prefkd.recipes.distill import DistillRun, TeacherConfig
@@ -128,21 +129,28 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if unknown := [c for c in cfg.contrasts if c not in (*cfg.methods, *BASELINES, "teacher")]:
         raise ConfigError(f"contrasts {unknown} are not rows of this comparison: name methods, variants, sft or "
                           f"{CONTROL}")
+    check_teacher_tokenizer(cfg)
     out = Path(cfg.out)
     cfg = with_run_group(cfg)
     write_run_config(out, cfg)
     data = out / "data"
     keys = {"data": prepare_data(cfg.data, data)}
-    tok = str(data / "tokenizer")
-    tokenizer = load_tokenizer(tok)
+    teacher_tok_key = prepare_teacher_tokenizer(cfg.data, data, keys["data"])
     runs: dict[str, list[Run]] = {}
 
     for role, model, pre, tcfg, files in (("teacher", cfg.teacher, cfg.teacher_pretrain, cfg.teacher_train,
                                            ["d0", "d"]),
                                           ("sft", cfg.student, cfg.student_pretrain, cfg.student_train, ["d0"])):
+        # A teacher with its own tokenizer is pretrained and trained with it, and saves it with its model: every
+        # later stage (distillation, evaluation, the judge) reads the teacher in its own tokens from there.
+        own = role == "teacher" and teacher_tok_key is not None
+        tok = str(data / ("tokenizer_teacher" if own else "tokenizer"))
+        tokenizer = load_tokenizer(tok)
         base_key, init = keys["data"], model
+        if own:  # the shared tokenizer keeps the key it always had
+            base_key = stages.fingerprint(keys["data"], "teacher_tokenizer", teacher_tok_key)
         if pre.steps:
-            base_key = stages.fingerprint(keys["data"], asdict(model), stages.settings(pre), cfg.pretrain_block_size)
+            base_key = stages.fingerprint(base_key, asdict(model), stages.settings(pre), cfg.pretrain_block_size)
             pdir = out / f"{role}_pretrain"
             if not stages.is_done(pdir, base_key):
                 docs = [d for d in (data / "pretrain.txt").read_text(encoding="utf-8").split("\n\n") if d.strip()]
@@ -161,6 +169,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         runs[role] = [Run("", out / role / "model", keys[role])]
 
     student = ModelConfig(path=str(out / "sft" / "model"))
+    tok = str(data / "tokenizer")
     train_jobs: list[Job] = []
     if cfg.continued_sft:
         runs[CONTROL] = []
@@ -221,6 +230,34 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     atomic.write_json(out / results_name(cfg.tag), results)
     write_report(out, results)
     return results
+
+
+def check_teacher_tokenizer(cfg: ExperimentConfig) -> None:
+    """Before any stage: with the teacher's own tokenizer (`data.teacher_tokenizer.vocab_size`), every method and
+    variant must distil across tokenizers; the token-level ones that compare distributions over one vocabulary are
+    refused here, by name, rather than after the teacher and the other runs have trained."""
+    if not cfg.data.teacher_tokenizer.vocab_size:
+        return
+    if cfg.teacher.path:
+        raise ConfigError("data.teacher_tokenizer.vocab_size builds a tokenizer for a teacher built from scratch; "
+                          f"teacher.path ('{cfg.teacher.path}') is a model with its own tokenizer: set one or the "
+                          "other")
+    base = DistillRun(method="dpkd")
+    refused = {}
+    for name in cfg.methods:
+        run = resolve(cfg, name, replace(base, distill=cfg.distill))
+        method = METHODS[run.method]
+        if method.needs_teacher and not method.cross_tokenizer:
+            refused[name] = f"{run.method} compares the two models' distributions over one vocabulary"
+        elif method.prepare is prompts_and_teacher_cache and run.distill.dpkd.anchor != "ce":
+            refused[name] = f"distill.dpkd.anchor={run.distill.dpkd.anchor} compares token distributions"
+    if refused:
+        across = ", ".join(n for n, m in METHODS.items() if n != "sft" and (m.cross_tokenizer or not m.needs_teacher))
+        raise ConfigError("data.teacher_tokenizer.vocab_size gives the teacher its own tokenizer, and these rows "
+                          f"need the student's tokenizer in the teacher: "
+                          f"{'; '.join(f'{n} ({why})' for n, why in refused.items())}. Methods that distil across "
+                          f"tokenizers: {across} (dpkd family with distill.dpkd.anchor=ce); or set "
+                          "data.teacher_tokenizer.vocab_size=0")
 
 
 TRAIN_SECTIONS = ("teacher_pretrain", "student_pretrain", "teacher_train", "student_train", "distill_train")
