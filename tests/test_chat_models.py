@@ -126,9 +126,10 @@ SOME_METHODS = [(name, method) for name in ("gemma", "qwen2") for method in ("dp
 
 
 @pytest.mark.parametrize("name, method", ALL_METHODS + SOME_METHODS)
-def test_method_distils_a_chat_student(chat_models, name, method, tmp_path):
+def test_method_distils_a_chat_student(chat_models, name, method, tmp_path, monkeypatch):
     m = chat_models(name)
     out = tmp_path / method
+    seen = _spy(monkeypatch, distill_recipe)
     res = runner.invoke(app, [
         "distill", "--method", method, f"out={out}", f"student.path={m.student}", f"teacher.path={m.teacher}",
         f"data.prompts={m.train if method == 'sft' else m.prompts}", f"distill.cache_dir={m.root / 'cache'}",
@@ -137,6 +138,9 @@ def test_method_distils_a_chat_student(chat_models, name, method, tmp_path):
     assert res.exit_code == 0, res.output
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    # The method trains on the prompts as the student's chat template renders them, one example per record.
+    records = [chat_record(row) for row in (m.rows if method == "sft" else m.prompt_rows)]
+    assert [e.prompt_ids for e in seen[0]] == Renderer(m.tok).prompt_ids(records)
     trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     initial = AutoModelForCausalLM.from_pretrained(m.student).state_dict()
     assert not all(torch.equal(trained[k], initial[k]) for k in initial)

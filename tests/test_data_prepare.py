@@ -84,6 +84,23 @@ def test_filter_for_training_counts_first_failed_filter(tokenizer):
     assert kept == [] and counts["too_long"] == 1
 
 
+def test_filter_for_training_counts_tokens_as_the_chat_template_renders_them():
+    """With a chat tokenizer a record is as long as training renders it: the template's prompt (BOS included) and
+    the reply with its end-of-turn token, not the Alpaca prompt."""
+    from support import CHAT_CONVERSATIONS, chat_record, chat_texts, chat_tokenizer
+
+    tok = chat_tokenizer("llama", chat_texts(CHAT_CONVERSATIONS))
+    rec = chat_record({**CHAT_CONVERSATIONS[1], "messages": [*CHAT_CONVERSATIONS[1]["messages"][:-1],
+                                                            {"role": "assistant", "content": _words(11)}]})
+    prompt = len(tok.apply_chat_template(rec.messages(), add_generation_prompt=True, tokenize=True,
+                                         return_dict=False))
+    exact = prompt + len(tok(_words(11), add_special_tokens=False)["input_ids"]) + 1  # + <|eot_id|>
+    assert prompt != len(tok(rec.prompt, add_special_tokens=False)["input_ids"]) + 1  # not the Alpaca count
+    assert filter_for_training([rec], tok, max_prompt_tokens=prompt, max_length=exact)[1]["kept"] == 1
+    assert filter_for_training([rec], tok, max_prompt_tokens=prompt - 1)[1]["long_prompt"] == 1
+    assert filter_for_training([rec], tok, max_length=exact - 1)[1]["too_long"] == 1
+
+
 def test_plad_shards_disjoint_and_deterministic():
     train = [Instruction(f"q{i}", references=(f"a{i}",), id=str(i)) for i in range(101)]
     d0, d = plad_shards(train, seed=3)

@@ -80,3 +80,8 @@ def test_save_pretrained_keeps_every_end_token_in_the_generation_config(tmp_path
     model.generation_config.eos_token_id = [7, im_end]  # listed by the model: kept, after the end of turn and EOS
     save_pretrained(model, chat, tmp_path / "listed")
     assert GenerationConfig.from_pretrained(tmp_path / "listed").eos_token_id == [im_end, eos, 7]
+    # A template prefkd cannot read (the run rendered Alpaca) does not fail the save: the EOS alone.
+    chat.chat_template = "{{ raise_exception('tools only') }}"
+    model.generation_config.eos_token_id = eos
+    save_pretrained(model, chat, tmp_path / "unreadable")
+    assert GenerationConfig.from_pretrained(tmp_path / "unreadable").eos_token_id == eos

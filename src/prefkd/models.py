@@ -182,8 +182,8 @@ def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     if getattr(tokenizer, "chat_template", None):
         try:
             end_of_turn = Renderer(tokenizer, "chat").end_ids
-        except PrefkdError:  # a template prefkd cannot read was refused when the run rendered its data
-            pass
+        except Exception:  # a template prefkd cannot read (a run with data.template=alpaca): the end of a run
+            pass  # must not fail over a stop token
     ids = list(dict.fromkeys([*end_of_turn, tokenizer.eos_token_id, *had]))
     return ids[0] if len(ids) == 1 else ids
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from prefkd import atomic
+from prefkd.data.chat import renderer_for
 from prefkd.data.loaders import load_instructions
 from prefkd.data.records import Instruction, write_records
 from prefkd.errors import ConfigError, DataError
@@ -21,13 +22,15 @@ _BLANK_LINES = re.compile(r"\n\s*\n")  # one or more blank (or whitespace-only) 
 
 
 def filter_for_training(records: list[Instruction], tokenizer: PreTrainedTokenizerBase, min_response_words: int = 11,
-                        max_prompt_tokens: int = 256,
-                        max_length: int = 512) -> tuple[list[Instruction], dict[str, int]]:
+                        max_prompt_tokens: int = 256, max_length: int = 512,
+                        template: str = "auto") -> tuple[list[Instruction], dict[str, int]]:
     """Keep records the papers train on; counts are by the first filter a record fails.
 
     Filters, in order: `short_response` (first reference under `min_response_words` words), `long_prompt`
-    (prompt over `max_prompt_tokens` tokens), `too_long` (prompt + response + EOS over `max_length` tokens;
-    the same arithmetic as collate.encode_examples). The first reference is the one trained on.
+    (prompt over `max_prompt_tokens` tokens), `too_long` (prompt + response + end token over `max_length` tokens;
+    the same arithmetic as collate.encode_examples). The first reference is the one trained on. Records are
+    counted as training renders them (`data.chat.Renderer` with `template`, as `data.template`): with the
+    tokenizer's chat template when it has one, else Alpaca.
     """
     counts = {"short_response": 0, "long_prompt": 0, "too_long": 0}
     wordy = []
@@ -38,14 +41,14 @@ def filter_for_training(records: list[Instruction], tokenizer: PreTrainedTokeniz
             counts["short_response"] += 1
     if not wordy:
         return [], {**counts, "kept": 0}
-    # One batched call per side: the fast tokenizer is much quicker on lists than record by record.
-    prompts = tokenizer([r.prompt for r in wordy], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r.references[0] for r in wordy], add_special_tokens=False)["input_ids"]
+    renderer = renderer_for(tokenizer, template)
+    prompts = renderer.prompt_ids(wordy)
+    responses = [renderer.response_ids(r, r.references[0]) for r in wordy]
     kept = []
     for r, p, a in zip(wordy, prompts, responses, strict=True):
         if len(p) > max_prompt_tokens:
             counts["long_prompt"] += 1
-        elif len(p) + len(a) + 1 > max_length:
+        elif len(p) + len(a) > max_length:
             counts["too_long"] += 1
         else:
             kept.append(r)
