@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefkd.data.chat import Renderer
+from prefkd.data.chat import Renderer, text_ids
 from prefkd.data.collate import Example, collate
 
 # Logits per chunk of the log-softmax: 4M floats (16 MiB in fp32) bounds the extra memory at any vocabulary size.
@@ -315,12 +315,6 @@ def sequence_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tu
 def token_mean_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over every counted token of the batch (the one place it is normalised)."""
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
-
-
-def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """A response text's ids as plain text: no special tokens added, and a special token's string inside the text
-    (another model's `<|im_end|>`, say) read as the characters it is, not as that token."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 @torch.no_grad()

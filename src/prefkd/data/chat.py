@@ -79,14 +79,12 @@ class Renderer:
         return [self.with_bos(ids) for ids in self.encode([self.prompt(r) for r in records])]
 
     def response_ids(self, rec: Instruction, text: str) -> list[int]:
-        """The response's tokens and the end-of-turn token: what training scores."""
-        return self.encode([self.response(rec, text)])[0] + self.end_ids
+        """The response's tokens (as plain text) and the end-of-turn token: what training scores."""
+        return text_ids(self.tokenizer, self.response(rec, text)) + self.end_ids
 
     def sample_ids(self, text: str, finished: bool) -> list[int]:
-        """A sampled response's decoded text in this tokenizer's tokens (as plain text: a special token's string in
-        it stays characters), with the end token when it had ended."""
-        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return ids + (self.end_ids if finished else [])
+        """A sampled response's decoded text in this tokenizer's tokens, with the end token when it had ended."""
+        return text_ids(self.tokenizer, text) + (self.end_ids if finished else [])
 
     def conversation(self, rec: Instruction, reply: str) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, response ids, loss mask over the prompt ids): every earlier assistant turn's tokens, end
@@ -157,6 +155,12 @@ class Renderer:
     @property
     def _end_token_text(self) -> str:
         return self.tokenizer.decode(self.end_ids)
+
+
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A response text's ids as plain text: no special tokens added, and a special token's string inside the text
+    (another model's `<|im_end|>`, say) read as the characters it is, not as that token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def check_assistant_turns(value: str) -> None:
