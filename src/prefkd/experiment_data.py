@@ -5,6 +5,10 @@ Every source writes the same files under `OUT/data` (the PLaD protocol):
   d.jsonl           distillation shard with references: the teacher trains on it, nothing else does
   d_prompts.jsonl   D's prompts only: what distillation methods may see of D
   validation.jsonl  for tuning and the diagnostics batch;  test.jsonl  for the final numbers
+  large/            suite only: test.jsonl (607 prompts: the 173 of test.jsonl first, then further unseen items)
+                    and validation.jsonl (316: validation.jsonl's 78 first), for paired differences of about a
+                    point (`prefkd compare eval_split=test_large|validation_large`). Their own stage: the data key
+                    ignores their sizes, so adding them left every earlier stage valid
   corpus.txt        LM-loss corpus (documents separated by blank lines)
   pretrain.txt      pretraining corpus for models built from scratch (may be empty)
   tokenizer/        byte-level BPE trained on D0 + D + the corpora; with `data.template=chat`, the same BPE plus
@@ -28,7 +32,7 @@ from prefkd.console import console
 from prefkd.data.loaders import load_instructions
 from prefkd.data.prepare import dolly_splits, load_corpus, plad_shards
 from prefkd.data.records import Instruction, write_records
-from prefkd.data.synthetic import SuiteConfig, build_suite
+from prefkd.data.synthetic import LARGE_FIELDS, SuiteConfig, build_suite
 from prefkd.errors import ConfigError
 from prefkd.models import add_chat_format, load_tokenizer, train_tokenizer
 
@@ -74,7 +78,7 @@ class ExperimentDataConfig:
 def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
     """Write the data stage once; return its key (a fingerprint of everything it depends on)."""
     if cfg.source == "suite":
-        key = stages.fingerprint(asdict(cfg.suite), cfg.vocab_size)  # = the demo's data key before compare existed
+        key = stages.fingerprint(_training_suite(cfg.suite), cfg.vocab_size)  # = the demo's key before compare existed
         if cfg.pretrain_corpus or cfg.lm_corpus != "auto":
             key = stages.fingerprint(key, cfg.pretrain_corpus, cfg.lm_corpus)
     elif cfg.source == "dolly":
@@ -87,6 +91,7 @@ def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
     if cfg.template != "alpaca":  # Alpaca keeps the key it always had, so existing runs' stages stay valid
         key = stages.fingerprint(key, "template", cfg.template)
     if stages.is_done(data_dir, key):
+        _large_splits(cfg, data_dir, key)
         return key
     shards, suite_corpus = _suite(cfg.suite) if cfg.source == "suite" else _dolly(cfg.dolly)
     pretrain = [d for path in cfg.pretrain_corpus for d in load_corpus(path)]
@@ -108,7 +113,36 @@ def prepare_data(cfg: ExperimentDataConfig, data_dir: Path) -> str:
                   f"{len(pretrain)} documents, tokenizer {cfg.vocab_size} tokens"
                   + (" + ChatML's 2 special tokens and chat template" if cfg.template == "chat" else ""))
     stages.mark_done(data_dir, key, {"sizes": sizes})
+    _large_splits(cfg, data_dir, key)
     return key
+
+
+def _training_suite(cfg: SuiteConfig) -> dict:
+    """The suite's settings that change the data stage's files; the large splits have their own stage."""
+    return {k: v for k, v in asdict(cfg).items() if k not in LARGE_FIELDS}
+
+
+def _large_splits(cfg: ExperimentDataConfig, data_dir: Path, data_key: str) -> None:
+    if cfg.source != "suite":
+        return
+    out = data_dir / "large"
+    key = stages.fingerprint(data_key, asdict(cfg.suite))
+    if stages.is_done(out, key):
+        return
+    suite = build_suite(cfg.suite)
+    write_records(out / "test.jsonl", suite.test_large)
+    write_records(out / "validation.jsonl", suite.validation_large)
+    stages.mark_done(out, key, {"sizes": {"test": len(suite.test_large), "validation": len(suite.validation_large)}})
+
+
+def large_split_file(data_dir: Path, split: str) -> Path:
+    """`test_large` or `validation_large` of an experiment's data stage, refused with the reason where the data
+    source has none."""
+    path = data_dir / "large" / f"{split.removesuffix('_large')}.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"eval_split={split}: the large splits exist for data.source=suite only ({path} is "
+                          "missing); use test or validation, or a records file of your own")
+    return path
 
 
 def prepare_teacher_tokenizer(cfg: ExperimentDataConfig, data_dir: Path, data_key: str) -> str | None:

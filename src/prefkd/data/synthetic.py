@@ -109,6 +109,20 @@ class SuiteConfig:
     val_profiles: int = opt(5, "as test_profiles, for the validation split")
     val_skill: int = opt(28, "as test_skill, for the validation split")
     corpus_skill_per_family: int = opt(60, "extra skill documents per family in the LM-loss corpus")
+    # The large splits: the test (validation) split plus items drawn after everything else, so D, D0, the corpus
+    # and the 173-prompt test split are the same records whatever these sizes are (and the data key ignores them).
+    large_test_world_questions: int = opt(90, "held-out world questions per shard added to the test split in "
+                                              "test_large (as many as remain)")
+    large_test_profiles: int = opt(30, "held-out profiles per shard added in test_large (as many as remain)")
+    large_test_skill_per_family: int = opt(22, "fresh skill items per family added in test_large")
+    large_test_summaries: int = opt(40, "further fresh summaries added in test_large (long-form items)")
+    large_val_world_questions: int = opt(60, "as large_test_world_questions, for validation_large")
+    large_val_profiles: int = opt(10, "as large_test_profiles, for validation_large")
+    large_val_skill_per_family: int = opt(14, "as large_test_skill_per_family, for validation_large")
+
+
+LARGE_FIELDS = ("large_test_world_questions", "large_test_profiles", "large_test_skill_per_family",
+                "large_test_summaries", "large_val_world_questions", "large_val_profiles", "large_val_skill_per_family")
 
 
 @dataclass
@@ -119,6 +133,8 @@ class Suite:
     test: list[Instruction]
     corpus: list[str]  # plain-text documents in the same format, for the LM-loss term
     people: list[Person] = field(repr=False, default_factory=list)
+    test_large: list[Instruction] = field(repr=False, default_factory=list)  # test + further unseen items
+    validation_large: list[Instruction] = field(repr=False, default_factory=list)
 
 
 def _names(rng: random.Random, n: int) -> list[tuple[str, str]]:
@@ -228,10 +244,10 @@ def build_suite(cfg: SuiteConfig | None = None) -> Suite:
 
     seen: set[str] = set()
 
-    def skills(n: int, tag: str) -> list[Instruction]:
+    def skills(n: int, tag: str, families: tuple[str, ...] = SKILL_FAMILIES) -> list[Instruction]:
         """`n` items of every family whose prompts are new to the suite."""
         out = []
-        for fam in SKILL_FAMILIES:
+        for fam in families:
             for i in range(n):
                 for _ in range(1000):
                     instr, inp, resp = _skill(rng, fam, strangers)
@@ -259,4 +275,16 @@ def build_suite(cfg: SuiteConfig | None = None) -> Suite:
     corpus = [r.prompt + r.references[0] for r in d0 + skills(cfg.corpus_skill_per_family, "corpus")]
     rng.shuffle(d0)
     rng.shuffle(d)
-    return Suite(d0=d0, d=d, validation=val, test=test, corpus=corpus, people=world)
+    # Drawn last, from what the splits above left, so that every record above stays what it was.
+    test_large, val_large = list(test), list(val)
+    q0, p0 = cfg.test_world_questions + cfg.val_world_questions, cfg.test_profiles + cfg.val_profiles
+    for shard in ("D", "D0"):
+        qs, ps = held_out[shard][q0:], held_profiles[shard][p0:]
+        nq, np_ = cfg.large_test_world_questions, cfg.large_test_profiles
+        test_large += qs[:nq] + ps[:np_]
+        val_large += qs[nq: nq + cfg.large_val_world_questions] + ps[np_: np_ + cfg.large_val_profiles]
+    test_large += skills(cfg.large_test_skill_per_family, "test_large")
+    test_large += skills(cfg.large_test_summaries, "test_large_summaries", ("summarization",))
+    val_large += skills(cfg.large_val_skill_per_family, "validation_large")
+    return Suite(d0=d0, d=d, validation=val, test=test, corpus=corpus, people=world, test_large=test_large,
+                 validation_large=val_large)

@@ -26,6 +26,9 @@ class PLaDConfig:
     score_scale: float = opt(1.0, "plad-margin: scale of the score difference that sets each pair's margin "
                                   "(Eq. 5-8; prefkd's name, it was plad.beta)")
     temperature: float = opt(0.7, "plad: sampling temperature of the pair cache (teacher and initial student)")
+    length_normalize: bool = opt(False, "plad, plad-margin: rank per-token mean log-probs log P(y|x) / L_y instead "
+                                        "of summed ones; Eq. 4-5 print the sum, the paper's ablations credit 'length "
+                                        "normalization' (docs/methods.md, PLaD)")
 
 
 def pairs(ctx: data.PrepareContext) -> data.MethodData:
@@ -52,6 +55,8 @@ def plad_step(margin_form: bool):
                                          [e.rejected_ids for e in inp.examples]], inp.device)
         b = len(inp.examples)
         q = q_tok.sum(-1)
+        if inp.cfg.plad.length_normalize:
+            q = q / mask.sum(-1).clamp(min=1)
         if margin_form:
             s_pos = torch.tensor([e.chosen_score for e in inp.examples], device=inp.device)
             s_neg = torch.tensor([e.rejected_score for e in inp.examples], device=inp.device)

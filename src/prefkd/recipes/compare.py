@@ -32,7 +32,12 @@ from prefkd.diagnostics import DiagnosticsConfig
 from prefkd.errors import ConfigError, PrefkdError
 from prefkd.eval_files import read_responses
 from prefkd.evaluate import EvalConfig, groups
-from prefkd.experiment_data import ExperimentDataConfig, prepare_data, prepare_teacher_tokenizer
+from prefkd.experiment_data import (
+    ExperimentDataConfig,
+    large_split_file,
+    prepare_data,
+    prepare_teacher_tokenizer,
+)
 from prefkd.generation import SamplingConfig
 from prefkd.jobs import Job, run_jobs
 from prefkd.judges import JudgeConfig, preferences
@@ -83,8 +88,10 @@ class ExperimentConfig:
     diagnostics: DiagnosticsConfig = section(DiagnosticsConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(  # MiniLLM's protocol, 160 new tokens at most
         seeds=[10, 20, 30], sampling=SamplingConfig(max_new_tokens=160, batch_size=64, no_repeat_ngram_size=6)))
-    eval_split: str = opt("test", "'test' for final numbers, 'validation' while tuning, or a records file of your "
-                                  "own (any format prefkd reads, conversations included) every model is evaluated on")
+    eval_split: str = opt("test", "'test' for final numbers, 'validation' while tuning; with the embedded suite, "
+                                  "'test_large' (607 prompts, test's 173 first) and 'validation_large' (316) for "
+                                  "paired differences of about a point; or a records file of your own (any format "
+                                  "prefkd reads, conversations included) every model is evaluated on")
     judge: JudgeConfig = section(JudgeConfig, "optional judge of every evaluated response against the references "
                                               "(win rates, PLaD's view); judge.path=teacher uses OUT/teacher/model")
     bootstrap: int = opt(2000, "bootstrap replicates of every interval")
@@ -324,9 +331,13 @@ def eval_records_file(eval_split: str, data: Path) -> tuple[Path, str, str]:
     or a user's file, keyed by its content so that an edited file is evaluated again."""
     if eval_split in ("test", "validation"):
         return data / f"{eval_split}.jsonl", eval_split, eval_split  # = the key of runs from before user files
+    if eval_split in ("test_large", "validation_large"):
+        path = large_split_file(data, eval_split)
+        return path, eval_split, hashlib.sha256(path.read_bytes()).hexdigest()
     path = Path(eval_split)
     if not path.is_file():
-        raise ConfigError(f"eval_split '{eval_split}' is neither test, validation nor an existing records file")
+        raise ConfigError(f"eval_split '{eval_split}' is neither test, validation, test_large, validation_large nor "
+                          "an existing records file")
     return path, f"file-{path.stem}", hashlib.sha256(path.read_bytes()).hexdigest()
 
 
