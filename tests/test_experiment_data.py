@@ -9,6 +9,7 @@ from prefkd import stages
 from prefkd.errors import ConfigError
 from prefkd.experiment_data import ExperimentDataConfig, prepare_data
 from prefkd.models import CHATML, load_tokenizer
+from prefkd.recipes.compare import eval_records_file
 
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
@@ -18,7 +19,9 @@ def test_alpaca_keeps_the_data_key_it_had_and_chat_changes_it(tmp_path, tiny_sui
     runs made then stay valid); the chat format is another data stage."""
     cfg = ExperimentDataConfig(suite=tiny_suite_config, vocab_size=400)
     assert cfg.template == "alpaca"
-    old = stages.fingerprint(asdict(cfg.suite), cfg.vocab_size)  # how the key was computed before the option
+    # How the key was computed before the template option and the large splits (whose sizes it leaves out).
+    old = stages.fingerprint({k: v for k, v in asdict(cfg.suite).items() if not k.startswith("large_")},
+                             cfg.vocab_size)
     assert prepare_data(cfg, tmp_path / "alpaca") == old
     assert prepare_data(replace(cfg, template="alpaca"), tmp_path / "alpaca") == old
     chat = prepare_data(replace(cfg, template="chat"), tmp_path / "chat")
@@ -76,7 +79,8 @@ def test_the_teachers_own_tokenizer_is_its_own_stage_on_other_texts(tmp_path, ti
     from prefkd.experiment_data import TeacherTokenizerConfig, prepare_teacher_tokenizer
 
     cfg = ExperimentDataConfig(suite=tiny_suite_config, vocab_size=400)
-    old = stages.fingerprint(asdict(cfg.suite), cfg.vocab_size)
+    old = stages.fingerprint({k: v for k, v in asdict(cfg.suite).items() if not k.startswith("large_")},
+                             cfg.vocab_size)
     data = tmp_path / "data"
     assert prepare_data(cfg, data) == old
     assert prepare_teacher_tokenizer(cfg, data, old) is None and not (data / "tokenizer_teacher").exists()
@@ -107,3 +111,32 @@ def test_the_teachers_own_tokenizer_is_its_own_stage_on_other_texts(tmp_path, ti
     assert chat_teacher.chat_template == CHATML and len(chat_teacher) == 452
     with pytest.raises(ConfigError, match="teacher_tokenizer.vocab_size must be 0"):
         prepare_teacher_tokenizer(replace(cfg, teacher_tokenizer=TeacherTokenizerConfig(vocab_size=-1)), data, old)
+
+
+def test_large_splits_are_their_own_stage_and_leave_the_data_key_alone(tmp_path, tiny_suite_config):
+    """Changing the large splits' sizes rewrites data/large and nothing else: the data key (and so every model
+    stage) is unchanged; compare's eval_split=test_large reads the file and keys evaluations on its content."""
+    from prefkd.data.loaders import load_instructions
+
+    cfg = ExperimentDataConfig(suite=tiny_suite_config, vocab_size=400)
+    key = prepare_data(cfg, tmp_path)
+    test = load_instructions(str(tmp_path / "test.jsonl"))
+    large = load_instructions(str(tmp_path / "large" / "test.jsonl"))
+    assert large[: len(test)] == test and len(large) > len(test)
+    path, name, split_key = eval_records_file("test_large", tmp_path)
+    assert (path, name) == (tmp_path / "large" / "test.jsonl", "test_large")
+    tokenizer_stamp = (tmp_path / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    bigger = replace(cfg, suite=replace(cfg.suite, large_test_skill_per_family=cfg.suite.large_test_skill_per_family
+                                        + 2))
+    assert prepare_data(bigger, tmp_path) == key
+    assert (tmp_path / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == tokenizer_stamp  # not rebuilt
+    assert len(load_instructions(str(tmp_path / "large" / "test.jsonl"))) == len(large) + 2 * 7
+    assert eval_records_file("test_large", tmp_path)[2] != split_key  # a new file is evaluated again
+    validation = load_instructions(str(tmp_path / "validation.jsonl"))
+    assert load_instructions(str(tmp_path / "large" / "validation.jsonl"))[: len(validation)] == validation
+
+    files = write_dolly_files(tmp_path / "dolly-files")
+    dolly = replace(cfg, source="dolly", dolly=replace(cfg.dolly, **files))
+    prepare_data(dolly, tmp_path / "dolly")
+    with pytest.raises(ConfigError, match="data.source=suite only"):
+        eval_records_file("validation_large", tmp_path / "dolly")
