@@ -28,6 +28,7 @@ test: $(STAMP) lint
 	$(BIN)/pytest -q
 
 # Benchmarks (docs/benchmarks.md): every figure is a ratio measured side by side in one run -> bench/results.json.
+# bench runs benchmarks 10-13 at GPT-2-small shape (124M: long on a CPU); bench-quick at the tiny shape.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
 

@@ -25,7 +25,8 @@ from rich.table import Table
 from prefkd import atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results.json"
+# BENCH_RESULTS: another file (bench/gpu_check.sh keeps a GPU run's figures apart from the CPU ones)
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).parent / "results.json")
 console = Console()
 
 

@@ -11,6 +11,11 @@ two alternate step by step. prefkd runs its step three times: with the teacher s
 with log p(y_t) already known (what `teacher_samples=cached` gives from the second epoch on), and the way prefkd
 computed it before this work (padded batches, logits on every position), for reference.
 Peak memory: separate child processes, alternated; the peak RSS of the training steps (reset after loading).
+
+TRL's configuration: `DPOConfig`'s defaults but for fp32 (its `bf16` default off), which in TRL 1.16 include
+gradient checkpointing. Its fastest configuration on CPU (checkpointing off, `precompute_ref_log_probs=True`: see
+`bench/dpkd_vs_trl_124m.py`) runs as a second `train()` against prefkd's step with both teacher log-probs computed
+beforehand, the `*_fastest` figures.
 """
 
 from __future__ import annotations
@@ -45,9 +50,14 @@ def _texts(tokenizer, pairs) -> list[dict]:
              "rejected": text(e.rejected_ids)} for e in pairs]
 
 
-def trl_trainer(student, teacher, tokenizer, rows: list[dict], steps: int, out_dir: str, callbacks=()):
+def trl_trainer(student, teacher, tokenizer, rows: list[dict], steps: int, out_dir: str, callbacks=(),
+                config: str = "defaults"):
+    """TRL's DPOTrainer in one of its configurations (`bench.dpkd_vs_trl_124m.trl_options`): its defaults
+    (gradient checkpointing on) or its fastest on CPU (checkpointing off, reference log-probs precomputed)."""
     import datasets
     from trl import DPOConfig, DPOTrainer
+
+    from bench.dpkd_vs_trl_124m import trl_options
 
     datasets.disable_progress_bars()
     # TRL's configs default `gradient_checkpointing` (transformers renamed it `activation_checkpointing`): only that
@@ -58,7 +68,7 @@ def trl_trainer(student, teacher, tokenizer, rows: list[dict], steps: int, out_d
                      lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, beta=0.1, bf16=False,
                      use_cpu=True, logging_steps=10_000, save_strategy="no", report_to="none", seed=0,
                      train_sampling_strategy="sequential", dataloader_num_workers=0, disable_dropout=True,
-                     disable_tqdm=True)
+                     disable_tqdm=True, **trl_options(config, torch.device("cpu")))
     return DPOTrainer(model=student, ref_model=teacher, args=args, train_dataset=datasets.Dataset.from_list(rows),
                       processing_class=tokenizer, callbacks=list(callbacks))
 
@@ -73,12 +83,14 @@ class PrefkdStep:
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.cpu = torch.device("cpu")
         self.p_t = []  # log p(y_t) per batch, as the teacher cache would hold it
+        self.known = []  # (log p(y_t), log p(y_s)) per batch, as TRL's precompute_ref_log_probs holds them
         for b in batches:
-            p_t, _ = teacher_logps(teacher, b["prompt"], b["chosen"], [b["rejected"]], [None] * len(b["prompt"]),
-                                   self.cpu)
+            p_t, p_s = teacher_logps(teacher, b["prompt"], b["chosen"], [b["rejected"]], [None] * len(b["prompt"]),
+                                     self.cpu)
             self.p_t.append(p_t.tolist())
+            self.known.append((p_t, p_s))
 
-    def step(self, k: int, cached: bool = False, padded: bool = False) -> float:
+    def step(self, k: int, cached: bool = False, padded: bool = False, precomputed: bool = False) -> float:
         b = self.batches[k % len(self.batches)]
         if padded:
             loss = self._padded_loss(b)
@@ -86,8 +98,11 @@ class PrefkdStep:
             examples = [Example(p, []) for p in b["prompt"]]
             inp = StepInputs(self.student, self.student, self.teacher, examples, SamplingConfig(), self.cfg,
                              self.pad, self.eos, self.cpu)
-            known = self.p_t[k % len(self.batches)] if cached else [None] * len(examples)
-            p_t, p_s = teacher_logps(self.teacher, b["prompt"], b["chosen"], [b["rejected"]], known, self.cpu)
+            if precomputed:
+                p_t, p_s = self.known[k % len(self.batches)]
+            else:
+                known = self.p_t[k % len(self.batches)] if cached else [None] * len(examples)
+                p_t, p_s = teacher_logps(self.teacher, b["prompt"], b["chosen"], [b["rejected"]], known, self.cpu)
             loss = pair_step(inp, b["chosen"], [b["rejected"]], dpkd_pair_loss, p_t, p_s).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
@@ -133,7 +148,8 @@ def run(quick: bool) -> dict:
     t_path, s_path, tokenizer, rows = _setup()
     teacher_trl, teacher_pk = (load_model(str(t_path)).eval().requires_grad_(False) for _ in range(2))
     student_trl, student_pk = load_model(str(s_path)), load_model(str(s_path))
-    times: dict[str, list[float]] = {"trl": [], "prefkd": [], "prefkd_cached": [], "prefkd_padded": []}
+    times: dict[str, list[float]] = {"trl": [], "prefkd": [], "prefkd_cached": [], "prefkd_padded": [],
+                                     "trl_fastest": [], "prefkd_precomputed": []}
     holder: dict = {}
 
     class Alternate(TrainerCallback):
@@ -141,13 +157,18 @@ def run(quick: bool) -> dict:
             holder["t0"] = common.time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            times["trl"].append(common.time.perf_counter() - holder["t0"])
             k = state.global_step - 1  # the batch TRL just trained on (sequential sampler)
+            if holder["config"] == "fastest":  # against prefkd with both teacher log-probs computed beforehand
+                times["trl_fastest"].append(common.time.perf_counter() - holder["t0"])
+                times["prefkd_precomputed"].append(common.timed(lambda: holder["prefkd"].step(k, precomputed=True)))
+                return
+            times["trl"].append(common.time.perf_counter() - holder["t0"])
             times["prefkd"].append(common.timed(lambda: holder["prefkd"].step(k)))
             times["prefkd_cached"].append(common.timed(lambda: holder["prefkd"].step(k, cached=True)))
             times["prefkd_padded"].append(common.timed(lambda: holder["prefkd"].step(k, padded=True)))
 
     with tempfile.TemporaryDirectory() as tmp:
+        holder["config"] = "defaults"
         trainer = trl_trainer(student_trl, teacher_trl, tokenizer, rows, steps, tmp, [Alternate()])
         ids = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]
         _ids_path().write_text(json.dumps(ids))
@@ -155,9 +176,14 @@ def run(quick: bool) -> dict:
         holder["prefkd"] = PrefkdStep(student_pk, teacher_pk, tokenizer, batches)
         load_before = common.load_avg()
         trainer.train()
+        # TRL's fastest configuration on CPU, on fresh copies of the same weights (benchmark 10 says why these).
+        holder["config"] = "fastest"
+        teacher_fast = load_model(str(t_path)).eval().requires_grad_(False)
+        trl_trainer(load_model(str(s_path)), teacher_fast, tokenizer, rows, steps, tmp, [Alternate()],
+                    config="fastest").train()
     med = {k: common.median(v[warmup:]) for k, v in times.items()}
     mem = common.run_children({name: ["-m", "bench.dpkd_vs_trl", "--child", name]
-                               for name in ("prefkd", "trl")}, rounds)
+                               for name in ("prefkd", "trl", "trl_fastest")}, rounds)
     peak = {k: common.median([r["peak_kb"] for r in v]) for k, v in mem.items()}
     extra = {k: common.median([r["peak_kb"] - r["base_kb"] for r in v]) for k, v in mem.items()}
     tokens = [sum(len(p) + len(c) + len(p) + len(r) for p, c, r in zip(b["prompt"], b["chosen"], b["rejected"],
@@ -167,6 +193,8 @@ def run(quick: bool) -> dict:
         "dpkd_step_cached_teacher_vs_trl_dpo": round(med["trl"] / med["prefkd_cached"], 2),
         "dpkd_step_peak_rss_vs_trl_dpo": round(peak["prefkd"] / peak["trl"], 3),
         "dpkd_step_peak_rss_extra_vs_trl_dpo": round(extra["prefkd"] / extra["trl"], 3),
+        "dpkd_step_vs_trl_dpo_fastest": round(med["trl_fastest"] / med["prefkd_precomputed"], 2),
+        "dpkd_step_peak_rss_vs_trl_dpo_fastest": round(peak["prefkd"] / peak["trl_fastest"], 3),
     }
     before = round(med["prefkd_padded"] / med["prefkd"], 2)
     settings = {"student": "gpt2 tiny (2x128), SFT 300 steps", "teacher": "gpt2 mini (3x192), SFT 300 steps",
@@ -174,7 +202,13 @@ def run(quick: bool) -> dict:
                 "timed_steps": steps - warmup, "warmup_steps": warmup, "memory_children_per_side": rounds,
                 "memory_steps_per_child": 8, "threads": torch.get_num_threads(),
                 "mean_tokens_per_batch_both_sequences": round(sum(tokens) / len(tokens)),
-                "trl_version": __import__("trl").__version__}
+                "trl_version": __import__("trl").__version__,
+                "trl_configurations": {"defaults": "DPOConfig defaults (gradient checkpointing on) but bf16 off; "
+                                                   "the *_vs_trl_dpo figures without a suffix",
+                                       "fastest": "gradient_checkpointing=False, precompute_ref_log_probs=True "
+                                                  "(padding_free is unavailable in TRL 1.16's DPOTrainer, Liger "
+                                                  "needs a GPU); against prefkd with both teacher log-probs "
+                                                  "precomputed: the *_fastest figures"}}
     details = {"median_step_s": {k: round(v, 4) for k, v in med.items()},
                "pairs_per_s": {k: round(BATCH / v, 1) for k, v in med.items()},
                "previous_implementation_vs_prefkd": before,
@@ -190,6 +224,9 @@ def run(quick: bool) -> dict:
         ("pairs/s prefkd, TRL", f"{details['pairs_per_s']['prefkd']}, {details['pairs_per_s']['trl']}", ""),
         ("before this work (padded, all logits) / prefkd", f"{before}x", "report"),
         ("peak RSS MB prefkd, TRL", f"{details['peak_rss_mb']['prefkd']}, {details['peak_rss_mb']['trl']}", ""),
+        ("TRL fastest (no checkpointing, ref log-probs precomputed) / prefkd (teacher log-probs precomputed)",
+         f"{figures['dpkd_step_vs_trl_dpo_fastest']}x", "report"),
+        ("peak RSS prefkd / TRL fastest", f"{figures['dpkd_step_peak_rss_vs_trl_dpo_fastest']}x", "report"),
     ])
     return figures
 
@@ -199,9 +236,10 @@ def child(side: str, steps: int = 8) -> None:
     common.set_threads()
     t_path, s_path, tokenizer, rows = _setup()
     student, teacher = load_model(str(s_path)), load_model(str(t_path)).eval().requires_grad_(False)
-    if side == "trl":
+    if side.startswith("trl"):
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = trl_trainer(student, teacher, tokenizer, rows, steps, tmp)
+            trainer = trl_trainer(student, teacher, tokenizer, rows, steps, tmp,
+                                  config="fastest" if side == "trl_fastest" else "defaults")
             base = common.reset_peak()
             trainer.train()
     else:
@@ -214,5 +252,5 @@ def child(side: str, steps: int = 8) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", choices=["prefkd", "trl"], required=True)
+    parser.add_argument("--child", choices=["prefkd", "trl", "trl_fastest"], required=True)
     child(parser.parse_args().child)

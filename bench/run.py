@@ -1,12 +1,16 @@
-"""Run the benchmarks: `python -m bench.run [--quick] [--only NAME ...]`; figures go to bench/results.json.
+"""Run the benchmarks: `python -m bench.run [--quick] [--only NAME ...] [--shape tiny|124m] [--device cpu|cuda]`;
+figures go to bench/results.json.
 
-`make bench` runs them all with more repetitions; `make bench-quick` with fewer (under 10 minutes here).
+`make bench` runs them all with more repetitions; `make bench-quick` with fewer, and the benchmarks of the 124M
+shape (bench/shapes.py) at the tiny shape, so that it stays under 12 minutes. `--shape` and `--device` go to the
+benchmarks that take them (those of bench/shapes.py); the others run as always.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import time
 
 from bench import common
@@ -21,6 +25,10 @@ BENCHMARKS = {  # name -> module; the order of the issue
     "cross_tokenizer": "bench.cross_tokenizer",
     "canonical_mass": "bench.canonical_mass",
     "teacher_logits": "bench.teacher_logits",
+    "dpkd_vs_trl_124m": "bench.dpkd_vs_trl_124m",
+    "onpolicy_vs_trl_gkd": "bench.onpolicy_vs_trl_gkd",
+    "sampling_roofline": "bench.sampling_roofline",
+    "memory_at_scale": "bench.memory_at_scale",
 }
 
 
@@ -28,6 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    parser.add_argument("--shape", choices=["tiny", "124m"],
+                        help="shape of the 124M-shape benchmarks (default: 124m, tiny with --quick)")
+    parser.add_argument("--device", help="device of the 124M-shape benchmarks (default cpu, or BENCH_DEVICE)")
     args = parser.parse_args()
     threads = common.set_threads()
     common.console.print(f"[bold]prefkd benchmarks[/] ({'quick' if args.quick else 'full'}), torch threads "
@@ -35,7 +46,9 @@ def main() -> None:
     t0 = time.time()
     for name in args.only or BENCHMARKS:
         t = time.time()
-        importlib.import_module(BENCHMARKS[name]).run(args.quick)
+        fn = importlib.import_module(BENCHMARKS[name]).run
+        takes = inspect.signature(fn).parameters
+        fn(args.quick, **{k: v for k, v in (("shape", args.shape), ("device", args.device)) if k in takes})
         common.console.print(f"{name}: {time.time() - t:.0f} s")
     common.console.print(f"all done in {time.time() - t0:.0f} s; figures in {common.RESULTS}")
 

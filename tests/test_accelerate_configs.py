@@ -84,6 +84,13 @@ def test_memory_plan_counts_the_opt_parameters_and_names_real_configs(monkeypatc
                 assert (CONFIGS / name).is_file(), name
     sharded = next(r for r in rows if r["layout"].startswith("deepspeed-zero3.yaml"))
     assert sharded["teacher"] == plan.OPT_13B.params * 2 / 8
+    # The fp32 form (bench/memory_at_scale.py) of the 16-bit formulas, written out: 34 bytes per token, width and
+    # layer at 16 bit plus logits and their gradient; keys and values of every layer.
+    arch, seqs, length = plan.OPT_1_3B, 4, 100
+    tokens = seqs * length
+    assert plan.activations(arch, seqs, length) == arch.layers * 34 * tokens * 2048 + 2 * tokens * 50272 * 2
+    assert plan.activations(arch, seqs, length, value_bytes=4) == 2 * plan.activations(arch, seqs, length)
+    assert plan.kv_cache(arch, seqs, length, value_bytes=4) == 2 * 24 * 2048 * 4 * tokens
 
 
 @pytest.mark.parametrize("kind, stage, refused", [("FSDP", None, True), ("DEEPSPEED", 3, True),
