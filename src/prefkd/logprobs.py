@@ -2,11 +2,13 @@
 
 Position t of the logits scores token t+1; only response tokens (the EOS included) count, never prompt or pad.
 
-Two things make this cheap (docs/benchmarks.md measures them):
+Three things make this cheap (docs/benchmarks.md measures them):
 - **Packing with shared prompts** (packing.py). Sequences are laid out as groups `[prompt, response 1, response 2,
   ...]`, several groups per row, with a 4-D attention mask in which each response sees its own prompt and its own
   earlier tokens only, and position ids restarting after the prompt. A DPKD pair therefore runs its prompt once for
   both responses, and no compute goes to padding. Mathematically the same as one padded forward per sequence.
+- **Shared templates** (prefix_sharing.py). Prompts that begin with the same template (16 tokens or more) run it
+  once per batch, as the past of their own tokens: a template -> prompt -> responses tree, the same computation.
 - **Logits only where they are scored.** The LM head runs on the positions that predict a response token
   (`logits_to_keep`), and the log-softmax is taken in chunks of positions: a full `[B, T, V]` log-softmax is never
   materialised.
@@ -20,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefkd.data.chat import Renderer, text_ids
 from prefkd.data.collate import Example, collate
 from prefkd.packing import Group, pack, packed_forward, packing_supported
+from prefkd.prefix_sharing import shared_prefix_logits, sharing_applies
 
 # Logits per chunk of the log-softmax: 4M floats (16 MiB in fp32) bounds the extra memory at any vocabulary size.
 CHUNK_ELEMENTS = 1 << 22
@@ -70,13 +73,18 @@ def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor,
 
 def packed_token_logps(model: torch.nn.Module, groups: list[Group], device: torch.device | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-prob, response index, position) of every response token of `groups`, from one packed forward."""
+    """(log-prob, response index, position) of every response token of `groups`, from one packed forward (two where
+    prompts share a template: `prefix_sharing`)."""
     device = device or next(model.parameters()).device
-    packed = pack(groups)
-    if packed.labels.numel() == 0:
-        zero = next(model.parameters()).new_zeros(0, dtype=torch.float32)
-        return zero, packed.seq, packed.pos
-    logits = packed_forward(model, packed, packed.keep, device).logits
+    done = shared_prefix_logits(model, groups, device) if sharing_applies(model) else None
+    if done is not None:
+        logits, packed = done  # the same responses and tokens, laid out after the shared prefixes
+    else:
+        packed = pack(groups)
+        if packed.labels.numel() == 0:
+            zero = next(model.parameters()).new_zeros(0, dtype=torch.float32)
+            return zero, packed.seq, packed.pos
+        logits = packed_forward(model, packed, packed.keep, device).logits
     logps = log_softmax_at(logits, packed.kept_row.to(device), packed.labels.to(device))
     return logps, packed.seq.to(device), packed.pos.to(device)
 
