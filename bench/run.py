@@ -21,6 +21,7 @@ BENCHMARKS = {  # name -> module; the order of the issue
     "cross_tokenizer": "bench.cross_tokenizer",
     "canonical_mass": "bench.canonical_mass",
     "teacher_logits": "bench.teacher_logits",
+    "train_prefix_sharing": "bench.train_prefix_sharing",
 }
 
 
