@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from bench import common, fixtures
-from prefkd.generation import SamplingConfig, _shared_prefixes, left_padded, sample_responses
+from prefkd.generation import SamplingConfig, left_padded, sample_responses
 from prefkd.models import load_model, load_tokenizer
+from prefkd.prefix_sharing import shared_prefixes
 
 MAX_NEW = 128
 
@@ -66,7 +67,7 @@ def shared_template_share(prompts: list[list[int]], batch_size: int) -> list[flo
     shares = []
     for start in range(0, len(order), batch_size):
         batch = order[start: start + batch_size]
-        saved = sum(k * (len(members) - 1) for k, members in _shared_prefixes(batch))
+        saved = sum(k * (len(members) - 1) for k, members in shared_prefixes(batch))
         shares.append(round(saved / sum(map(len, batch)), 3))
     return shares
 

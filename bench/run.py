@@ -29,6 +29,7 @@ BENCHMARKS = {  # name -> module; the order of the issue
     "onpolicy_vs_trl_gkd": "bench.onpolicy_vs_trl_gkd",
     "sampling_roofline": "bench.sampling_roofline",
     "memory_at_scale": "bench.memory_at_scale",
+    "train_prefix_sharing": "bench.train_prefix_sharing",
 }
 
 

@@ -24,6 +24,7 @@ from prefkd.generation import SamplingConfig
 from prefkd.logprobs import _padded_response_token_logps, token_mean_nll
 from prefkd.methods import MethodConfig, StepInputs, get_method
 from prefkd.models import SIZES, build_model, load_tokenizer
+from prefkd.prefix_sharing import prefix_sharing
 from prefkd.train import BatchStream
 
 SIZE = "base"
@@ -58,7 +59,9 @@ class SFTBench:
     def step(self, batch: list, bf16: bool = False) -> None:
         inp = StepInputs(self.model, self.model, None, batch, SamplingConfig(), MethodConfig(),
                          self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, torch.device("cpu"))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        # Without template sharing: the FLOPs counted are those of every prompt whole, so they must all be computed
+        # (sharing computes fewer and would inflate the utilisation; bench/train_prefix_sharing.py times it).
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), prefix_sharing(False):
             loss = self.sft.step(inp).loss
         self._finish(loss)
 

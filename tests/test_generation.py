@@ -100,10 +100,10 @@ OTHER = TEMPLATE[:6] + [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]  # anoth
 
 
 def test_shared_prefixes_find_templates_and_leave_each_prompt_a_token():
-    from prefkd.generation import _shared_prefixes
+    from prefkd.prefix_sharing import shared_prefixes
 
     prompts = [TEMPLATE + [10, 11], OTHER + [12], TEMPLATE + [10, 12, 13], [7, 7], TEMPLATE, OTHER + [13, 14]]
-    groups = sorted(_shared_prefixes(prompts))
+    groups = sorted(shared_prefixes(prompts))
     # TEMPLATE alone keeps its last token; the two OTHER prompts share all of OTHER; [7, 7] shares nothing.
     assert groups == [(17, [4, 0, 2]), (18, [1, 5])]
 

@@ -14,12 +14,13 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
 from prefkd.config import opt
 from prefkd.console import console
 from prefkd.errors import PrefkdError
-from prefkd.logprobs import Packed, pack, packed_forward, packing_supported
+from prefkd.packing import Packed, pack, packed_forward, packing_supported
+from prefkd.prefix_sharing import after_shared_prefix, find_shared, plain_cache, prefix_past, runs
 
 
 @dataclass
@@ -109,8 +110,9 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
                     device: torch.device):
     """`_prefill` of packed prompts, or None for a model whose cache is not plain per-token keys and values.
 
-    - Prompts that begin with the same template (`_shared_prefixes`) run that prefix once: its keys and values are
-      the past of their remaining tokens, as they would be inside each prompt (causal attention, same positions).
+    - Prompts that begin with the same template (`prefix_sharing.shared_prefixes`) run that prefix once: its keys
+      and values are the past of their remaining tokens, as they would be inside each prompt (causal attention, same
+      positions).
     - The packed rows of the remaining tokens run in groups of similar filled width, each cut to its widest row, so
       that neither padding nor the long rows' width is computed for short prompts.
     - The keys and values are then laid out left-padded to `width`, as one padded forward would have left them, in
@@ -120,15 +122,12 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
     shared = torch.zeros(n, dtype=torch.long)  # leading tokens each prompt takes from the shared past
     past_at = torch.zeros(n, dtype=torch.long)  # where they begin in it
     past = None
-    clusters = _shared_prefixes(prompts)
-    if clusters:
-        past = _prefix_cache(model, [prompts[members[0]][:k] for k, members in clusters], device)
+    found = find_shared(prompts)
+    if found is not None:
+        past = prefix_past(model, found.prefixes, device)
         if past is None:
             return None
-        at = 0
-        for k, members in clusters:
-            shared[members], past_at[members] = k, at
-            at += k
+        shared, past_at = found.shared, found.past_at
     n_past = past[0][0].shape[2] if past else 0
     rest = lengths - shared
     packed = pack([(p[k:], []) for p, k in zip(prompts, shared.tolist(), strict=True)])
@@ -143,15 +142,12 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
         keep = torch.zeros((len(rows), w), dtype=torch.bool)
         keep[src_row, src_col + rest[members] - 1] = True
         sub = replace(packed, input_ids=packed.input_ids[rows, :w], position_ids=packed.position_ids[rows, :w],
-                      attention=packed.attention[rows][..., :w, :w])
+                      attention=packed.attention[rows][..., :w, :w], group=packed.group[rows, :w])
         cache = None
         if n_past:
-            owner = torch.full((len(rows), w), -1, dtype=torch.long)  # the prompt of each token; -1 = padding
-            run, j = _runs(rest[members])
-            owner[src_row[run], src_col[run] + j] = members[run]
-            sub, cache = _after_shared_prefix(sub, owner, past, shared, past_at)
+            sub, cache = after_shared_prefix(sub, sub.group, past, shared, past_at)
         out = packed_forward(model, sub, keep, device, use_cache=True, cache=cache)
-        if not _plain(out.cache):
+        if not plain_cache(out.cache):
             return None
         layers = out.cache.layers
         if logits is None:
@@ -173,82 +169,11 @@ def _packed_prefill(model: PreTrainedModel, prompts: list[list[int]], width: int
     return logits, past_layers, lengths[:, None].to(device)
 
 
-def _after_shared_prefix(rows: Packed, owner: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]],
-                         shared: torch.Tensor, past_at: torch.Tensor) -> tuple[Packed, DynamicCache]:
-    """Packed rows of prompts' own tokens (prompt `owner` of each token, -1 = padding) made to continue their shared
-    prefixes: positions shifted by the prefix's length, the mask widened to see the prompt's prefix in `past`
-    (the prefixes one after another), and the cache holding `past` for every row."""
-    mine = owner.clamp(min=0)
-    first = torch.where(owner >= 0, past_at[mine], past[0][0].shape[2])  # padding sees no past
-    past_pos = torch.arange(past[0][0].shape[2])
-    seen = (past_pos >= first[..., None]) & (past_pos < (first + shared[mine])[..., None])
-    n = len(owner)
-    cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past])
-    return replace(rows, attention=torch.cat([seen[:, None], rows.attention], -1),
-                   position_ids=rows.position_ids + torch.where(owner >= 0, shared[mine], 0)), cache
-
-
-def _shared_prefixes(prompts: list[list[int]], min_share: int = 16) -> list[tuple[int, list[int]]]:
-    """(prefix length, prompts) of groups of at least two prompts whose first `min_share` or more tokens agree (an
-    instruction template), each prompt keeping one token of its own. Sorted prompts with a common prefix are
-    neighbours, so one pass finds the groups."""
-    groups: list[tuple[int, list[int]]] = []
-    for i in sorted(range(len(prompts)), key=lambda i: prompts[i]):
-        p = prompts[i]
-        if groups:
-            k, members = groups[-1]
-            head = prompts[members[0]]
-            common = 0
-            limit = min(k, len(p) - 1)
-            while common < limit and head[common] == p[common]:
-                common += 1
-            if common >= min_share:
-                groups[-1] = (common, members + [i])
-                continue
-        groups.append((len(p) - 1, [i]))
-    return [(k, members) for k, members in groups if len(members) > 1]
-
-
-def _prefix_cache(model: PreTrainedModel, prefixes: list[list[int]], device: torch.device
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per layer, ([1, heads, total, d] keys, values) of the prefixes one after another (one packed forward), or None
-    for a model whose cache is not plain per-token keys and values."""
-    packed = pack([(p, []) for p in prefixes])
-    keep = torch.zeros(packed.input_ids.shape, dtype=torch.bool)
-    keep[packed.starts[0, 0], packed.starts[0, 1]] = True  # the model wants some logits; these are not used
-    out = packed_forward(model, packed, keep, device, use_cache=True)
-    if not _plain(out.cache):
-        return None
-    sizes = torch.tensor([len(p) for p in prefixes])
-    to, zero = sizes.cumsum(0) - sizes, torch.zeros(1, dtype=torch.long)
-    past = []
-    for layer in out.cache.layers:
-        kv = []
-        for t in (layer.keys, layer.values):
-            flat = t.new_empty((1, t.shape[1], int(sizes.sum()), t.shape[3]))
-            _copy_runs(flat, zero.expand(len(prefixes)), to, t, packed.starts[:, 0], packed.starts[:, 1], sizes)
-            kv.append(flat)
-        past.append((kv[0], kv[1]))
-    return past
-
-
-def _plain(cache) -> bool:
-    """Whether a cache holds every position's keys and values as they are (not a sliding window's, say)."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) in (DynamicLayer, RoomyLayer) for layer in layers)
-
-
-def _runs(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(run, j) over the tokens of runs of `counts` tokens: which run each token is in and its index within it."""
-    run = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    return run, torch.arange(len(run)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-
-
 def _copy_runs(dst: torch.Tensor, dst_rows: torch.Tensor, dst_at: torch.Tensor, src: torch.Tensor,
                src_rows: torch.Tensor, src_at: torch.Tensor, counts: torch.Tensor) -> None:
     """dst[dst_rows[i], :, dst_at[i] + j] = src[src_rows[i], :, src_at[i] + j] for j < counts[i] ([rows, heads,
     positions, d] keys or values), in one indexed copy."""
-    run, j = _runs(counts)
+    run, j = runs(counts)
     dev = dst.device
     dst.transpose(1, 2)[dst_rows[run].to(dev), (dst_at[run] + j).to(dev)] = \
         src.transpose(1, 2)[src_rows[run].to(dev), (src_at[run] + j).to(dev)]  # transpose: views, the copy lands
@@ -283,6 +208,8 @@ class RoomyLayer(DynamicLayer):
     DynamicLayer appends each decoding step's key and value with `torch.cat`, copying the whole cache at every step;
     here the step is written in place and `keys` / `values` are views of the filled part (the same numbers). Rows
     that leave the batch are dropped in place too: the kept rows move to the front of the same buffers."""
+
+    keeps_every_position = True  # a plain cache (`prefix_sharing.plain_cache`)
 
     def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int):
         super().__init__()
@@ -369,7 +296,8 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
 def _custom_mask_ok(model: PreTrainedModel, past) -> bool:
     """Whether decoding steps may pass a ready boolean 4-D mask over every position so far: sdpa attention in a
     model that honours custom masks, with a cache that keeps every position (a sliding window's does not)."""
-    return _plain(past) and getattr(model.config, "_attn_implementation", None) == "sdpa" and packing_supported(model)
+    return (plain_cache(past) and getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and packing_supported(model))
 
 
 def _fit_context(model: PreTrainedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -19,7 +19,7 @@ from prefkd.cache import TeacherCache, teacher_cache_key
 from prefkd.config import opt
 from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
-from prefkd.logprobs import group_token_logps, packed_token_logps, packing_supported, token_mean_nll
+from prefkd.logprobs import group_token_logps, packed_token_logps, token_mean_nll
 from prefkd.methods import data
 from prefkd.methods.base import (
     Method,
@@ -31,6 +31,7 @@ from prefkd.methods.base import (
     to_device,
 )
 from prefkd.methods.cross_tokenizer import TeacherTokens, byte_length
+from prefkd.packing import packing_supported
 from prefkd.teacher_client import TeacherServer
 
 if TYPE_CHECKING:
