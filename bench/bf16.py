@@ -5,17 +5,25 @@ step: 8 D prompts sampled by teacher and student + 8 replayed D0 references, LM 
 tokens) on the demo's model sizes, `train.bf16=false` vs `true`, same seed. Speed: wall time of the 50 steps
 (from the training log), runs alternating fp32, bf16, ...; loss: the last log row (mean of steps 41-50).
 The same on GPT-2 6x384 student and teacher (`fixtures.BASE`, the MFU benchmark's size): the demo's models are too
-small for matmuls to dominate a step, so autocast's casts cost about what its faster matmuls save.
+small for matmuls to dominate a step, so autocast's fixed costs outweigh its faster matmuls (`bench/bf16_kernels.py`
+says which).
+
+`bf16_speedup_124m`: the same DPKD settings on random-initialised GPT-2-small-shape student and teacher (12x768,
+vocabulary 50,257: `bench/shapes.py`, the models of `bench/distill_124m.py`), whose samples run to 160 new tokens;
+seconds per step after the first (kernels built, caches warm), runs alternating fp32, bf16. `--shape` picks the
+shape (`make bench`: 124m, `make bench-quick`: tiny, a check that it runs); the figure of another shape carries its
+name (`bf16_speedup_tiny`). Alone: `python -m bench.bf16 --shape 124m --steps 4 --rounds 1`.
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bench import common, fixtures
+from bench import common, distill_124m, fixtures, shapes
 from prefkd.data.loaders import load_instructions
 from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig
@@ -26,6 +34,9 @@ from prefkd.train import TrainConfig
 
 STEPS = 50
 QUICK_BASE_STEPS = 20  # `--quick` on the 6x384 models: 50 steps there alone would take 3.5 of bench-quick's 10 minutes
+# At 124M shape a CPU DPKD step takes about a minute (two 124M models sample 160 tokens each): few steps, and the
+# first of each run is left out of the timing.
+SHAPE_STEPS, QUICK_SHAPE_STEPS = 4, 3
 
 
 def _run(out: Path, bf16: bool, fx: fixtures.Fixture, steps: int = STEPS) -> tuple[float, float]:
@@ -54,7 +65,39 @@ def _alternate(fx: fixtures.Fixture, rounds: int, steps: int = STEPS) -> tuple[d
     return wall, loss
 
 
-def run(quick: bool) -> dict:
+def shape_speedup(shape: str, steps: int, rounds: int) -> dict:
+    """`bf16_speedup_124m` (or `_tiny`, ...): fp32 / bf16 seconds per DPKD step at a shape of bench/shapes.py, the
+    first step of each run left out; runs alternate fp32, bf16, ... Saved as benchmark `bf16_<shape>`."""
+    sh = shapes.SHAPES[shape]
+    load_before = common.load_avg()
+    per_step: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    loss: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        student, teacher = distill_124m.save_models(sh, Path(tmp))
+        for r in range(rounds):
+            for name in ("fp32", "bf16"):
+                cfg = distill_124m.distill_config(sh, student, teacher, Path(tmp) / f"{name}{r}", steps,
+                                                  name == "bf16", log_every=1)
+                logs = run_distill(cfg)
+                per_step[name].append((logs[-1]["elapsed"] - logs[0]["elapsed"]) / (steps - 1))
+                loss[name] = logs[-1]["loss"]  # same seed: every run of a precision gives the same loss
+    med = {k: common.median(v) for k, v in per_step.items()}
+    figures = {shapes.key("bf16_speedup_124m", sh): round(med["fp32"] / med["bf16"], 2)}
+    settings = {"shape": sh.describe(), "method": "dpkd", "steps": steps, "timed_steps": steps - 1, "batch": 16,
+                "replay": 0.5, "lm_weight": 0.1, "max_new_tokens": distill_124m.new_tokens(sh), "seed": 0,
+                "weights": "random init", "runs_per_precision": rounds, "threads": torch.get_num_threads()}
+    details = {"s_per_step": {k: [round(x, 2) for x in v] for k, v in per_step.items()}, "last_loss": loss,
+               "load_avg_start": load_before, "load_avg_end": common.load_avg()}
+    common.save(f"bf16_{sh.name}", figures, settings, details)
+    common.table(f"6. DPKD steps at {sh.name} shape, bf16 autocast vs fp32 (same seed, CPU)", [
+        (f"{sh.name}: speed bf16 / fp32, s per step after the first", f"{next(iter(figures.values()))}x", "report"),
+        (f"{sh.name}: s per step fp32, bf16", f"{med['fp32']:.2f}, {med['bf16']:.2f}", ""),
+    ])
+    return figures
+
+
+def run(quick: bool, shape: str | None = None) -> dict:
+    sh = shapes.shape_for(shape, quick)
     rounds = 1 if quick else 2
     load_instructions(fixtures.data_dir() / "d_prompts.jsonl", require_references=False)  # builds the data
     fixtures.models(fixtures.BASE)  # trained before any timing starts
@@ -88,7 +131,7 @@ def run(quick: bool) -> dict:
         ("6x384: wall s fp32, bf16", f"{details['wall_s_base']['fp32']}, {details['wall_s_base']['bf16']}", ""),
         ("compute-bound reference: SFT step, GPT-2 6x384, bf16 / fp32", f"{base:.2f}x", "report"),
     ])
-    return figures
+    return {**figures, **shape_speedup(sh.name, QUICK_SHAPE_STEPS if quick else SHAPE_STEPS, rounds)}
 
 
 def _base_sft_speedup(reps: int) -> float:
@@ -105,3 +148,13 @@ def _base_sft_speedup(reps: int) -> float:
 
     times = common.alternate({"fp32": lambda: step(False), "bf16": lambda: step(True)}, reps=reps)
     return common.median(times["fp32"]) / common.median(times["bf16"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="benchmark 6's DPKD steps at one shape of bench/shapes.py only")
+    parser.add_argument("--shape", choices=["tiny", "124m"], default="124m")
+    parser.add_argument("--steps", type=int, default=SHAPE_STEPS, help="steps per run, the first not timed")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per precision, alternating")
+    a = parser.parse_args()
+    common.set_threads()
+    shape_speedup(a.shape, a.steps, a.rounds)

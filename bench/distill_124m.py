@@ -42,20 +42,29 @@ def save_models(sh: shapes.Shape, out: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def new_tokens(sh: shapes.Shape) -> int:
+    return 160 if sh.positions >= 512 else sh.max_new_tokens  # the demo's 160; the tiny shape has 128 positions
+
+
+def distill_config(sh: shapes.Shape, student: Path, teacher: Path, out: Path, steps: int, bf16: bool,
+                   log_every: int) -> DistillRun:
+    """The demo's DPKD settings on the shape's saved models (`save_models`); also benchmark 6's 124M-shape run."""
+    d = fixtures.data_dir()
+    return DistillRun(out=str(out), method="dpkd", student=ModelConfig(path=str(student)),
+                      teacher=ModelConfig(path=str(teacher)),
+                      data=DataConfig(prompts=str(d / "d_prompts.jsonl"), replay=str(d / "d0.jsonl"),
+                                      corpus=str(d / "corpus.txt")),
+                      train=TrainConfig(steps=steps, batch_size=16, lr=5e-4, log_every=log_every, save_every=0,
+                                        seed=0, bf16=bf16),
+                      distill=MethodConfig(), sampling=SamplingConfig(max_new_tokens=new_tokens(sh)))
+
+
 def run(shape: str, steps: int, bf16: bool = True) -> dict:
     sh = shapes.SHAPES[shape]
-    new = 160 if sh.positions >= 512 else sh.max_new_tokens  # the demo's 160; the tiny shape has 128 positions
-    d = fixtures.data_dir()
+    new = new_tokens(sh)
     with tempfile.TemporaryDirectory() as tmp:
         s_path, t_path = save_models(sh, Path(tmp))
-        cfg = DistillRun(out=str(Path(tmp) / "run"), method="dpkd", student=ModelConfig(path=str(s_path)),
-                         teacher=ModelConfig(path=str(t_path)),
-                         data=DataConfig(prompts=str(d / "d_prompts.jsonl"), replay=str(d / "d0.jsonl"),
-                                         corpus=str(d / "corpus.txt")),
-                         train=TrainConfig(steps=steps, batch_size=16, lr=5e-4, log_every=max(1, steps // 4),
-                                           save_every=0, seed=0, bf16=bf16),
-                         distill=MethodConfig(), sampling=SamplingConfig(max_new_tokens=new))
-        logs = run_distill(cfg)
+        logs = run_distill(distill_config(sh, s_path, t_path, Path(tmp) / "run", steps, bf16, max(1, steps // 4)))
     losses = [row["loss"] for row in logs]
     figures = {shapes.key(f"dpkd_{'bf16' if bf16 else 'fp32'}_run_124m", sh): {
         "steps": steps, "wall_s": round(logs[-1]["elapsed"], 1), "steps_per_s": round(steps / logs[-1]["elapsed"], 3),

@@ -139,3 +139,40 @@ def test_model_identity_changes_when_weights_are_resaved(tokenizer, tmp_path):
     assert model_identity(str(out)) != first
     assert model_identity(str(out)).startswith(str(out))
     assert model_identity("org/some-hub-model") == "org/some-hub-model"
+
+
+def test_teacher_cache_key_takes_the_resolved_precision_only():
+    """train.bf16=auto becomes true or false before a teacher cache is keyed: one cache per precision."""
+    key = cache.teacher_cache_key
+    assert key("m", [[1, 2]], SamplingConfig(), 0, True) != key("m", [[1, 2]], SamplingConfig(), 0, False)
+    with pytest.raises(TypeError, match="resolved train.bf16"):
+        key("m", [[1, 2]], SamplingConfig(), 0, "auto")
+
+
+def test_distill_with_bf16_auto_keys_its_teacher_cache_on_the_choice(tmp_path, tokenizer, tiny_suite, monkeypatch):
+    import prefkd.methods.dpkd as dpkd
+    from prefkd.data.records import write_records
+    from prefkd.methods import MethodConfig
+    from prefkd.methods.dpkd import DPKDConfig
+    from prefkd.models import ModelConfig, save_pretrained
+    from prefkd.recipes.common import DataConfig
+    from prefkd.recipes.distill import DistillRun, run_distill
+    from prefkd.train import Hardware, TrainConfig
+
+    save_pretrained(build_model("gpt2", "micro", tokenizer, seed=1), tokenizer, tmp_path / "teacher")
+    save_pretrained(build_model("gpt2", "nano", tokenizer, seed=2), tokenizer, tmp_path / "student")
+    write_records(tmp_path / "d.jsonl", tiny_suite.d[:8])
+    keyed = []
+    real = dpkd.teacher_cache_key
+    monkeypatch.setattr(dpkd, "teacher_cache_key", lambda *a: keyed.append(a[-1]) or real(*a))
+    monkeypatch.setattr(Hardware, "detect", classmethod(lambda cls: Hardware(cuda=False, amx=True)))
+    cached = MethodConfig(replay=0.0, lm_weight=0.0, dpkd=DPKDConfig(teacher_samples="cached"))
+    for min_width, want in ((16, True), (4096, False)):  # nano and micro (32, 64 wide) count as wide, then not
+        monkeypatch.setattr("prefkd.train.AUTO_BF16_MIN_WIDTH", min_width)
+        run_distill(DistillRun(out=str(tmp_path / f"run{min_width}"), method="dpkd",
+                               student=ModelConfig(path=str(tmp_path / "student")),
+                               teacher=ModelConfig(path=str(tmp_path / "teacher")),
+                               data=DataConfig(prompts=str(tmp_path / "d.jsonl")),
+                               train=TrainConfig(steps=1, batch_size=4, save_every=0, log_every=1, bf16="auto"),
+                               distill=cached, sampling=SamplingConfig(max_new_tokens=4)))
+        assert keyed[-1] is want

@@ -64,3 +64,15 @@ def test_renamed_keys_still_load_with_a_deprecation_message(tmp_path, capsys):
         config.load(DistillRun, None, ["distill.pref.dpo_beta=0.3", "distill.dpo.beta=0.2"])
     with pytest.raises(ConfigError, match="unknown config key 'distill.pref'"):
         config.load(DistillRun, None, ["distill.pref.ipo_tau=0.3"])
+
+
+@pytest.mark.parametrize(("raw", "want"), [("true", True), ("false", False), ("auto", "auto")])
+def test_bf16_takes_true_false_or_auto(raw, want):
+    assert config.load(ExperimentConfig, None, [f"distill_train.bf16={raw}"]).distill_train.bf16 == want
+
+
+@pytest.mark.parametrize("raw", ["1", "0", "Auto", "fast", "bf16", ""])
+def test_bf16_other_values_name_the_key_and_the_choices(raw):
+    # 1 must not pass for true (1 == True in Python), nor "Auto" for auto
+    with pytest.raises(ConfigError, match=r"config key 'distill_train.bf16': expected true, false or auto, got"):
+        config.load(ExperimentConfig, None, [f"distill_train.bf16={raw}"])

@@ -1,13 +1,23 @@
 """The training loop: resume after an interruption ends with the same weights as an uninterrupted run."""
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
-from support import reference_examples
+import yaml
+from support import reference_examples, tiny_files
 
+from prefkd import stages
+from prefkd.errors import ConfigError
 from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig, get_method
-from prefkd.models import build_model, load_model
-from prefkd.train import BatchStream, RunData, TrainConfig, train
+from prefkd.models import ModelConfig, build_model, load_model
+from prefkd.recipes.common import DataConfig
+from prefkd.recipes.compare import ExperimentConfig
+from prefkd.recipes.distill import DistillRun
+from prefkd.recipes.sft import SFTRun
+from prefkd.train import BatchStream, Hardware, RunData, TrainConfig, model_width, resolve_bf16, train
 
 
 def _run(tokenizer, suite, out, steps=6, interrupt_at=None, monkeypatch=None):
@@ -119,3 +129,123 @@ def test_training_disables_the_students_dropout_unless_told_and_scores_the_teach
     rates = {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)}
     assert rates == ({0.0} if disable else {0.1})
     assert not teacher.training
+
+
+# ---- train.bf16: true, false and auto ---------------------------------------------------------------------------
+
+AMX = Hardware(cuda=False, amx=True, avx512_bf16=True)
+AVX512_BF16 = Hardware(cuda=False, avx512_bf16=True)
+NO_BF16_CPU = Hardware(cuda=False)
+
+
+def _wide(width):
+    """A module whose config says how wide it is, as a transformers model's does."""
+    m = torch.nn.Linear(2, 2)
+    m.config = SimpleNamespace(hidden_size=width)
+    return m
+
+
+@pytest.mark.parametrize(("hardware", "widths", "want"), [
+    (Hardware(cuda=True, cuda_bf16=True), [128], True),  # a GPU with bf16: always
+    (Hardware(cuda=True, cuda_bf16=False), [768], False),
+    (NO_BF16_CPU, [768, 1024], False),  # no native bf16: emulated, never
+    (AMX, [768, 768], True),
+    (AVX512_BF16, [768], True),
+    (AMX, [384], True),  # the threshold itself is wide enough
+    (AMX, [383], False),
+    (AMX, [768, 192], False),  # the narrowest model decides: a small teacher under autocast is slower too
+    (AMX, [128, 192], False),  # the demo's models
+])
+def test_bf16_auto_rule(hardware, widths, want):
+    choice, why = resolve_bf16("auto", [_wide(w) for w in widths], hardware)
+    assert choice is want
+    assert why.startswith("bf16 autocast" if want else "fp32")
+
+
+def test_bf16_auto_reads_gpt2_width_and_skips_what_is_not_a_model(tokenizer):
+    """GPT-2 keeps its width in n_embd (transformers maps hidden_size to it); a teacher server or no teacher (None)
+    runs nothing under autocast here."""
+    model = build_model("gpt2", "micro", tokenizer, seed=0)  # 64 wide
+    assert model_width(model) == 64
+    assert resolve_bf16("auto", [model, None, object()], AMX)[0] is False
+    assert resolve_bf16("auto", [_wide(768), None], AMX)[0] is True
+    assert resolve_bf16("auto", [torch.nn.Linear(2, 2)], AMX) == (False, "fp32: a model's width (config.hidden_size) "
+                                                                         "is unknown")
+
+
+def test_bf16_true_and_false_are_kept_whatever_the_hardware():
+    for setting in (True, False):
+        for hw in (AMX, NO_BF16_CPU, Hardware(cuda=True, cuda_bf16=True)):
+            assert resolve_bf16(setting, [_wide(128)], hw)[0] is setting
+
+
+def test_bf16_true_and_false_keep_their_run_and_stage_keys():
+    """Keys of runs made before `auto` existed (the fingerprints main computed) stay valid: a finished stage or a
+    checkpoint of bf16 true or false is still found."""
+    want = {False: ("b990b3c3a4cbee8e", "4320fccc9368f34d", "3a2b4f226e412ac0"),
+            True: ("4453319c78929d83", "603fdcc93c254fb3", "86ef7fce28afa935")}
+    for bf16, keys in want.items():
+        got = (stages.fingerprint(stages.settings(TrainConfig(bf16=bf16))),
+               stages.fingerprint(stages.settings(DistillRun(train=TrainConfig(lr=5e-5, bf16=bf16)))),
+               stages.fingerprint(stages.settings(SFTRun(train=TrainConfig(bf16=bf16)))))
+        assert got == keys
+    assert stages.fingerprint(stages.settings(ExperimentConfig())) == "a70dc5fe1bf33e6e"
+
+
+def test_bf16_bad_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.bf16 must be true, false or auto, not 'fast'"):
+        TrainConfig(bf16="fast")
+
+
+def _sft(files, out, monkeypatch, hardware, existing="auto"):
+    """`prefkd sft` of a nano model with train.bf16=auto on `hardware`, 16 wide counting as wide enough; returns the
+    train.bf16 the loop was given."""
+    import prefkd.recipes.sft as sft
+
+    monkeypatch.setattr("prefkd.train.AUTO_BF16_MIN_WIDTH", 16)
+    monkeypatch.setattr(Hardware, "detect", classmethod(lambda cls: hardware))
+    given = []
+
+    def spy(*args, **kwargs):
+        given.append(args[4].bf16)  # train(method, model, tokenizer, data, cfg, ...)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train", spy)
+    cfg = SFTRun(out=str(out), model=ModelConfig(size="nano"), tokenizer=str(files["tokenizer"]),
+                 data=DataConfig(train=str(files["train"])),
+                 train=TrainConfig(steps=2, batch_size=4, save_every=0, log_every=1, bf16="auto"))
+    sft.run_sft(cfg, existing=existing)
+    return given[0]
+
+
+def test_bf16_auto_is_recorded_and_a_rerun_keeps_the_choice(tmp_path, tokenizer, monkeypatch):
+    files = tiny_files(tmp_path, tokenizer)
+    out = tmp_path / "run"
+    assert _sft(files, out, monkeypatch, AMX) is True
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["bf16"] == "auto"  # the setting, as given: what a rerun is compared on
+    assert saved["_resolved"]["train.bf16"]["value"] is True and "AMX" in saved["_resolved"]["train.bf16"]["why"]
+    weights = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    # On hardware where the rule says fp32 the same run keeps bf16: its run key is the same, so the finished run is
+    # found and nothing is retrained.
+    assert _sft(files, out, monkeypatch, NO_BF16_CPU) is True
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == weights
+    assert yaml.safe_load((out / "config.yaml").read_text())["_resolved"] == saved["_resolved"]
+    # A run started afresh (--overwrite) asks the rule again.
+    assert _sft(files, out, monkeypatch, NO_BF16_CPU, existing="overwrite") is False
+    assert yaml.safe_load((out / "config.yaml").read_text())["_resolved"]["train.bf16"]["value"] is False
+
+
+def test_bf16_auto_run_has_the_run_key_of_its_choice(tmp_path, tokenizer, monkeypatch):
+    """An auto run that chose bf16 computes what bf16=true computes: the loop gets a bool, and its run key is that
+    of bf16=true (so train_state.json of the two agree)."""
+    files = tiny_files(tmp_path, tokenizer)
+    _sft(files, tmp_path / "auto", monkeypatch, AMX)
+    monkeypatch.undo()
+    import prefkd.recipes.sft as sft
+
+    sft.run_sft(SFTRun(out=str(tmp_path / "true"), model=ModelConfig(size="nano"), tokenizer=str(files["tokenizer"]),
+                       data=DataConfig(train=str(files["train"])),
+                       train=TrainConfig(steps=2, batch_size=4, save_every=0, log_every=1, bf16=True)))
+    states = [json.loads((tmp_path / d / "train_state.json").read_text())["run_key"] for d in ("auto", "true")]
+    assert states[0] == states[1]

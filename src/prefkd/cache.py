@@ -218,6 +218,8 @@ TEACHER_FORMAT = "prefkd-teacher-logp-cache-v1"
 def teacher_cache_key(model_id: str, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int,
                       bf16: bool) -> str:
     # bf16 is in the key: log-probs computed under autocast differ from fp32 ones in the third digit.
+    if not isinstance(bf16, bool):  # train.bf16=auto must be resolved first, or one cache would serve both precisions
+        raise TypeError(f"teacher_cache_key takes the resolved train.bf16 (true or false), not {bf16!r}")
     return fingerprint(TEACHER_FORMAT, model_id, prompt_ids, dataclasses.asdict(sampling), seed, bf16)
 
 

@@ -41,6 +41,18 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _choices(typ: Any) -> list[str]:
+    """What a value of `typ` may be, in a config file's words (true, false, auto, int, ...)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        return [c for a in typing.get_args(typ) for c in (["null"] if a is type(None) else _choices(a))]
+    if origin is typing.Literal:
+        return [str(c) for c in typing.get_args(typ)]
+    if typ is bool:
+        return ["true", "false"]
+    return [getattr(typ, "__name__", str(typ))]
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
@@ -54,7 +66,14 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key '{key}': {value!r} is not a {typ}")
+        choices = _choices(typ)
+        raise ConfigError(f"config key '{key}': expected {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+    if origin is typing.Literal:
+        # type() as well as ==: a YAML 1 or true must not pass for a choice that equals it (1 == True)
+        for choice in typing.get_args(typ):
+            if type(value) is type(choice) and value == choice:
+                return choice
+        raise ConfigError(f"config key '{key}': expected one of {', '.join(_choices(typ))}, got {value!r}")
     if origin is list:
         (inner,) = typing.get_args(typ) or (Any,)
         if isinstance(value, str):  # "10,20,30" on the command line

@@ -44,8 +44,9 @@ LOCK = ".prefkd.lock"  # hidden, and not among the names holds_run() looks for: 
 # What a training run writes besides config.yaml; --overwrite removes exactly these (a keyed sample cache under
 # OUT/cache is kept: it is only ever reused for the same model, prompts and sampling settings).
 OUTPUTS = ("model", "checkpoint", "train_log.jsonl", "train_state.json", "diagnostics.jsonl", "tensorboard")
-# Where a model is uploaded is not a training setting: a finished run may be resumed to push it.
-IGNORED_KEYS = ("out", "_git_commit")
+# Where a model is uploaded is not a training setting: a finished run may be resumed to push it. `_resolved` is
+# what an `auto` setting became (recipes/common.py): the setting itself is compared, and a rerun keeps the choice.
+IGNORED_KEYS = ("out", "_git_commit", "_resolved")
 
 
 class RunDirError(PrefkdError):

@@ -12,9 +12,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -27,6 +28,7 @@ from prefkd.config import opt
 from prefkd.console import console, progress
 from prefkd.data.collate import Example, collate
 from prefkd.distributed import Term
+from prefkd.errors import ConfigError
 from prefkd.generation import SamplingConfig
 from prefkd.logprobs import response_token_logps, token_mean_nll
 from prefkd.methods import Method, MethodConfig, StepInputs
@@ -38,6 +40,14 @@ from prefkd.teacher_logits import TeacherLogits
 
 # save_state warns on every checkpoint that tied embeddings are stored once; that is expected and harmless.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+
+# train.bf16=auto on a CPU with native bf16: autocast only when every model is at least this wide (hidden size).
+# Measured (docs/benchmarks.md, benchmark 6; bench/bf16_kernels.py): on a 2-core AMX Xeon an SFT step runs 0.49x
+# (2x128) and 0.70x (3x192) as fast under autocast as in fp32, and 1.22x at 6x384; a DPKD step 0.75x at the demo's
+# sizes and 1.22x at 6x384. Below it, fixed costs outweigh the faster matmuls: oneDNN builds a kernel for every new
+# matrix shape (prefkd's batches have a new token count every step), bf16 attention's backward is 2x slower, and
+# decoding under autocast is slower.
+AUTO_BF16_MIN_WIDTH = 384
 
 
 @dataclass
@@ -51,7 +61,10 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping")
     seed: int = opt(0, "seed of initialisation, data order and sampling")
-    bf16: bool = opt(False, "bf16 autocast (CPU or GPU)")
+    bf16: bool | Literal["auto"] = opt(False, "bf16 autocast (CPU or GPU): true, false or auto (bf16 on a GPU that "
+                                              "has it, and on a CPU with AMX or AVX-512 bf16 when every model is at "
+                                              f"least {AUTO_BF16_MIN_WIDTH} wide: where it measured faster; the "
+                                              "choice is logged and kept in the run's config.yaml)")
     log_every: int = opt(10, "steps per log row; each row holds the means of its steps' metrics")
     save_every: int = opt(100, "steps between resumable checkpoints (0 = never)")
     max_prompt_tokens: int = opt(256, "drop examples whose prompt is longer (MiniLLM/DPKD filter)")
@@ -67,6 +80,60 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.report_to = trackers.parse(self.report_to) or ["none"]  # refuses unknown names when the config is built
+        if not isinstance(self.bf16, bool) and self.bf16 != "auto":  # the Python API; config files are checked
+            raise ConfigError(f"train.bf16 must be true, false or auto, not {self.bf16!r}")  # by config.from_dict
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What `train.bf16=auto` looks at (tests pass their own)."""
+
+    cuda: bool
+    cuda_bf16: bool = False
+    amx: bool = False  # AMX tiles: bf16 matmuls on oneDNN's AMX kernels
+    avx512_bf16: bool = False
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        cuda = torch.cuda.is_available()  # what train() trains on: Accelerator(cpu=not cuda)
+        return cls(cuda, cuda and torch.cuda.is_bf16_supported(), _cpu_has("_is_amx_tile_supported"),
+                   _cpu_has("_is_avx512_bf16_supported"))
+
+
+def _cpu_has(probe: str) -> bool:
+    fn = getattr(torch.cpu, probe, None)  # torch.cpu's private feature checks; a torch without them: assume not
+    return bool(fn and fn())
+
+
+def model_width(model: torch.nn.Module) -> int | None:
+    """A model's hidden size from its config (transformers maps GPT-2's n_embd to hidden_size), or None."""
+    cfg = getattr(model, "config", None)
+    width = getattr(cfg, "hidden_size", None) if cfg is not None else None
+    return width if isinstance(width, int) else None
+
+
+def resolve_bf16(setting: bool | str, models: Sequence[object], hardware: Hardware | None = None
+                 ) -> tuple[bool, str]:
+    """(bf16 autocast or not, why) for `train.bf16`: true and false as they are; auto by a fixed rule, the same on
+    every process and every rerun, rather than a timing probe that a busy machine would sway. `models`: those that
+    run under autocast (the student, a loaded teacher; anything that is not a torch module is left out)."""
+    if isinstance(setting, bool):
+        return setting, "train.bf16=" + str(setting).lower()
+    hw = hardware or Hardware.detect()
+    if hw.cuda:
+        return (True, "bf16 autocast: a CUDA GPU with bf16") if hw.cuda_bf16 else \
+            (False, "fp32: this CUDA GPU has no bf16")
+    native = "AMX" if hw.amx else "AVX-512 bf16" if hw.avx512_bf16 else ""
+    if not native:
+        return False, "fp32: this CPU has neither AMX nor AVX-512 bf16, so bf16 matmuls would be emulated"
+    widths = [model_width(m) for m in models if isinstance(m, torch.nn.Module)]
+    if not widths or None in widths:
+        return False, "fp32: a model's width (config.hidden_size) is unknown"
+    wide = "/".join(str(w) for w in widths)
+    if min(widths) < AUTO_BF16_MIN_WIDTH:
+        return False, (f"fp32: CPU with {native}, but models {wide} wide (under {AUTO_BF16_MIN_WIDTH}), where bf16 "
+                       "autocast measured slower than fp32 (docs/benchmarks.md, benchmark 6)")
+    return True, f"bf16 autocast: CPU with {native}, models {wide} wide (at least {AUTO_BF16_MIN_WIDTH})"
 
 
 class BatchStream:
@@ -124,8 +191,13 @@ def train(method: Method, student: PreTrainedModel, tokenizer: PreTrainedTokeniz
 
     Resumes from a checkpoint of the same run key (settings, data, `identity` of the models); a checkpoint of
     another key is discarded, or an error with `strict_resume` (the CLI's --resume). Under `accelerate launch`
-    every process runs this; see distributed.py for how the global batch is split."""
+    every process runs this; see distributed.py for how the global batch is split. `cfg.bf16` "auto" is resolved
+    here if the caller has not (`prefkd sft` and `prefkd distill` do, to key their caches and record the choice)."""
     out = Path(out_dir)
+    if cfg.bf16 == "auto":  # a caller of the Python API: the recipes resolve it before they key any sample cache
+        choice, why = resolve_bf16(cfg.bf16, [student, teacher])
+        console.print(f"{name}: train.bf16=auto: {why}")
+        cfg = replace(cfg, bf16=choice)
     # Accelerate keeps one global state per process; the demo trains several models with different precisions
     # in one process, so drop the previous run's precision (the process group in PartialState is kept).
     AcceleratorState._reset_state()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -11,9 +11,15 @@ import yaml
 
 from prefkd import atomic, config, rundir, stages
 from prefkd.config import opt
+from prefkd.console import console
 from prefkd.data.chat import TEMPLATE_HELP, Renderer, same_rendering
 from prefkd.distributed import process_state
 from prefkd.errors import DataError, PrefkdError
+from prefkd.train import TrainConfig, resolve_bf16
+
+# config.yaml's record of what `auto` settings became when the run started ({"train.bf16": {"value", "why"}}):
+# left out of the settings a rerun is compared on (rundir.IGNORED_KEYS), read back so that a resumed run keeps them.
+RESOLVED = "_resolved"
 
 
 @dataclass
@@ -34,21 +40,46 @@ def check_run(out: Path, cfg: object, existing: str) -> bool:
     return rundir.claim(out, config.to_dict(cfg), existing, ignored=stages.unkeyed(cfg))
 
 
-def begin_run(out: Path, cfg: object, clear: bool) -> None:
-    """Once the inputs are read and checked: the main process clears `out` if asked and writes the config, so a
-    run that fails on bad input leaves nothing behind."""
+def resolve_train(out: Path, train: TrainConfig, models: list[object], clear: bool) -> tuple[TrainConfig, dict]:
+    """`train` with `bf16: auto` made true or false, and the record for config.yaml (`begin_run(resolved=...)`).
+
+    Called once the models are loaded and before anything is keyed on the precision (sample caches). A run that
+    continues in `out` (not `clear`ed) keeps the choice its config.yaml recorded, whatever the rule says today
+    (another machine, another torch): its checkpoints and caches were made with it. Otherwise the rule of
+    `train.resolve_bf16` decides. Either way one console line says what was chosen and why."""
+    if train.bf16 != "auto":
+        return train, {}
+    previous = {} if clear else (rundir.read_settings(out) or {}).get(RESOLVED)
+    kept = previous.get("train.bf16") if isinstance(previous, dict) else None
+    if isinstance(kept, dict) and isinstance(kept.get("value"), bool):
+        choice, record = kept["value"], kept
+        console.print(f"train.bf16=auto: {'bf16 autocast' if choice else 'fp32'}, as when this run started "
+                      f"({out / 'config.yaml'}: {kept.get('why', '')})")
+    else:
+        choice, why = resolve_bf16(train.bf16, models)
+        record = {"value": choice, "why": why}
+        console.print(f"train.bf16=auto: {why}")
+    return replace(train, bf16=choice), {"train.bf16": record}
+
+
+def begin_run(out: Path, cfg: object, clear: bool, resolved: dict | None = None) -> None:
+    """Once the inputs are read and checked: the main process clears `out` if asked and writes the config (with
+    `resolved`, what its `auto` settings became: `resolve_train`), so a run that fails on bad input leaves nothing
+    behind."""
     state = process_state()
     state.wait_for_everyone()
     if state.is_main_process:
         if clear:
             rundir.clear(out)
-        write_run_config(out, cfg)
+        write_run_config(out, cfg, resolved)
     state.wait_for_everyone()
 
 
-def write_run_config(out: Path, cfg: object) -> None:
+def write_run_config(out: Path, cfg: object, resolved: dict | None = None) -> None:
     """The resolved config and the code version, next to the run's outputs."""
     data = config.to_dict(cfg)
+    if resolved:
+        data[RESOLVED] = resolved
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip()

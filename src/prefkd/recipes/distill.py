@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,15 @@ from prefkd.losses.top_k import TAIL_MODES
 from prefkd.methods import METHODS, Method, MethodConfig, get_method
 from prefkd.methods.data import PrepareContext, cache_dir, reference_examples
 from prefkd.models import ModelConfig, load_model, load_tokenizer
-from prefkd.recipes.common import DataConfig, begin_run, check_run, check_same_vocabulary, need, read_corpus
+from prefkd.recipes.common import (
+    DataConfig,
+    begin_run,
+    check_run,
+    check_same_vocabulary,
+    need,
+    read_corpus,
+    resolve_train,
+)
 from prefkd.teacher_client import ServerConfig, TeacherServer, connect
 from prefkd.teacher_logits import TeacherLogits
 from prefkd.train import RunData, TrainConfig, train
@@ -101,6 +109,10 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     student = load_model(student_path, cfg.student.trust_remote_code, cfg.student.dtype)
     logits = _offline_logits(cfg, method) if cfg.teacher.logits else None
     teacher, teacher_renderer = _teacher(cfg, method, renderer, samples_only) if logits is None else (None, None)
+    # train.bf16=auto made true or false before the sample caches, which are keyed on it, are drawn; `cfg` keeps
+    # "auto" for config.yaml, `run` holds the choice.
+    train_cfg, resolved = resolve_train(out, cfg.train, [student, teacher], clear)
+    run = replace(cfg, train=train_cfg) if resolved else cfg
 
     # Data: the method's examples (sample caches drawn here), replay references and the LM corpus.
     # References are checked by the methods that train on them, with the record that lacks one.
@@ -112,7 +124,7 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     if cfg.distill.replay > 0 and not replay:
         console.print("no replay data (data.replay): running without replay")
     source = cfg.data.prompts or "prompts"
-    ctx = PrepareContext(cfg, _short_prompts(prompts, renderer, cfg.train.max_prompt_tokens, source), source,
+    ctx = PrepareContext(run, _short_prompts(prompts, renderer, cfg.train.max_prompt_tokens, source), source,
                          renderer, student, teacher, teacher_renderer)
     with process_state().main_process_first():  # the main process samples the caches, the others then read them
         prepared = method.prepare(ctx)
@@ -138,15 +150,15 @@ def run_distill(cfg: DistillRun, prompts: list[Instruction] | None = None, repla
     # The diagnostics score the student's tokens with the teacher: one tokenizer only.
     diagnostics = held_out_diagnostics(cfg, teacher, renderer, prompts) if teacher_renderer is None else None
     model = apply_lora(student, cfg.lora)
-    begin_run(out, cfg, clear)
+    begin_run(out, cfg, clear, resolved)
     teacher_id = (teacher.identity if isinstance(teacher, TeacherServer) else
                   model_identity(cfg.teacher.path) if teacher is not None else
                   logits.identity if logits is not None else None)
     identity = [model_identity(student_path), teacher_id]
-    logs = train(method, model, tokenizer, data, cfg.train, cfg.distill, cfg.sampling, out, teacher,
+    logs = train(method, model, tokenizer, data, run.train, cfg.distill, cfg.sampling, out, teacher,
                  name=name or cfg.method, save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora),
                  diagnostics=diagnostics, diagnostics_every=cfg.diagnostics.every, strict_resume=existing == "resume",
-                 identity=identity, run_config=config.to_dict(cfg), stop_ids=renderer.stop_ids_for(student))
+                 identity=identity, run_config=config.to_dict(run), stop_ids=renderer.stop_ids_for(student))
     publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
     return logs
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -22,7 +22,7 @@ from prefkd.lora import LoRAConfig, apply_lora, save_trained
 from prefkd.methods import MethodConfig, get_method
 from prefkd.methods.data import reference_examples
 from prefkd.models import ModelConfig, load_tokenizer, model_from_config, n_params
-from prefkd.recipes.common import DataConfig, begin_run, check_run, need, read_corpus
+from prefkd.recipes.common import DataConfig, begin_run, check_run, need, read_corpus, resolve_train
 from prefkd.train import RunData, TrainConfig, train
 
 
@@ -58,6 +58,7 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     if corpus is None and not records and cfg.data.corpus and not cfg.data.train:
         corpus = read_corpus(cfg.data.corpus)
     model = model_from_config(cfg.model, tokenizer, cfg.train.seed)
+    train_cfg, resolved = resolve_train(out, cfg.train, [model], clear)
     what = f"{cfg.model.path or f'{cfg.model.arch}-{cfg.model.size}'}, {n_params(model) / 1e6:.2f}M parameters"
     if corpus is not None:
         examples = [Example([], block) for block in token_blocks(tokenizer, corpus, cfg.block_size).tolist()]
@@ -66,15 +67,15 @@ def run_sft(cfg: SFTRun, records: list[Instruction] | None = None, tokenizer: Pr
     else:
         records = records or load_instructions(need(cfg.data.train, "data.train"))
         console.print(f"[bold]{name}[/]: {what}, SFT on {len(records)} records")
-        examples = reference_examples(renderer_for(tokenizer, cfg.data.template), records, cfg.train,
+        examples = reference_examples(renderer_for(tokenizer, cfg.data.template), records, train_cfg,
                                       cfg.data.train or name, all_turns=cfg.assistant_turns == "all")
         stage = "SFT"
     # Loop and save.
-    begin_run(out, cfg, clear)
-    logs = train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), cfg.train,
+    begin_run(out, cfg, clear, resolved)
+    logs = train(get_method("sft"), apply_lora(model, cfg.lora), tokenizer, RunData(examples), train_cfg,
                  MethodConfig(), SamplingConfig(), out, name=f"{name} {stage}",
                  save=lambda m, tok, path: save_trained(m, tok, path, cfg.lora), strict_resume=existing == "resume",
                  identity=model_identity(cfg.model.path) if cfg.model.path else None,
-                 run_config=config.to_dict(cfg))
+                 run_config=config.to_dict(replace(cfg, train=train_cfg)))
     publish(out, cfg)  # the model card (README.md) beside the saved model, then the upload if asked
     return logs
