@@ -152,8 +152,10 @@ def shared_prefix_logits(model: torch.nn.Module, groups: list[Group], device: to
 def sharing_applies(model: torch.nn.Module) -> bool:
     """Whether the training forwards of `model` may share prefixes now: switched on (`prefix_sharing`), a model whose
     packed rows take a past (probed once per kind), and in training mode neither dropout (one draw over a shared
-    prefix would tie the prompts' draws together) nor activation checkpointing (transformers drops the past there)."""
-    if not _ENABLED.get() or not packing_supported(model):
+    prefix would tie the prompts' draws together) nor activation checkpointing (transformers drops the past there),
+    and weights that are not sharded (FSDP frees a layer's gathered weights after each forward and gathers them once
+    for the backward, so the prefix forward's saved weights are gone by the time its gradient is computed)."""
+    if not _ENABLED.get() or not packing_supported(model) or _sharded(model):
         return False
     inner = getattr(model, "module", model)  # DDP
     if inner.training and (_dropout_active(inner) or getattr(inner, "is_activation_checkpointing", False)):
@@ -165,6 +167,14 @@ def sharing_applies(model: torch.nn.Module) -> bool:
         except Exception:  # a model that rejects a past with a custom mask: no sharing, whatever the reason
             _PROBED[key] = False
     return _PROBED[key]
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support has no FSDP
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
 def _dropout_active(model: torch.nn.Module) -> bool:
