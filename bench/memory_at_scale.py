@@ -75,7 +75,7 @@ def child(shape: str) -> None:
         shapes.trim()
         return common.rss_kb()
 
-    _warm_up(tok)
+    _warm_up()
     r0 = rss()
     teacher = shapes.build(sh.teacher, sh, tok, seed=1).eval().requires_grad_(False)
     r1 = rss()
@@ -127,10 +127,12 @@ def child(shape: str) -> None:
     print(json.dumps(out), flush=True)
 
 
-def _warm_up(tok) -> None:
+def _warm_up() -> None:
     """One step of every part on tiny models first, so that the code pages and allocator arenas each part touches
-    the first time are in the RSS before the measurement starts, not in the first component that uses them."""
+    the first time are in the RSS before the measurement starts, not in the first component that uses them. (The
+    tiny shape's own tokenizer: a larger shape's token ids are outside the tiny models' vocabulary.)"""
     sh = shapes.SHAPES["tiny"]
+    tok = shapes.tokenizer(sh)
     student, teacher = shapes.models(sh, tok)
     opt = torch.optim.AdamW(student.parameters(), lr=5e-5)
     examples = [Example(r["prompt"], []) for r in shapes.token_data(sh, tok, sh.batch)]

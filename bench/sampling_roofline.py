@@ -19,6 +19,10 @@ vocabulary V, batch B, fp32):
   sampling runs, at the run's thread count.
 `sampling_roofline_fraction_124m` = sum_t roofline time / measured decode time. Biases, layer norms, the position
 embedding and the softmax over the vocabulary are left out of both counts (under 1% of either at 124M).
+
+Where the rest goes: `weight_matmuls_s_per_decode_step` times the step's weight matmuls alone (every linear layer
+and the LM head on `BATCH` rows of one token, in model order, each weight read once per sweep) and the weight bytes
+they stream per second, beside the bandwidth above.
 """
 
 from __future__ import annotations
@@ -56,6 +60,26 @@ def bandwidth(dev: torch.device, reps: int) -> dict[str, float]:
             "copy": 8 * n / _median_time(lambda: dst.copy_(src), dev, reps)}
 
 
+def weight_matmuls(model: torch.nn.Module, batch: int, dev: torch.device, reps: int) -> dict[str, float]:
+    """Seconds and weight bytes per second of a decode step's weight matmuls alone: every linear layer of the model
+    (GPT-2's Conv1D included) and the LM head applied in model order to `batch` rows of one token, so that each
+    weight is read once per sweep, as in a decode step (the sweep is far larger than the caches)."""
+    from transformers.pytorch_utils import Conv1D
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    inputs = [torch.randn(batch, m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features, device=dev)
+              for m in layers]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+
+    def sweep():
+        with torch.no_grad():
+            for m, x in zip(layers, inputs, strict=True):
+                m(x)
+
+    seconds = _median_time(sweep, dev, reps)
+    return {"seconds": seconds, "bytes_per_s": nbytes / seconds, "bytes": nbytes}
+
+
 def _median_time(fn, dev: torch.device, reps: int) -> float:
     def call():
         fn()
@@ -89,6 +113,7 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
     times = common.alternate({"one": sampler(1), "all": sampler(new)}, reps=reps, warmup=1)
     assert max(counts) == BATCH * new and min(counts) in (BATCH, BATCH * new), counts  # no row ended early
     peak, bw = peak_flops(dev, reps + 1), bandwidth(dev, reps + 1)
+    matmuls = weight_matmuls(model, BATCH, dev, reps + 1)
     bw_best = max(bw.values())
     measured = (common.median(times["all"]) - common.median(times["one"])) / (new - 1)
     costs = decode_costs(sh.student, sh.vocab, [len(p) for p in prompts], new - 1)
@@ -108,6 +133,8 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
                "tokens_per_s": round(BATCH / measured, 1),
                "peak_matmul_gflops": round(peak / 1e9, 1),
                "bandwidth_gb_per_s": {k: round(v / 1e9, 2) for k, v in bw.items()},
+               "weight_matmuls_s_per_decode_step": round(matmuls["seconds"], 5),
+               "weight_matmuls_gb_per_s": round(matmuls["bytes_per_s"] / 1e9, 2),
                "steps_compute_bound": bound, "steps_memory_bound": len(costs) - bound,
                "mean_gflop_per_step": round(sum(f for f, _ in costs) / len(costs) / 1e9, 3),
                "mean_mb_per_step": round(sum(b for _, b in costs) / len(costs) / 1e6, 1),
@@ -124,5 +151,7 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
          f"{details['peak_matmul_gflops']}; {details['bandwidth_gb_per_s']['sum']}, "
          f"{details['bandwidth_gb_per_s']['copy']}", ""),
         ("decode steps compute-bound, memory-bound", f"{bound}, {len(costs) - bound}", ""),
+        ("the step's weight matmuls alone: s, weight GB/s",
+         f"{details['weight_matmuls_s_per_decode_step']}, {details['weight_matmuls_gb_per_s']}", ""),
     ])
     return figures

@@ -2,10 +2,20 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from prefkd.generation import SamplingConfig, _decode, left_padded, sample_responses
+from prefkd import generation
+from prefkd.generation import SamplingConfig, _decode, draw, left_padded, sample_responses, uniforms
 from prefkd.logprobs import packing_supported
 
 EOS = 0
+
+
+@pytest.fixture
+def multinomial_draw(monkeypatch):
+    """Draws as `generate` does (`torch.multinomial` on the global stream), so that a sampled continuation can be
+    compared token for token with `generate`'s: everything before the draw (processors, positions, the cache, the
+    packed prefill) must then give the same tokens. prefkd's own draw is tested against a float64 brute force."""
+    monkeypatch.setattr(generation, "uniforms", lambda *args: None)
+    monkeypatch.setattr(generation, "draw", lambda scores, u: torch.multinomial(scores.softmax(-1), 1).squeeze(1))
 
 
 def _model():
@@ -62,7 +72,7 @@ UNREACHABLE = 999  # an EOS that is never sampled, so no row leaves early and ge
                                  SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, max_new_tokens=10,
                                                 no_repeat_ngram_size=2),
                                  SamplingConfig(max_new_tokens=10)])
-def test_decoding_samples_exactly_what_generate_samples(make, cfg):
+def test_decoding_samples_exactly_what_generate_samples(make, cfg, multinomial_draw):
     model = make().eval()
     ids = torch.tensor([[EOS, EOS, 5, 6, 7], [EOS, 8, 9, 10, 11], [1, 2, 3, 4, 5]])
     attn = (torch.arange(5)[None] >= torch.tensor([[2], [1], [0]])).long()
@@ -116,7 +126,7 @@ def _eager():
 
 @pytest.mark.parametrize("make", [_model, _llama, _eager])
 @pytest.mark.parametrize("cfg", [SamplingConfig(temperature=0, max_new_tokens=8), SamplingConfig(max_new_tokens=8)])
-def test_prompts_sharing_a_template_sample_exactly_what_generate_samples(make, cfg):
+def test_prompts_sharing_a_template_sample_exactly_what_generate_samples(make, cfg, multinomial_draw):
     model = make().eval()
     prompts = [TEMPLATE + [10, 11], OTHER + [12], TEMPLATE + [10, 12, 13], [7, 7, 8], TEMPLATE, OTHER + [13, 14]]
     ids, attn = left_padded(prompts, EOS)
@@ -135,7 +145,7 @@ def test_prompts_sharing_a_template_sample_exactly_what_generate_samples(make, c
     assert ours == theirs[:, ids.shape[1]:].tolist()
 
 
-def test_a_model_whose_cache_is_not_plain_falls_back_to_one_padded_prefill():
+def test_a_model_whose_cache_is_not_plain_falls_back_to_one_padded_prefill(multinomial_draw):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)  # a sliding window: its cache layers are not plain keys and values
@@ -151,3 +161,51 @@ def test_a_model_whose_cache_is_not_plain_falls_back_to_one_padded_prefill():
     theirs = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=8, pad_token_id=EOS,
                             eos_token_id=UNREACHABLE, do_sample=True, top_k=0)
     assert ours == theirs[:, ids.shape[1]:].tolist()
+
+
+def _first_above(probs: list[float], u: float) -> int:
+    """The inverse-CDF draw by hand: the first token whose float64 running sum exceeds u * total."""
+    total = sum(probs)
+    running = 0.0
+    for i, p in enumerate(probs):
+        running += p
+        if running > u * total:
+            return i
+    raise AssertionError("u * total must stay below the total")
+
+
+def test_the_draw_picks_the_token_whose_cumulative_share_holds_u():
+    torch.manual_seed(0)
+    scores = torch.randn(6, 300) * 3
+    scores[:, ::7] = float("-inf")  # top-k / top-p leave tokens at probability 0
+    scores[1, :-1] = float("-inf")  # one token left: always it
+    scores[2, 2:] = float("-inf")  # (and token 0, every 7th): token 1 only
+    u = torch.tensor([0.0, 0.37, 0.5, 0.999, 1 - 2**-53, 0.123456789], dtype=torch.float64)
+    for trial in range(20):
+        if trial:
+            u = torch.rand(6, dtype=torch.float64)
+        got = draw(scores, u).tolist()
+        probs = scores.softmax(-1).double()
+        want = [_first_above(probs[r].tolist(), float(u[r])) for r in range(6)]
+        assert got == want
+        assert all(probs[r, t] > 0 for r, t in enumerate(got))
+    assert got[1] == 299 and got[2] == 1
+
+
+def test_the_draw_samples_the_softmax_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 0.0, -1.0, float("-inf"), 1.0, -4.0])
+    n = 200_000
+    counts = torch.bincount(draw(logits.expand(n, -1), torch.rand(n, dtype=torch.float64)), minlength=6)
+    expected = logits.softmax(-1).double() * n
+    assert counts[3] == 0
+    live = expected > 0
+    # chi-square with 4 degrees of freedom: its 0.999 quantile is 18.47
+    assert float(((counts[live] - expected[live]) ** 2 / expected[live]).sum()) < 18.47
+
+
+def test_each_row_draws_from_its_own_generator():
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    u = uniforms(2, torch.tensor([2, 0]), gens, torch.device("cpu"))
+    assert u.tolist() == [torch.rand(1, dtype=torch.float64, generator=torch.Generator().manual_seed(s)).item()
+                          for s in (7, 5)]

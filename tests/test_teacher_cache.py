@@ -114,8 +114,11 @@ def test_killed_run_resumes_with_its_cache_and_ends_with_the_same_weights(models
     monkeypatch.undo()
     run_distill(_cfg(models, tmp_path / "b"), prompts=prompts)
     a, b = load_model(str(tmp_path / "a" / "model")), load_model(str(tmp_path / "b" / "model"))
+    # Equal up to float32 rounding, not bit for bit: the resumed step finds log p(y_t) in the cache, so the teacher
+    # scores the student's samples in a packed forward without y_t's branch, whose rows round differently. Another
+    # sample anywhere would move the weights by ~lr = 1e-3.
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(pa, pb), name
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_cache_file_cut_mid_write_keeps_whole_events_and_other_settings_are_refused(tmp_path):

@@ -262,12 +262,8 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
         scores = procs(seqs, logits.float())
         if cfg.temperature <= 0:
             nxt = scores.argmax(-1)
-        elif generators is None:
-            nxt = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-        else:  # each row from its own stream (generators live on the CPU: the draw does too)
-            probs = scores.softmax(-1).cpu()
-            nxt = torch.cat([torch.multinomial(probs[j], 1, generator=generators[r])
-                             for j, r in enumerate(rows.tolist())]).to(scores.device)
+        else:
+            nxt = draw(scores, uniforms(len(scores), rows, generators, scores.device))
         for r, token in zip(rows.tolist(), nxt.tolist(), strict=True):
             out[r].append(token)
         alive = ~torch.isin(nxt, stops)
@@ -291,6 +287,29 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
                        use_cache=True).logits[:, -1]
         positions = positions + 1
     return out
+
+
+def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of `scores` [B, V], drawn from softmax(scores) by inverse CDF: the first token whose
+    cumulative probability exceeds u * total, u [B] uniform in [0, 1).
+
+    The same distribution as `torch.multinomial` (what `generate` draws with), at one random number per row instead
+    of one per vocabulary entry: on a CPU, multinomial's exponential draws over a 50k vocabulary cost more than the
+    LM head's matmul. The sums are float64, so a token's share of [0, total) is its probability to ~1e-12 whatever
+    the vocabulary's size; a token of probability 0 (top-k / top-p) has an empty share and is never drawn, and
+    u * total < total, so some token always is."""
+    probs = scores.softmax(-1)
+    cdf = (probs if probs.device.type != "mps" else probs.cpu()).double().cumsum(-1)  # MPS has no float64
+    return torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True).squeeze(1).to(scores.device)
+
+
+def uniforms(n: int, rows: torch.Tensor, generators: Sequence[torch.Generator] | None,
+             device: torch.device) -> torch.Tensor:
+    """`n` float64 uniforms in [0, 1): from the global stream of `device`, or one from each row's own generator
+    (`rows` maps batch rows to output rows), so that a prompt's sample does not depend on its batch."""
+    if generators is None:
+        return torch.rand(n, dtype=torch.float64, device=device if device.type != "mps" else "cpu")
+    return torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[r]) for r in rows.tolist()])
 
 
 def _custom_mask_ok(model: PreTrainedModel, past) -> bool:
