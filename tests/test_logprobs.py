@@ -200,6 +200,21 @@ def test_selective_log_softmax_equals_full():
     assert torch.allclose(selective_log_softmax(logits, labels, chunk_elements=2 * 33), full, atol=1e-6)
 
 
+def test_chunked_logsumexp_gradient_is_softmax_as_in_float64():
+    from prefkd.logprobs import logsumexp_rows
+
+    torch.manual_seed(0)
+    logits = (torch.randn(23, 33) * 4).requires_grad_()
+    upstream = torch.randn(23)
+    (logsumexp_rows(logits, chunk_elements=2 * 33) * upstream).sum().backward()  # 12 chunks, the last of 1 row
+    # d logsumexp / d logits = softmax, in float64 from the same numbers
+    expected = torch.softmax(logits.detach().double(), -1) * upstream.double()[:, None]
+    assert torch.allclose(logits.grad.double(), expected, rtol=1e-5, atol=1e-7)
+    whole = logits.detach().clone().requires_grad_()
+    (torch.logsumexp(whole, -1) * upstream).sum().backward()
+    assert torch.equal(logits.grad, whole.grad)  # chunks are rows of the same kernel: the same numbers
+
+
 # --- text_logprobs: the probability a model gives a text, in its own tokens ---------------------------------------
 
 AWKWARD = [" leading space", "trailing space ", "two\nlines\n", "caf\u00e9 \u00fcber \u4e2d\u6587 \U0001F600",

@@ -37,7 +37,10 @@ def logsumexp_rows(logits: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -
     step = _chunk_positions(logits.shape[-1], chunk_elements)
     if logits.shape[0] <= step:
         return torch.logsumexp(logits.float(), dim=-1)
-    return torch.cat([torch.logsumexp(logits[s: s + step].float(), dim=-1) for s in range(0, logits.shape[0], step)])
+    # split, not slices in a loop: each slice's backward would build a zero gradient of the whole [N, V] and add
+    # it up, chunks x N x V work (5.3 s instead of 0.5 s at 1,808 positions x 50,257); split's backward writes
+    # every chunk's gradient into one tensor.
+    return torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(step)])
 
 
 def log_softmax_at(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
