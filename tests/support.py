@@ -48,6 +48,31 @@ def tiny_models(root, tokenizer) -> dict:
     return {**files, "teacher": root / "teacher", "student": root / "student"}
 
 
+def assert_same_value_and_grads(model: torch.nn.Module, got: torch.Tensor, want: torch.Tensor,
+                                rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two scalars computed on `model` (by two code paths) agree in value and in the gradient they send every
+    parameter, to float32 rounding. Both graphs are kept (the caller may differentiate other terms of them)."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    got_grads = torch.autograd.grad(got, params, retain_graph=True)
+    want_grads = torch.autograd.grad(want, params, retain_graph=True)
+    assert any(g.abs().max() > 0 for g in want_grads)  # a gradient that is zero everywhere would prove nothing
+    for (name, _), g, w in zip(named, got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@contextmanager
+def lm_head_rows(model: torch.nn.Module):
+    """The number of positions per sequence the model's LM head ran on, one entry per forward."""
+    rows: list[int] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
 def cli_env() -> dict:
     """Environment for a `prefkd` subprocess: one thread per process, so two processes on a 2-core machine do not
     fight over cores, and runs compared bit for bit use the same thread count."""

@@ -3,13 +3,15 @@ anchor on y_s."""
 
 import pytest
 import torch
+from support import assert_same_value_and_grads, lm_head_rows
 
 from prefkd import losses
 from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
 from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig, StepInputs, get_method
-from prefkd.methods.dpkd import DPKDConfig, dpkd_pair_loss, pair_step, teacher_logps
+from prefkd.methods.dpkd import DPKDConfig, _kd_anchor, _rkl_anchor, dpkd_pair_loss, pair_step, teacher_logps
+from prefkd.methods.on_policy import RKLConfig
 from prefkd.models import build_model
 
 CPU = torch.device("cpu")
@@ -113,6 +115,31 @@ def test_rkl_anchor_is_the_reverse_kl_on_the_students_sample(pairs, tokenizer):
     assert both.anchor_name == "anchor_ce_rkl" and both.anchor_count == n_t + len(kls)
     assert both.anchor_nll.item() == pytest.approx((ce.anchor_nll.item() * n_t + sum(kls)) / (n_t + len(kls)),
                                                    abs=1e-5)
+
+
+@pytest.mark.parametrize("prompt_lengths", [(5, 9, 3), (4, 60, 6)])
+@pytest.mark.parametrize("anchor", ["kd", "rkl"])
+def test_token_anchors_on_the_scored_columns_equal_the_full_logits(tokenizer, prompt_lengths, anchor):
+    """The kd / rkl anchors run the LM head from the first scored column (methods/base.py): value and gradients
+    are those of the divergence on the full [B, T, V] logits."""
+    teacher = build_model("gpt2", "micro", tokenizer, seed=1).eval()
+    student = build_model("gpt2", "nano", tokenizer, seed=2)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 300, (n,), generator=g).tolist() for n in prompt_lengths]
+    responses = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (6, 2, 4)]
+    inp = StepInputs(student, student, teacher, [Example(p, []) for p in prompts], SamplingConfig(),
+                     MethodConfig(dpkd=DPKDConfig(anchor=anchor), rkl=RKLConfig(temperature=0.7)),
+                     tokenizer.pad_token_id, tokenizer.eos_token_id, CPU)
+    with lm_head_rows(student) as rows:
+        got = (_kd_anchor if anchor == "kd" else _rkl_anchor)(inp, prompts, responses)
+    batch = collate([Example(p, y) for p, y in zip(prompts, responses, strict=True)], tokenizer.pad_token_id)
+    assert rows == [batch["input_ids"].shape[1] - (min(prompt_lengths) - 1)]
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["response_mask"][:, 1:]
+    want = losses.forward_kl(s, t, mask) if anchor == "kd" else losses.reverse_kl(s, t, mask, 0.7)
+    assert_same_value_and_grads(student, got, want)
 
 
 @pytest.mark.parametrize("dpkd, method, match", [

@@ -1,16 +1,23 @@
-"""Every registered method runs end to end from the CLI on tiny models and saves a loadable student."""
+"""Every registered method runs end to end from the CLI on tiny models and saves a loadable student; the token-level
+steps compute logits only on the columns they score, with the full logits' loss and gradients."""
 
 import json
 import math
 
 import pytest
 import torch
+from support import assert_same_value_and_grads, lm_head_rows
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from prefkd import losses
 from prefkd.cli import app
-from prefkd.methods import METHODS
-from prefkd.models import train_tokenizer
+from prefkd.data.collate import Example, collate
+from prefkd.generation import SamplingConfig
+from prefkd.methods import METHODS, MethodConfig, StepInputs, get_method
+from prefkd.methods.on_policy import GKDConfig, RKLConfig
+from prefkd.methods.token_kd import KDConfig
+from prefkd.models import build_model, train_tokenizer
 
 runner = CliRunner()
 
@@ -182,9 +189,120 @@ def test_student_and_teacher_logits_are_cut_to_the_rows_both_have():
     student = build_model("gpt2", "nano", tok, seed=0)
     teacher = build_model("gpt2", "nano", tok, seed=1)
     teacher.resize_token_embeddings(len(tok) + 40, mean_resizing=False)
-    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "response_mask": torch.tensor([[0, 0, 1, 1]])}
     inp = StepInputs(student, student, teacher, [], None, None, 0, 0, torch.device("cpu"))
     s, t = student_and_teacher_logits(inp, batch)
-    assert s.shape == t.shape == (1, 3, len(tok))
-    assert torch.equal(t, teacher(**batch).logits[:, :-1, : len(tok)])
-    assert s.requires_grad and not t.requires_grad
+    assert s.logits.shape == t.logits.shape == (1, 2, len(tok))  # columns 1..2 of the shifted 0..2: 0 scores nothing
+    assert s.start == t.start == 1
+    full = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(t.logits, full[:, 1:-1, : len(tok)], rtol=1e-6, atol=1e-6)
+    assert s.logits.requires_grad and not t.logits.requires_grad
+
+
+# Logits only where they are scored (methods/base.py, `shifted_logits`): the token-level steps run the LM head from
+# the first column any sequence scores; the loss, the anchor and every gradient equal those of the full [B, T, V]
+# logits, on batches whose prompts differ in length a little and a lot.
+CUT_BATCHES = {"prompts 5, 9, 3": ((5, 9, 3), (4, 2, 6)), "one prompt much longer": ((4, 60, 6), (7, 3, 5))}
+
+
+def _cut_models(tokenizer):
+    return build_model("gpt2", "nano", tokenizer, seed=2), build_model("gpt2", "micro", tokenizer, seed=1).eval()
+
+
+def _ids(lengths, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _full_step(student, teacher, examples, pad, divergence, cfg):
+    """The reference: plain forwards on every position, the divergence and the cross-entropy on the full mask."""
+    batch = collate(examples, pad)
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask, labels = batch["response_mask"][:, 1:], batch["input_ids"][:, 1:]
+    m = mask.float()
+    nll = -(s.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * m).sum() / m.sum()
+    return divergence(s, t, mask, cfg), nll
+
+
+CUT_METHODS = [
+    ("kd", {"kd": KDConfig(temperature=2.0)}, lambda s, t, m, c: losses.forward_kl(s, t, m, c.kd.temperature)),
+    ("akl", {}, lambda s, t, m, c: losses.adaptive_kl(s, t, m, c.akl.mu, head=c.akl.head)),
+    ("tvd", {}, lambda s, t, m, c: losses.total_variation(s, t, m)),
+    ("skl", {}, lambda s, t, m, c: losses.skew_forward_kl(s, t, m, c.skew.alpha)),
+    ("srkl", {}, lambda s, t, m, c: losses.skew_reverse_kl(s, t, m, c.skew.alpha)),
+    ("dpkd-token", {}, lambda s, t, m, c: losses.dpkd_token_loss(s, t, m, c.dpkd.beta)),
+    ("gkd", {"gkd": GKDConfig(lmbda=0.0, beta=0.3, temperature=1.5)},
+     lambda s, t, m, c: losses.generalized_jsd(s, t, m, c.gkd.beta, c.gkd.temperature)),
+    ("gkd", {"gkd": GKDConfig(lmbda=1.0, beta=0.3, temperature=1.5)},
+     lambda s, t, m, c: losses.generalized_jsd(s, t, m, c.gkd.beta, c.gkd.temperature)),
+    ("rkl", {"rkl": RKLConfig(temperature=0.7)}, lambda s, t, m, c: losses.reverse_kl(s, t, m, c.rkl.temperature)),
+]
+
+
+@pytest.mark.parametrize("shape", sorted(CUT_BATCHES))
+@pytest.mark.parametrize("method, sections, divergence", CUT_METHODS,
+                         ids=[f"{m}-{'-'.join(f'{k}' for k in s)}" if s else m for m, s, _ in CUT_METHODS])
+def test_token_level_steps_on_the_scored_columns_equal_the_full_logits(tokenizer, monkeypatch, shape, method,
+                                                                       sections, divergence):
+    from prefkd.methods import on_policy
+
+    student, teacher = _cut_models(tokenizer)
+    prompt_lengths, response_lengths = CUT_BATCHES[shape]
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    prompts, references = _ids(prompt_lengths, vocab, 0), _ids(response_lengths, vocab, 1)
+    samples = _ids(response_lengths[::-1], vocab, 2)  # the student's "samples" of the on-policy batches
+    monkeypatch.setattr(on_policy, "sample", lambda model, examples, inp: samples)
+    cfg = MethodConfig(**sections)
+    examples = [Example(p, r) for p, r in zip(prompts, references, strict=True)]
+    inp = StepInputs(student, student, teacher, examples, SamplingConfig(), cfg, pad, tokenizer.eos_token_id,
+                     torch.device("cpu"), shared_rng=torch.Generator().manual_seed(0))
+    on = method == "rkl" or (method == "gkd" and cfg.gkd.lmbda == 1.0)
+    with lm_head_rows(student) as rows:
+        out = get_method(method).step(inp)
+    scored = [Example(p, r) for p, r in zip(prompts, samples if on else references, strict=True)]
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in scored)
+    assert rows[0] == width - (min(prompt_lengths) - 1)  # the LM head ran from the shortest prompt's last token on
+    want_loss, want_nll = _full_step(student, teacher, scored, pad, divergence, cfg)
+    assert_same_value_and_grads(student, out.loss, want_loss)
+    assert out.loss_count == sum(map(len, samples if on else references))
+    if not on:  # the anchor is the cross-entropy on the same cut logits (on-policy: logprobs.py's own forward)
+        assert_same_value_and_grads(student, out.anchor_nll, want_nll)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_shifted_logits_run_the_lm_head_on_the_scored_columns_only(tokenizer, arch):
+    """Every architecture prefkd trains takes `logits_to_keep`: the head runs on T - start positions, and the logits
+    kept are the full forward's, with their targets and mask."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from prefkd.methods.base import shifted_logits
+
+    if arch == "qwen2":
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), num_hidden_layers=1, hidden_size=32,
+                                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                             tie_word_embeddings=True))
+    else:
+        model = build_model(arch, "nano", tokenizer, seed=0)
+    examples = [Example(p, r) for p, r in zip(_ids((7, 12, 30), 300, 0), _ids((5, 1, 4), 300, 1), strict=True)]
+    batch = collate(examples, tokenizer.pad_token_id)
+    with lm_head_rows(model) as rows:
+        s = shifted_logits(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    assert s.start == 6 and rows == [34 - 6, 34]
+    torch.testing.assert_close(s.logits, full[:, 6:], rtol=1e-5, atol=1e-6)
+    assert torch.equal(s.labels, batch["input_ids"][:, 7:]) and torch.equal(s.mask, batch["response_mask"][:, 7:])
+    assert s.mask[:, 0].tolist() == [1, 0, 0]  # the first column kept is counted in the shortest prompt's row
+    uncut = shifted_logits(model, batch, cut=False)
+    assert uncut.start == 0 and uncut.logits.shape[1] == 33
+
+
+def test_scored_start_is_the_first_column_any_row_counts():
+    from prefkd.methods.base import scored_start
+
+    assert scored_start(torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0]])) == 1  # shifted: [0, 0, 1, 1], [0, 1, 1, 0]
+    assert scored_start(torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])) == 0  # a trained prompt token (multi-turn SFT)
+    assert scored_start(torch.zeros(2, 4, dtype=torch.long)) == 0  # nothing counted: nothing cut

@@ -6,11 +6,16 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from support import assert_same_value_and_grads, lm_head_rows
 
 import prefkd.teacher_logits as tl
+from prefkd import losses
 from prefkd.data.chat import Renderer
 from prefkd.data.collate import Example, collate
 from prefkd.errors import ConfigError
+from prefkd.generation import SamplingConfig
+from prefkd.losses.top_k import coarse_logits
+from prefkd.methods import MethodConfig, StepInputs, get_method
 from prefkd.methods.data import reference_examples
 from prefkd.models import build_model, train_tokenizer
 from prefkd.rundir import RunDirError
@@ -144,3 +149,33 @@ def _saved(tokenizer, tmp_path):
     path = tmp_path / "tok"
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+@pytest.mark.parametrize("long_prompt", [False, True])
+def test_a_step_on_the_scored_columns_reads_the_cache_at_its_positions(setup, tmp_path, tail, long_prompt):
+    """The cache holds a sequence's top-k at absolute positions (len(prompt) - 1 on); the step computes the
+    student's logits from the first scored column on (methods/base.py) and cuts the cache's tensors the same way:
+    loss, anchor and gradients equal the divergence on the full [B, T, V] logits."""
+    teacher, renderer, examples = setup
+    examples = examples[:4]
+    if long_prompt:  # one prompt three times as long: most of its row is prompt, start is the shortest prompt's
+        examples = [*examples[:3], Example(examples[3].prompt_ids * 3, examples[3].response_ids)]
+    tl.build(teacher, renderer, examples, tmp_path / "c", _settings(renderer, k=8, dtype="float32"))
+    cache = tl.TeacherLogits(tmp_path / "c", tail)
+    student = build_model("gpt2", "nano", renderer.tokenizer, seed=2)
+    pad = renderer.tokenizer.pad_token_id
+    inp = StepInputs(student, student, None, examples, SamplingConfig(), MethodConfig(), pad, pad,
+                     torch.device("cpu"), teacher_logits=cache)
+    with lm_head_rows(student) as rows:
+        out = get_method("kd").step(inp)
+    batch = collate(examples, pad)
+    start = min(len(e.prompt_ids) for e in examples) - 1
+    assert start > 0 and rows == [batch["input_ids"].shape[1] - start]
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask, labels = batch["response_mask"][:, 1:], batch["input_ids"][:, 1:]
+    s_div, t_div = coarse_logits(s, *cache.batch(examples, s.shape[1], s.device), tail)
+    assert_same_value_and_grads(student, out.loss, losses.forward_kl(s_div, t_div, mask))
+    m = mask.float()
+    nll = -(s.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * m).sum() / m.sum()
+    assert_same_value_and_grads(student, out.anchor_nll, nll)

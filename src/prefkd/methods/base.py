@@ -3,12 +3,15 @@
 A step gets the method's share of the batch and returns its loss, the anchor cross-entropy it can offer (on the
 teacher sample y_t or the reference) for the `kappa` mix, and metrics to log. Replay of labelled data and the
 LM-loss term are added by the loop, the same way for every method that has `auxiliary_losses`.
+
+The shared forward helpers return logits only where a loss reads them (`Scored`): from the first column any sequence
+of the batch scores, with that cut's targets and mask beside them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -97,41 +100,76 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def shifted_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits aligned with batch['input_ids'][:, 1:] (position t scores token t+1)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+@dataclass(frozen=True)
+class Scored:
+    """Shifted logits of a batch from column `start` on, with the targets and the mask of those same columns.
+
+    Column j is the shifted position start + j: it scores input_ids[:, start + j + 1]. Logits, targets and mask
+    travel together so that a loss never reads logits cut at one column with a mask cut at another."""
+
+    logits: torch.Tensor  # [B, C, V] (or [B, C, k + 1]: the categories of offline top-k teacher logits)
+    labels: torch.Tensor  # [B, C] the tokens the columns score
+    mask: torch.Tensor  # [B, C] the counted columns: response_mask[:, 1:][:, start:]
+    start: int  # the first shifted column kept
+
+    def rows(self, index: slice) -> Scored:
+        """The same columns of some of the sequences (distillm2 splits its [y_t; y_s] batch)."""
+        return Scored(self.logits[index], self.labels[index], self.mask[index], self.start)
 
 
-def student_and_teacher_logits(inp: StepInputs, batch: dict[str, torch.Tensor]
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shifted logits of the student (with grad) and of the teacher (without) on the same tokens, cut to their
-    common width: models of one family may pad their embedding tables beyond the tokenizer's tokens to different
-    sizes (Qwen2.5-7B 152,064 rows, Qwen2.5-0.5B 151,936), rows that no text ever holds."""
-    s_logits = shifted_logits(inp.student, batch)
+def scored_start(response_mask: torch.Tensor) -> int:
+    """The first column of the shifted mask `response_mask[:, 1:]` where any row counts a position (0 when none
+    does). Columns before it are masked in every row: right-padded prompts put them there, shortest prompt first."""
+    counted = response_mask[:, 1:].bool().any(0).nonzero()
+    return int(counted[0, 0]) if len(counted) else 0
+
+
+def shifted_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor], cut: bool = True) -> Scored:
+    """Logits aligned with batch['input_ids'][:, 1:] (position t scores token t+1), from the first scored column on.
+
+    The LM head runs only on positions start..T-1 (the model's `logits_to_keep`, as in logprobs.py: logits only
+    where they are scored); the last of them scores no token and is dropped. The prompt columns it skips cost a
+    [B, T, V] matmul and every elementwise pass of a divergence, forward and backward, to contribute exact zeros.
+    `cut=False` keeps every column, for callers that index absolute positions (ULD)."""
+    width = batch["input_ids"].shape[1]
+    start = scored_start(batch["response_mask"]) if cut else 0
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=width - start).logits[:, :-1]
+    return Scored(logits, batch["input_ids"][:, 1 + start:], batch["response_mask"][:, 1 + start:], start)
+
+
+def student_and_teacher_logits(inp: StepInputs, batch: dict[str, torch.Tensor]) -> tuple[Scored, Scored]:
+    """Shifted logits of the student (with grad) and of the teacher (without) on the same tokens and columns, cut to
+    their common width: models of one family may pad their embedding tables beyond the tokenizer's tokens to
+    different sizes (Qwen2.5-7B 152,064 rows, Qwen2.5-0.5B 151,936), rows that no text ever holds."""
+    s = shifted_logits(inp.student, batch)
     with torch.no_grad():
-        t_logits = shifted_logits(inp.teacher, batch)
-    width = min(s_logits.shape[-1], t_logits.shape[-1])
-    return s_logits[..., :width], t_logits[..., :width]
+        t = shifted_logits(inp.teacher, batch)
+    width = min(s.logits.shape[-1], t.logits.shape[-1])
+    return replace(s, logits=s.logits[..., :width]), replace(t, logits=t.logits[..., :width])
 
 
-def divergence_logits(inp: StepInputs, batch: dict[str, torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def divergence_logits(inp: StepInputs, batch: dict[str, torch.Tensor]) -> tuple[Scored, Scored, Scored]:
     """(the student's shifted logits, for its anchor; the student's and the teacher's logits the divergence
-    compares): the full vocabularies with a live teacher, or the k + 1 categories of offline top-k teacher logits
-    (losses/top_k.py)."""
+    compares), all on the same columns: the full vocabularies with a live teacher, or the k + 1 categories of
+    offline top-k teacher logits (losses/top_k.py)."""
     if inp.teacher_logits is None:
-        s_logits, t_logits = student_and_teacher_logits(inp, batch)
-        return s_logits, s_logits, t_logits
-    s_logits = shifted_logits(inp.student, batch)
+        s, t = student_and_teacher_logits(inp, batch)
+        return s, s, t
+    s = shifted_logits(inp.student, batch)
     cache = inp.teacher_logits
-    ids, logps, tail = cache.batch(inp.examples, s_logits.shape[1], s_logits.device)
-    s_div, t_div = coarse_logits(s_logits, ids, logps, tail, cache.tail, cache.temperature)
-    return s_logits, s_div, t_div
+    # The cache places a sequence's rows at absolute shifted positions (len(prompt) - 1 on): read the full width,
+    # then drop the same leading columns as the student's logits (masked in every row, so zeros there).
+    ids, logps, tail = cache.batch(inp.examples, batch["input_ids"].shape[1] - 1, s.logits.device)
+    cut = slice(s.start, None)
+    s_div, t_div = coarse_logits(s.logits, ids[:, cut], logps[:, cut], tail[:, cut], cache.tail, cache.temperature)
+    return s, replace(s, logits=s_div), replace(s, logits=t_div)
 
 
-def nll_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    mask = batch["response_mask"][:, 1:].float()
-    return token_mean_nll(selective_log_softmax(logits, batch["input_ids"][:, 1:]) * mask, mask)
+def nll_from_logits(s: Scored) -> torch.Tensor:
+    """Cross-entropy of the scored logits on their targets, averaged over the counted tokens."""
+    mask = s.mask.float()
+    return token_mean_nll(selective_log_softmax(s.logits, s.labels) * mask, mask)
 
 
 def sample(model: PreTrainedModel, examples: list[Example], inp: StepInputs) -> list[list[int]]:

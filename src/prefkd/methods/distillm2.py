@@ -105,17 +105,18 @@ def step(inp: StepInputs) -> MethodOutput:
     rows = ([Example(e.prompt_ids, e.response_ids) for e in inp.examples]
             + [Example(e.prompt_ids, e.rejected_ids) for e in inp.examples])
     batch = to_device(collate(rows, inp.pad_id), inp.device)
-    s_logits, t_logits = student_and_teacher_logits(inp, batch)
-    mask = batch["response_mask"][:, 1:]
+    # The scored columns only (methods/base.py): the columns cut are masked in every row, so each sequence's token
+    # mean, and which sequences count, are those of the full logits.
+    s, t = student_and_teacher_logits(inp, batch)
+    s_logits, t_logits, mask = s.logits, t.logits, s.mask
     w_t, w_s = losses.distillm2_weights(inp.progress, c.beta_schedule, c.beta0)
     alpha_t: float | torch.Tensor = c.alpha
     alpha_s: float | torch.Tensor = c.alpha
     metrics: dict[str, float] = {}
     if c.alpha_schedule == "adaptive" and inp.progress >= c.adaptive_from:
         with torch.no_grad():
-            labels = batch["input_ids"][:, 1:]
-            lq = _mean_token_logp(s_logits, labels, mask).exp()
-            lp = _mean_token_logp(t_logits, labels, mask).exp()
+            lq = _mean_token_logp(s_logits, s.labels, mask).exp()
+            lp = _mean_token_logp(t_logits, s.labels, mask).exp()
             # The code's "sentence-level" gap: geometric-mean token probabilities, teacher over student on y_t,
             # student over teacher on y_s; the anchor is this batch's mean gap ("mini-batch wise", App. B.3).
             gap_t, gap_s = lp[:b] - lq[:b], lq[b:] - lp[b:]
@@ -124,7 +125,7 @@ def step(inp: StepInputs) -> MethodOutput:
         metrics |= {"alpha_t": alpha_t.mean().item(), "alpha_s": alpha_s.mean().item()}
     loss, skl, srkl = losses.distillm2_loss(s_logits[:b], t_logits[:b], mask[:b], s_logits[b:], t_logits[b:],
                                             mask[b:], alpha_t, alpha_s, w_t, w_s, c.detach_mixture)
-    anchor = nll_from_logits(s_logits[:b], {k: v[:b] for k, v in batch.items()})
+    anchor = nll_from_logits(s.rows(slice(0, b)))
     metrics |= {"distillm2_loss": loss.item(), "skl_teacher": skl.mean().item(), "srkl_student": srkl.mean().item(),
                 "weight_skl": w_t, "weight_srkl": w_s}
     return MethodOutput(loss, anchor, metrics, loss_count=b, anchor_count=mask[:b].sum().item())

@@ -24,6 +24,7 @@ from prefkd.methods import data
 from prefkd.methods.base import (
     Method,
     MethodOutput,
+    Scored,
     StepInputs,
     sample,
     sample_teacher,
@@ -236,24 +237,26 @@ def _length_unit(inp: StepInputs) -> str:
 
 def _kd_anchor(inp: StepInputs, prompts: list[list[int]], y_t: list[list[int]]) -> torch.Tensor:
     """Forward KL to the teacher's token distributions on the teacher samples (the `kd` divergence on y_t)."""
-    s_logits, t_logits, batch = _token_logits(inp, prompts, y_t, "kd")
-    return losses.forward_kl(s_logits, t_logits, batch["response_mask"][:, 1:])
+    s, t = _token_logits(inp, prompts, y_t, "kd")
+    return losses.forward_kl(s.logits, t.logits, s.mask)
 
 
 def _rkl_anchor(inp: StepInputs, prompts: list[list[int]], y_s: list[list[int]]) -> torch.Tensor:
     """Reverse KL to the teacher's token distributions on the student's own samples (the `rkl` method's loss)."""
-    s_logits, t_logits, batch = _token_logits(inp, prompts, y_s, "rkl")
-    return losses.reverse_kl(s_logits, t_logits, batch["response_mask"][:, 1:], inp.cfg.rkl.temperature)
+    s, t = _token_logits(inp, prompts, y_s, "rkl")
+    return losses.reverse_kl(s.logits, t.logits, s.mask, inp.cfg.rkl.temperature)
 
 
-def _token_logits(inp: StepInputs, prompts: list[list[int]], responses: list[list[int]], kind: str):
-    """(student logits, teacher logits without grad, batch) on prompt + response, for a token-level anchor."""
+def _token_logits(inp: StepInputs, prompts: list[list[int]], responses: list[list[int]], kind: str
+                  ) -> tuple[Scored, Scored]:
+    """(student logits, teacher logits without grad) on the scored columns of prompt + response, for a token-level
+    anchor."""
     if inp.teacher is None or inp.teacher_tokens is not None:
         raise ConfigError(f"distill.dpkd.anchor={kind} needs the teacher's logits over the student's vocabulary: "
                           "use a teacher with the student's tokenizer, or anchor=ce")
     batch = to_device(collate([Example(p, y) for p, y in zip(prompts, responses, strict=True)], inp.pad_id),
                       inp.device)
-    return (*student_and_teacher_logits(inp, batch), batch)
+    return student_and_teacher_logits(inp, batch)
 
 
 def dpkd_pair_loss(qt, qs, pt, ps, nt, ns, c: MethodConfig):

@@ -1,4 +1,7 @@
-"""On-policy token-level distillation: divergences on the student's own samples (MiniLLM-style reverse KL, GKD)."""
+"""On-policy token-level distillation: divergences on the student's own samples (MiniLLM-style reverse KL, GKD).
+
+As in token_kd.py, logits are computed only from the first column any sequence scores (`methods.base.shifted_logits`).
+"""
 
 from __future__ import annotations
 
@@ -53,13 +56,13 @@ def on_policy(divergence: Divergence, student_share: Callable[[MethodConfig], fl
         batch = to_device(collate(seqs, inp.pad_id), inp.device)
         if on and inp.teacher is None:
             raise ConfigError("on-policy steps need the live teacher (teacher.path), not offline teacher logits")
-        s_logits, s_div, t_div = divergence_logits(inp, batch)
-        loss = divergence(s_div, t_div, batch["response_mask"][:, 1:], inp.cfg)
-        n = batch["response_mask"][:, 1:].sum().item()
+        s, s_div, t_div = divergence_logits(inp, batch)  # the scored columns only (methods/base.py)
+        loss = divergence(s_div.logits, t_div.logits, s.mask, inp.cfg)
+        n = s.mask.sum().item()
         anchor, n_anchor = None, None
         if inp.cfg.kappa < 1 and inp.examples[0].response_ids:
             if not on:
-                anchor, n_anchor = nll_from_logits(s_logits, batch), n
+                anchor, n_anchor = nll_from_logits(s), n
             else:
                 token_logps, mask = response_token_logps(inp.student, to_device(collate(inp.examples, inp.pad_id),
                                                                                 inp.device))

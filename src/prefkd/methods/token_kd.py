@@ -1,5 +1,8 @@
 """Token-level divergences to the teacher on fixed sequences (references or cached teacher samples): KD, AKL,
-TVD, skew KL, and DPKD as released (a token-level argmax preference)."""
+TVD, skew KL, and DPKD as released (a token-level argmax preference).
+
+Logits are computed only from the first column any sequence scores (`methods.base.shifted_logits`): the prompt
+columns before it are masked in every row, so the loss and its gradients are those of the full [B, T, V] logits."""
 
 from __future__ import annotations
 
@@ -49,10 +52,10 @@ def teacher_forced(divergence: Divergence):
 
     def step(inp: StepInputs) -> MethodOutput:
         batch = to_device(collate(inp.examples, inp.pad_id), inp.device)
-        s_logits, s_div, t_div = divergence_logits(inp, batch)
-        loss = divergence(s_div, t_div, batch["response_mask"][:, 1:], inp.cfg)
-        anchor = nll_from_logits(s_logits, batch)
-        n = batch["response_mask"][:, 1:].sum().item()
+        s, s_div, t_div = divergence_logits(inp, batch)  # the scored columns only (methods/base.py)
+        loss = divergence(s_div.logits, t_div.logits, s.mask, inp.cfg)
+        anchor = nll_from_logits(s)
+        n = s.mask.sum().item()
         return MethodOutput(loss, anchor, {"divergence": loss.item()}, loss_count=n, anchor_count=n)
 
     return step

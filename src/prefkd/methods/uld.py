@@ -80,14 +80,16 @@ def prepare(ctx: data.PrepareContext) -> data.MethodData:
 def step(inp: StepInputs) -> MethodOutput:
     c = inp.cfg.uld
     batch = to_device(collate(inp.examples, inp.pad_id), inp.device)
-    s_logits = shifted_logits(inp.student, batch)
+    # Every column (cut=False): the byte alignment (_byte_aligned) indexes each side's rows at absolute positions
+    # (len(prompt) - 1 on) of two tokenizations whose prompts differ in length; a cut would need an offset per side.
+    s = shifted_logits(inp.student, batch, cut=False)
     teacher_tok = inp.teacher_tokens.teacher.tokenizer if inp.teacher_tokens else inp.tokenizer
     teacher_rows = [Example(e.teacher_prompt_ids, e.teacher_response_ids) for e in inp.examples]
     t_batch = to_device(collate(teacher_rows, teacher_tok.pad_token_id or 0), inp.device)
     with torch.no_grad():
-        t_logits = shifted_logits(inp.teacher, t_batch)
-    ce = nll_from_logits(s_logits, batch)
-    s_mask, t_mask = batch["response_mask"][:, 1:], t_batch["response_mask"][:, 1:]
+        t = shifted_logits(inp.teacher, t_batch, cut=False)
+    ce = nll_from_logits(s)
+    s_logits, t_logits, s_mask, t_mask = s.logits, t.logits, s.mask, t.mask
     if c.alignment == "positional":
         # The official defaults: the position predicting the student's EOS is skipped, the teacher's kept.
         distance = losses.uld_positional_loss(s_logits, losses.skip_last_position(s_mask), t_logits, t_mask,
