@@ -204,6 +204,15 @@ def test_the_draw_samples_the_softmax_distribution():
     assert float(((counts[live] - expected[live]) ** 2 / expected[live]).sum()) < 18.47
 
 
+def test_a_nan_in_the_scores_is_refused_clearly():
+    from prefkd.errors import PrefkdError
+
+    scores = torch.zeros(2, 5)
+    scores[1, 2] = float("nan")
+    with pytest.raises(PrefkdError, match="NaN or inf"):
+        draw(scores, torch.rand(2, dtype=torch.float64))
+
+
 def test_each_row_draws_from_its_own_generator():
     gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
     u = uniforms(2, torch.tensor([2, 0]), gens, torch.device("cpu"))

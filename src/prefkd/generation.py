@@ -295,12 +295,16 @@ def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     The same distribution as `torch.multinomial` (what `generate` draws with), at one random number per row instead
     of one per vocabulary entry: on a CPU, multinomial's exponential draws over a 50k vocabulary cost more than the
-    LM head's matmul. The sums are float64, so a token's share of [0, total) is its probability to ~1e-12 whatever
-    the vocabulary's size; a token of probability 0 (top-k / top-p) has an empty share and is never drawn, and
-    u * total < total, so some token always is."""
+    LM head's matmul. The sums are float64, so a token's share of [0, total) is its probability to ~1e-11 even at
+    150k tokens; a token of probability 0 (top-k / top-p) has an empty share and is never drawn, and u * total <
+    total, so some token always is."""
     probs = scores.softmax(-1)
     cdf = (probs if probs.device.type != "mps" else probs.cpu()).double().cumsum(-1)  # MPS has no float64
-    return torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None], right=True).squeeze(1).to(scores.device)
+    total = cdf[:, -1]
+    if not torch.isfinite(total).all():  # multinomial refuses these too; searchsorted would return V, no token
+        raise PrefkdError("sampling: the model's next-token probabilities hold NaN or inf (diverged weights, or "
+                          "logits that overflow their dtype); check the model's last checkpoint or train in fp32")
+    return torch.searchsorted(cdf, (u.to(cdf.device) * total)[:, None], right=True).squeeze(1).to(scores.device)
 
 
 def uniforms(n: int, rows: torch.Tensor, generators: Sequence[torch.Generator] | None,
