@@ -20,9 +20,12 @@ vocabulary V, batch B, fp32):
 `sampling_roofline_fraction_124m` = sum_t roofline time / measured decode time. Biases, layer norms, the position
 embedding and the softmax over the vocabulary are left out of both counts (under 1% of either at 124M).
 
+The sampler runs as a user's does (`pack_weights` left to `packed_weights.worth_packing`: at 124M shape on a CPU the
+decode steps multiply through MKL-packed weights, and the packing pass, once per call, counts in the decode time).
+
 Where the rest goes: `weight_matmuls_s_per_decode_step` times the step's weight matmuls alone (every linear layer
 and the LM head on `BATCH` rows of one token, in model order, each weight read once per sweep) and the weight bytes
-they stream per second, beside the bandwidth above.
+they stream per second, beside the bandwidth above; `..._packed_...` the same sweep through packed weights.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 
 from bench import common, shapes
 from prefkd.generation import SamplingConfig, sample_responses
+from prefkd.packed_weights import packed_linears, worth_packing
 
 BATCH = 16
 
@@ -114,6 +118,8 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
     assert max(counts) == BATCH * new and min(counts) in (BATCH, BATCH * new), counts  # no row ended early
     peak, bw = peak_flops(dev, reps + 1), bandwidth(dev, reps + 1)
     matmuls = weight_matmuls(model, BATCH, dev, reps + 1)
+    with packed_linears(model, BATCH, True) as packed_layers:
+        packed = weight_matmuls(model, BATCH, dev, reps + 1) if packed_layers else None
     bw_best = max(bw.values())
     measured = (common.median(times["all"]) - common.median(times["one"])) / (new - 1)
     costs = decode_costs(sh.student, sh.vocab, [len(p) for p in prompts], new - 1)
@@ -124,6 +130,7 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
     settings = {"shape": sh.describe(), "device": str(dev), "weights": "random init (seed 0)", "batch": BATCH,
                 "prompt_tokens": [len(p) for p in prompts], "new_tokens": new, "decode_steps": new - 1,
                 "temperature": 1.0, "precision": "fp32", "reps": reps, "threads": torch.get_num_threads(),
+                "packed_weights": worth_packing(model, new),
                 "params": shapes.params(model),
                 "formula": "fraction = sum_t max(FLOPs_t / peak, bytes_t / bandwidth) / measured decode time; "
                            "FLOPs_t = 2B(12d^2L + Vd) + 4dL sum_i(p_i+t+1), bytes_t = 4(12d^2L + Vd) + "
@@ -135,6 +142,8 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
                "bandwidth_gb_per_s": {k: round(v / 1e9, 2) for k, v in bw.items()},
                "weight_matmuls_s_per_decode_step": round(matmuls["seconds"], 5),
                "weight_matmuls_gb_per_s": round(matmuls["bytes_per_s"] / 1e9, 2),
+               "weight_matmuls_packed_s_per_decode_step": packed and round(packed["seconds"], 5),
+               "weight_matmuls_packed_gb_per_s": packed and round(packed["bytes_per_s"] / 1e9, 2),
                "steps_compute_bound": bound, "steps_memory_bound": len(costs) - bound,
                "mean_gflop_per_step": round(sum(f for f, _ in costs) / len(costs) / 1e9, 3),
                "mean_mb_per_step": round(sum(b for _, b in costs) / len(costs) / 1e6, 1),
@@ -153,5 +162,7 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
         ("decode steps compute-bound, memory-bound", f"{bound}, {len(costs) - bound}", ""),
         ("the step's weight matmuls alone: s, weight GB/s",
          f"{details['weight_matmuls_s_per_decode_step']}, {details['weight_matmuls_gb_per_s']}", ""),
+        ("the same through MKL-packed weights: s, weight GB/s",
+         f"{details['weight_matmuls_packed_s_per_decode_step']}, {details['weight_matmuls_packed_gb_per_s']}", ""),
     ])
     return figures

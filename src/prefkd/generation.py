@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from prefkd.config import opt
 from prefkd.console import console
 from prefkd.errors import PrefkdError
+from prefkd.packed_weights import packed_linears, worth_packing
 from prefkd.packing import Packed, pack, packed_forward, packing_supported
 from prefkd.prefix_sharing import after_shared_prefix, find_shared, plain_cache, prefix_past, runs
 
@@ -37,12 +38,14 @@ class SamplingConfig:
 def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: SamplingConfig, pad_id: int,
                      eos_id: int | Sequence[int], seed: int | None = None,
                      on_batch: Callable[[int], None] | None = None,
-                     generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
+                     generators: Sequence[torch.Generator] | None = None,
+                     pack_weights: bool | None = None) -> list[list[int]]:
     """Sample one response per prompt. Each response ends with one of the end tokens `eos_id` (an id or several:
     a chat model's end-of-turn token and its EOS) unless it hit `max_new_tokens`.
 
     `generators` (one per prompt) draw each prompt's tokens from its own random stream, so that a prompt's sample
-    does not depend on what else is in the batch (`prefkd serve` batches requests with their own seeds)."""
+    does not depend on what else is in the batch (`prefkd serve` batches requests with their own seeds).
+    `pack_weights`: decode through MKL-packed weights (`packed_weights`); None decides by `worth_packing`."""
     if seed is not None:
         torch.manual_seed(seed)
     prompt_ids = _fit_context(model, prompt_ids, cfg.max_new_tokens)
@@ -51,16 +54,18 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # less padding per batch
     out: list[list[int]] = [[] for _ in prompt_ids]
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start: start + cfg.batch_size]
-        prompts = [prompt_ids[i] for i in idx]
-        ids, attn = left_padded(prompts, pad_id)
-        gens = [generators[i] for i in idx] if generators is not None else None
-        for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id, prompts, gens),
-                                  strict=True):
-            out[row] = response
-        if on_batch:
-            on_batch(len(idx))
+    packing = bool(prompt_ids) and (worth_packing(model, cfg.max_new_tokens) if pack_weights is None else pack_weights)
+    with packed_linears(model, min(cfg.batch_size, len(prompt_ids)), packing):
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start: start + cfg.batch_size]
+            prompts = [prompt_ids[i] for i in idx]
+            ids, attn = left_padded(prompts, pad_id)
+            gens = [generators[i] for i in idx] if generators is not None else None
+            for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id, prompts,
+                                                  gens), strict=True):
+                out[row] = response
+            if on_batch:
+                on_batch(len(idx))
     model.train(was_training)
     return out
 
