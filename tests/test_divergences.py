@@ -7,6 +7,7 @@ import torch
 
 from prefkd.losses import (
     adaptive_kl,
+    divergences,
     dpkd_token_loss,
     forward_kl,
     generalized_jsd,
@@ -164,18 +165,20 @@ def test_matches_float64_brute_force(name, fn, ref):
         assert abs(got64.item() - expected) < 1e-10 * max(1.0, abs(expected)), (name, got64.item(), expected)
 
 
+# A teacher without gradient (as in training) takes the KL family's fused path; with one, autograd's.
+@pytest.mark.parametrize("teacher_grad", [True, False])
 @pytest.mark.parametrize("name,fn,ref", CASES, ids=[c[0] for c in CASES])
-def test_masked_garbage_is_ignored(name, fn, ref):
+def test_masked_garbage_is_ignored(name, fn, ref, teacher_grad):
     student, teacher, mask = _inputs(2)
     clean = fn(student, teacher, mask)
     s_bad = _with_garbage(student, mask).requires_grad_()
-    t_bad = _with_garbage(teacher, mask).requires_grad_()
+    t_bad = _with_garbage(teacher, mask).requires_grad_(teacher_grad)
     dirty = fn(s_bad, t_bad, mask)
     assert torch.isfinite(dirty)
     assert abs(dirty.item() - clean.item()) < 1e-6 * max(1.0, abs(clean.item()))
     assert abs(dirty.item() - _brute(ref, student, teacher, mask)) < 1e-5 * max(1.0, abs(clean.item()))
     dirty.backward()
-    for grad in (s_bad.grad, t_bad.grad):
+    for grad in (s_bad.grad, t_bad.grad) if teacher_grad else (s_bad.grad,):
         assert torch.isfinite(grad).all()
         assert (grad[~mask.bool()] == 0).all()
 
@@ -188,18 +191,21 @@ def test_half_precision_inputs_are_upcast():
     assert abs(got.item() - expected) < 1e-5 * max(1.0, expected)
 
 
-def test_shared_minus_inf_vocab_entries_are_zero_probability():
+@pytest.mark.parametrize("teacher_grad", [True, False])
+def test_shared_minus_inf_vocab_entries_are_zero_probability(teacher_grad):
     """-inf logits in both models (e.g. padded vocabulary) at counted positions: 0 log 0 = 0, finite gradients."""
     student, teacher, mask = _inputs(4)
     student[..., -2:] = -math.inf
     teacher[..., -2:] = -math.inf
     for name, fn, ref in CASES:
-        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_(teacher_grad)
         got = fn(s, t, mask)
         expected = _brute(ref, student[..., :-2], teacher[..., :-2], mask)
         assert abs(got.item() - expected) < 1e-5 * max(1.0, abs(expected)), name
         got.backward()
-        assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all(), name
+        assert torch.isfinite(s.grad).all(), name
+        assert (s.grad[..., -2:] == 0).all(), name
+        assert not teacher_grad or torch.isfinite(t.grad).all(), name
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 3.0])
@@ -299,6 +305,63 @@ def test_gradcheck(index):
     teacher = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert torch.autograd.gradcheck(lambda s, t: fn(s, t, mask), (student, teacher))
+
+
+FUSED = [  # the KL family: a teacher without gradient takes the fused path (divergences._FusedKL)
+    ("forward_kl", lambda s, t, m, tau: forward_kl(s, t, m, temperature=tau)),
+    ("reverse_kl", lambda s, t, m, tau: reverse_kl(s, t, m, temperature=tau)),
+    ("gjsd_0.1", lambda s, t, m, tau: generalized_jsd(s, t, m, beta=0.1, temperature=tau)),
+    ("gjsd_0.5", lambda s, t, m, tau: generalized_jsd(s, t, m, beta=0.5, temperature=tau)),
+    ("gjsd_0.9", lambda s, t, m, tau: generalized_jsd(s, t, m, beta=0.9, temperature=tau)),
+]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+@pytest.mark.parametrize("name,fn", FUSED, ids=[c[0] for c in FUSED])
+def test_fused_gradcheck(name, fn, temperature):
+    """The closed-form gradient of the fused path against finite differences, in float64."""
+    g = torch.Generator().manual_seed(20)
+    student = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    assert torch.autograd.gradcheck(lambda s: fn(s, teacher, mask, temperature), (student,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,fn", FUSED, ids=[c[0] for c in FUSED])
+def test_fused_path_equals_the_autograd_expressions(name, fn, dtype, monkeypatch):
+    """Value and student gradient of the fused path, computed one row or several rows a block, against autograd
+    through the same formulas (the path a teacher with a gradient takes)."""
+    g = torch.Generator().manual_seed(21)
+    student = (torch.randn(3, 7, 300, generator=g, dtype=torch.float64) * 4).to(dtype)
+    teacher = (torch.randn(3, 7, 300, generator=g, dtype=torch.float64) * 4).to(dtype)
+    student[..., :3] = -math.inf  # a padded vocabulary
+    teacher[..., :3] = -math.inf
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    s = student.clone().requires_grad_()
+    want = fn(s, teacher.clone().requires_grad_(), mask, 1.5)
+    (want_grad,) = torch.autograd.grad(want, s)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for block in (300, 4 * 300, 2**16):  # a row, four rows, the whole batch in one block
+        monkeypatch.setattr(divergences, "_BLOCK_ELEMENTS", block)
+        s = student.clone().requires_grad_()
+        got = fn(s, teacher, mask, 1.5)
+        assert got.grad_fn is not None and "Fused" in type(got.grad_fn).__name__
+        (got_grad,) = torch.autograd.grad(got, s)
+        assert got.dtype == want.dtype and got_grad.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got_grad, want_grad, rtol=tol, atol=tol)
+        assert (got_grad[~mask] == 0).all() and (got_grad[..., :3] == 0).all()
+
+
+def test_fused_backward_can_run_twice():
+    student, teacher, mask = _inputs(11)
+    s = student.requires_grad_()
+    loss = generalized_jsd(s, teacher, mask, beta=0.5) * 3.0
+    (first,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, s)
+    assert torch.equal(first, second)
+    assert first.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- hand-built examples

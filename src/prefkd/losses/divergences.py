@@ -66,6 +66,8 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.T
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                temperature: float = 1.0) -> torch.Tensor:
     """tau^2 * mean_positions sum_v P (log P - log Q): KL(P || Q), the Hinton KD divergence (teacher entropy kept)."""
+    if _fusable(teacher_logits, temperature):
+        return _fused(student_logits, teacher_logits, mask, 0.0, temperature)
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask, temperature)
     return temperature ** 2 * _masked_mean(_kl(log_p, log_q), mask)
 
@@ -73,6 +75,8 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                temperature: float = 1.0) -> torch.Tensor:
     """tau^2 * mean_positions sum_v Q (log Q - log P): KL(Q || P), MiniLLM's divergence."""
+    if _fusable(teacher_logits, temperature):
+        return _fused(student_logits, teacher_logits, mask, 1.0, temperature)
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask, temperature)
     return temperature ** 2 * _masked_mean(_kl(log_q, log_p), mask)
 
@@ -90,10 +94,103 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         return forward_kl(student_logits, teacher_logits, mask, temperature)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, mask, temperature)
+    if _fusable(teacher_logits, temperature):
+        return _fused(student_logits, teacher_logits, mask, beta, temperature)
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask, temperature)
     log_m = _log_mix(log_p, log_q, beta)
     per_position = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
     return temperature ** 2 * _masked_mean(per_position, mask)
+
+
+# The KL family above, row block by row block. Autograd through the expressions above keeps about eight [B, T, V]
+# tensors for the backward and makes some fifteen passes over them each way; at a 50k vocabulary those passes
+# cost as much as the LM head. Each block's value and gradient come from closed forms while the block is in the
+# CPU's caches; the backward only scales the saved gradient. Same values and gradients within float32 rounding
+# (tests/test_divergences.py checks them against the expressions above and a float64 computation).
+_BLOCK_ELEMENTS = 2**16
+
+
+def _fusable(teacher_logits: torch.Tensor, temperature: float) -> bool:
+    """The closed-form gradient is the student's alone: a teacher that needs a gradient takes the autograd path."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return not teacher_logits.requires_grad
+
+
+def _fused(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float,
+           temperature: float) -> torch.Tensor:
+    return _FusedKL.apply(student_logits, teacher_logits, mask, beta, temperature)
+
+
+def _kl_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float, want_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(divergence of each row [n], its gradient in the rows' logits [n, V] or None), float32, unscaled by tau^2.
+
+    beta = 0: KL(P || Q), gradient Q - P. beta = 1: KL(Q || P); 0 < beta < 1: beta KL(P || M) + (1 - beta)
+    KL(Q || M). For both, dL/dQ_v = g_v (the terms in P/M and Q/M cancel for the mixture: g = (1 - beta) log Q/M;
+    g = log Q/P + 1 for KL(Q || P)), so dL/dz = Q (g - sum_u Q_u g_u); 0 log 0 = 0 throughout. The gradient is in
+    the tempered logits z = s / tau."""
+    dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
+    s, t = s.to(dtype), t.to(dtype)
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    log_q, log_p = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    q = log_q.exp()
+    if beta == 0.0:
+        p = log_p.exp()
+        value = _xlogy_sum(p, log_p, log_p - log_q)
+        return value, (q - p) if want_grad else None
+    log_m = log_p if beta == 1.0 else torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    g = torch.where(log_q > -math.inf, log_q - log_m, torch.zeros((), dtype=dtype, device=s.device))
+    kl_qm = (q * g).sum(-1)
+    value = kl_qm
+    if beta != 1.0:
+        g.mul_(1 - beta)
+        value = beta * _xlogy_sum(log_p.exp(), log_p, log_p - log_m) + (1 - beta) * kl_qm
+    if not want_grad:
+        return value, None
+    return value, q.mul_(g.sub_((1 - beta if beta != 1.0 else 1.0) * kl_qm[:, None]))
+
+
+def _xlogy_sum(a: torch.Tensor, log_a: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """sum_v A_v diff_v, with the terms where A = 0 counted as 0 (diff may be NaN or inf there)."""
+    return torch.where(log_a > -math.inf, a * diff, torch.zeros((), dtype=a.dtype, device=a.device)).sum(-1)
+
+
+class _FusedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, mask, beta, temperature):
+        vocab = student_logits.shape[-1]
+        s_rows, t_rows = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+        rows = mask.reshape(-1).bool().nonzero().squeeze(1)
+        want_grad = ctx.needs_input_grad[0]
+        dtype = torch.promote_types(torch.promote_types(s_rows.dtype, t_rows.dtype), torch.float32)
+        total = torch.zeros((), dtype=dtype, device=s_rows.device)
+        grads = s_rows.new_empty((len(rows), vocab), dtype=dtype) if want_grad else None
+        step = max(1, _BLOCK_ELEMENTS // vocab)
+        for i in range(0, len(rows), step):
+            block = rows[i: i + step]
+            value, grad = _kl_rows(s_rows[block], t_rows[block], beta, temperature, want_grad)
+            total += value.sum()
+            if want_grad:
+                grads[i: i + step] = grad
+        scale = temperature ** 2 / max(len(rows), 1)
+        if want_grad:
+            ctx.save_for_backward(grads, rows)
+            ctx.shape, ctx.dtype, ctx.scale = student_logits.shape, student_logits.dtype, scale / temperature
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, rows = ctx.saved_tensors
+        vocab = ctx.shape[-1]
+        grads = grads * (grad_out * ctx.scale)  # d(tau^2 mean) / ds = tau^2 / n * (1 / tau) * dL/dz
+        n = ctx.shape.numel() // vocab
+        if len(rows) == n:
+            full = grads
+        else:
+            full = grads.new_zeros((n, vocab)).index_copy_(0, rows, grads)
+        return full.reshape(ctx.shape).to(ctx.dtype), None, None, None, None
 
 
 def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
