@@ -1,0 +1,69 @@
+"""The KL family's fused path (`losses.divergences._FusedKL`) against autograd through the same formulas.
+
+Forward + backward of forward_kl, reverse_kl and generalized_jsd (beta 0.5) on random student and teacher logits of
+shape [batch, positions, vocab] (the teacher without gradient, as in training), a few positions masked out; the two
+paths alternate, `reps` times each after a warm-up, in one process. Prints each path's median seconds and the ratio.
+Not part of `bench.run`: a one-off A/B whose ratio is quoted with its command.
+
+    OMP_NUM_THREADS=1 python -m bench.fused_divergence --batch 8 --positions 128 --vocab 50257 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+
+import torch
+
+from bench import common
+from prefkd import losses
+from prefkd.losses import divergences
+
+LOSSES = {"forward_kl": lambda s, t, m: losses.forward_kl(s, t, m),
+          "reverse_kl": lambda s, t, m: losses.reverse_kl(s, t, m),
+          "gjsd_0.5": lambda s, t, m: losses.generalized_jsd(s, t, m, beta=0.5)}
+
+
+@contextmanager
+def autograd_path():
+    fusable = divergences._fusable
+    divergences._fusable = lambda teacher_logits, temperature: False
+    try:
+        yield
+    finally:
+        divergences._fusable = fusable
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--positions", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(args.batch, args.positions, args.vocab, generator=g).requires_grad_()
+    teacher = torch.randn(args.batch, args.positions, args.vocab, generator=g)
+    mask = torch.ones(args.batch, args.positions, dtype=torch.bool)
+    mask[:, -args.positions // 8:] = False  # padding after the shorter responses
+
+    rows = []
+    for name, fn in LOSSES.items():
+        def step(fn=fn):
+            fn(student, teacher, mask).backward()
+            student.grad = None
+
+        def plain(step=step):
+            with autograd_path():
+                step()
+
+        times = common.alternate({"fused": step, "autograd": plain}, reps=args.reps, warmup=1)
+        fused, plain_s = common.median(times["fused"]), common.median(times["autograd"])
+        rows.append((f"{name}: autograd path / fused path", f"{plain_s / fused:.2f}x ({plain_s:.2f} s / {fused:.2f} s)",
+                     ""))
+    common.table(f"KL family, forward + backward, [{args.batch}, {args.positions}, {args.vocab}], "
+                 f"{torch.get_num_threads()} thread(s)", rows)
+
+
+if __name__ == "__main__":
+    main()
