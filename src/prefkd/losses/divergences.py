@@ -106,8 +106,10 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 # tensors for the backward and makes some fifteen passes over them each way; at a 50k vocabulary those passes
 # cost as much as the LM head. Each block's value and gradient come from closed forms while the block is in the
 # CPU's caches; the backward only scales the saved gradient. Same values and gradients within float32 rounding
-# (tests/test_divergences.py checks them against the expressions above and a float64 computation).
+# (tests/test_divergences.py checks them against the expressions above and a float64 computation). A GPU gains
+# nothing from small blocks, only kernel launches: there a block is much larger.
 _BLOCK_ELEMENTS = 2**16
+_ACCELERATOR_BLOCK_ELEMENTS = 2**24
 
 
 def _fusable(teacher_logits: torch.Tensor, temperature: float) -> bool:
@@ -126,10 +128,10 @@ def _kl_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float, 
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(divergence of each row [n], its gradient in the rows' logits [n, V] or None), float32, unscaled by tau^2.
 
-    beta = 0: KL(P || Q), gradient Q - P. beta = 1: KL(Q || P); 0 < beta < 1: beta KL(P || M) + (1 - beta)
-    KL(Q || M). For both, dL/dQ_v = g_v (the terms in P/M and Q/M cancel for the mixture: g = (1 - beta) log Q/M;
-    g = log Q/P + 1 for KL(Q || P)), so dL/dz = Q (g - sum_u Q_u g_u); 0 log 0 = 0 throughout. The gradient is in
-    the tempered logits z = s / tau."""
+    beta = 0: KL(P || Q), gradient Q - P. beta = 1: KL(Q || P), where dL/dQ_v = log Q_v/P_v + 1. 0 < beta < 1:
+    beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q, where the terms in P/M and Q/M cancel and
+    dL/dQ_v = (1 - beta) log Q_v/M_v. Through the softmax, dL/dz = Q (g - sum_u Q_u g_u) with g = dL/dQ (a constant
+    such as the + 1 drops out); 0 log 0 = 0 throughout. The gradient is in the tempered logits z = s / tau."""
     dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
     s, t = s.to(dtype), t.to(dtype)
     if temperature != 1.0:
@@ -140,16 +142,16 @@ def _kl_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float, 
         p = log_p.exp()
         value = _xlogy_sum(p, log_p, log_p - log_q)
         return value, (q - p) if want_grad else None
-    log_m = log_p if beta == 1.0 else torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    if beta == 1.0:
+        log_m, weight = log_p, 1.0  # KL(Q || P): the "mixture" is P
+    else:
+        log_m, weight = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta)), 1 - beta
     g = torch.where(log_q > -math.inf, log_q - log_m, torch.zeros((), dtype=dtype, device=s.device))
     kl_qm = (q * g).sum(-1)
-    value = kl_qm
-    if beta != 1.0:
-        g.mul_(1 - beta)
-        value = beta * _xlogy_sum(log_p.exp(), log_p, log_p - log_m) + (1 - beta) * kl_qm
+    value = kl_qm if beta == 1.0 else beta * _xlogy_sum(log_p.exp(), log_p, log_p - log_m) + weight * kl_qm
     if not want_grad:
         return value, None
-    return value, q.mul_(g.sub_((1 - beta if beta != 1.0 else 1.0) * kl_qm[:, None]))
+    return value, q.mul_(g.sub_(kl_qm[:, None]).mul_(weight))
 
 
 def _xlogy_sum(a: torch.Tensor, log_a: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
@@ -167,7 +169,8 @@ class _FusedKL(torch.autograd.Function):
         dtype = torch.promote_types(torch.promote_types(s_rows.dtype, t_rows.dtype), torch.float32)
         total = torch.zeros((), dtype=dtype, device=s_rows.device)
         grads = s_rows.new_empty((len(rows), vocab), dtype=dtype) if want_grad else None
-        step = max(1, _BLOCK_ELEMENTS // vocab)
+        block_elements = _BLOCK_ELEMENTS if s_rows.device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
+        step = max(1, block_elements // vocab)
         for i in range(0, len(rows), step):
             block = rows[i: i + step]
             value, grad = _kl_rows(s_rows[block], t_rows[block], beta, temperature, want_grad)
