@@ -4,7 +4,8 @@ prefkd's `sample_responses` (length-sorted, left-padded batches with KV cache, c
 that calls `model.generate` once per prompt, with the same models, prompts and sampling settings (temperature 1,
 top_k 0, top_p 1, up to 128 new tokens). The two alternate; the figure is the ratio of median wall times. What
 `sample_responses` did before this work (one `generate` call per batch) is timed alongside, for reference.
-`--quick` times Dolly's part on 32 of its 64 prompts and warms each way up on 8 prompts (`QUICK_DOLLY_PROMPTS`).
+`--quick` times Dolly's part on 32 of its 64 prompts, with models SFT-trained 40 steps (`fixtures.QUICK_DOLLY`), and
+warms each way up on 8 prompts (`QUICK_DOLLY_PROMPTS`).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def run(quick: bool) -> dict:
     reps = 2 if quick else 4
     warm = QUICK_WARMUP_PROMPTS if quick else None
     suite = measure(fixtures.Fixture(), reps, warmup_prompts=warm)
-    dolly = measure(fixtures.DOLLY, reps, QUICK_DOLLY_PROMPTS if quick else None, warm)
+    dolly_fx = fixtures.QUICK_DOLLY if quick else fixtures.DOLLY
+    dolly = measure(dolly_fx, reps, QUICK_DOLLY_PROMPTS if quick else None, warm)
     figures = {"pair_generation_vs_naive": suite.pop("ratio"), "pair_generation_vs_naive_dolly": dolly.pop("ratio")}
     settings = {"prompts": suite["prompts"], "prompts_dolly": dolly["prompts"],
                 "warmup": f"a pass of each way on {warm} prompts" if warm else "a whole pass of each way",
@@ -133,7 +135,7 @@ def run(quick: bool) -> dict:
                 "temperature": 1.0, "top_k": 0, "reps": reps, "threads": torch.get_num_threads(),
                 "fixtures": {"suite": f"the demo's suite, models SFT {fixtures.Fixture().teacher_steps} steps",
                              "dolly": f"Dolly prompts (D shard of 2,000 filtered training records), models SFT "
-                                      f"{fixtures.DOLLY.teacher_steps} steps on Dolly"}}
+                                      f"{dolly_fx.teacher_steps} steps on Dolly"}}
     common.save("pair_generation", figures, settings, {"suite": suite, "dolly": dolly})
     rows = []
     for name, d in (("suite", suite), ("dolly", dolly)):
