@@ -4,6 +4,7 @@
 step: 8 D prompts sampled by teacher and student + 8 replayed D0 references, LM loss on the corpus, up to 160 new
 tokens) on the demo's model sizes, `train.bf16=false` vs `true`, same seed. Speed: wall time of the 50 steps
 (from the training log), runs alternating fp32, bf16, ...; loss: the last log row (mean of steps 41-50).
+`--quick`: 30 steps, and 20 on the 6x384 models with their fixture SFT-trained 10 steps (`fixtures.QUICK_BASE`).
 The same on GPT-2 6x384 student and teacher (`fixtures.BASE`, the MFU benchmark's size): the demo's models are too
 small for matmuls to dominate a step, so autocast's fixed costs outweigh its faster matmuls (`bench/bf16_kernels.py`
 says which).
@@ -33,7 +34,10 @@ from prefkd.recipes.distill import DistillRun, run_distill
 from prefkd.train import TrainConfig
 
 STEPS = 50
-QUICK_BASE_STEPS = 20  # `--quick` on the 6x384 models: 50 steps there alone would take 3.5 of bench-quick's 10 minutes
+# `--quick`: 30 steps at the demo's sizes, 20 on the 6x384 models (50 there alone would take 3.5 of bench-quick's 10
+# minutes), whose fixture is `fixtures.QUICK_BASE` (SFT 10 steps, not 40). Still one fp32 and one bf16 run each.
+QUICK_STEPS = 30
+QUICK_BASE_STEPS = 20
 # At 124M shape a CPU DPKD step takes about a minute (two 124M models sample 160 tokens each): few steps, and the
 # first of each run is left out of the timing.
 SHAPE_STEPS, QUICK_SHAPE_STEPS = 4, 3
@@ -100,20 +104,22 @@ def run(quick: bool, shape: str | None = None) -> dict:
     sh = shapes.shape_for(shape, quick)
     rounds = 1 if quick else 2
     load_instructions(fixtures.data_dir() / "d_prompts.jsonl", require_references=False)  # builds the data
-    fixtures.models(fixtures.BASE)  # trained before any timing starts
+    base_fx = fixtures.QUICK_BASE if quick else fixtures.BASE
+    fixtures.models(base_fx)  # trained before any timing starts
     load_before = common.load_avg()
-    wall, loss = _alternate(fixtures.Fixture(), rounds)
+    steps = QUICK_STEPS if quick else STEPS
+    wall, loss = _alternate(fixtures.Fixture(), rounds, steps)
     base_steps = QUICK_BASE_STEPS if quick else STEPS
-    wall_base, loss_base = _alternate(fixtures.BASE, rounds, base_steps)
+    wall_base, loss_base = _alternate(base_fx, rounds, base_steps)
     base = _base_sft_speedup(reps=2 if quick else 6)
     figures = {"bf16_speedup": round(wall["fp32"] / wall["bf16"], 2),
                "bf16_loss_rel_diff": round(abs(loss["bf16"] - loss["fp32"]) / abs(loss["fp32"]), 4),
                "bf16_speedup_base": round(wall_base["fp32"] / wall_base["bf16"], 2),
                "bf16_loss_rel_diff_base": round(abs(loss_base["bf16"] - loss_base["fp32"]) / abs(loss_base["fp32"]),
                                                 4)}
-    settings = {"method": "dpkd", "steps": STEPS, "batch": 16, "replay": 0.5, "lm_weight": 0.1,
+    settings = {"method": "dpkd", "steps": steps, "batch": 16, "replay": 0.5, "lm_weight": 0.1,
                 "max_new_tokens": 160, "student": "gpt2 tiny (2x128)", "teacher": "gpt2 mini (3x192)",
-                "base": f"the *_base figures: student and teacher gpt2 base (6x384), SFT {fixtures.BASE.teacher_steps} "
+                "base": f"the *_base figures: student and teacher gpt2 base (6x384), SFT {base_fx.teacher_steps} "
                         "steps",
                 "base_steps": base_steps,
                 "seed": 0, "runs_per_precision": rounds, "threads": torch.get_num_threads()}
@@ -122,7 +128,7 @@ def run(quick: bool, shape: str | None = None) -> dict:
                "sft_step_base_model_bf16_speedup": round(base, 2),
                "load_avg_start": load_before, "load_avg_end": common.load_avg()}
     common.save("bf16", figures, settings, details)
-    common.table("6. 50 DPKD steps, bf16 autocast vs fp32 (same seed, CPU)", [
+    common.table(f"6. {steps} DPKD steps, bf16 autocast vs fp32 (same seed, CPU)", [
         ("demo sizes (2x128 student, 3x192 teacher): speed bf16 / fp32", f"{figures['bf16_speedup']}x", ">= 1.6x"),
         ("demo sizes: final loss |bf16 - fp32| / fp32", f"{figures['bf16_loss_rel_diff']:.2%}", "<= 5%"),
         ("demo sizes: wall s fp32, bf16", f"{details['wall_s']['fp32']}, {details['wall_s']['bf16']}", ""),
