@@ -4,7 +4,7 @@
 step: 8 D prompts sampled by teacher and student + 8 replayed D0 references, LM loss on the corpus, up to 160 new
 tokens) on the demo's model sizes, `train.bf16=false` vs `true`, same seed. Speed: wall time of the 50 steps
 (from the training log), runs alternating fp32, bf16, ...; loss: the last log row (mean of steps 41-50).
-`--quick`: 30 steps, and 20 on the 6x384 models with their fixture SFT-trained 10 steps (`fixtures.QUICK_BASE`).
+`--quick`: 20 steps, and 15 on the 6x384 models with their fixture SFT-trained 10 steps (`fixtures.QUICK_BASE`).
 The same on GPT-2 6x384 student and teacher (`fixtures.BASE`, the MFU benchmark's size): the demo's models are too
 small for matmuls to dominate a step, so autocast's fixed costs outweigh its faster matmuls (`bench/bf16_kernels.py`
 says which).
@@ -34,10 +34,11 @@ from prefkd.recipes.distill import DistillRun, run_distill
 from prefkd.train import TrainConfig
 
 STEPS = 50
-# `--quick`: 30 steps at the demo's sizes, 20 on the 6x384 models (50 there alone would take 3.5 of bench-quick's 10
-# minutes), whose fixture is `fixtures.QUICK_BASE` (SFT 10 steps, not 40). Still one fp32 and one bf16 run each.
-QUICK_STEPS = 30
-QUICK_BASE_STEPS = 20
+# `--quick`: 20 steps at the demo's sizes, 15 on the 6x384 models (50 there alone would take 3.5 of bench-quick's 10
+# minutes), whose fixture is `fixtures.QUICK_BASE` (SFT 10 steps, not 40). Still one fp32 and one bf16 run each; the
+# loss figures then compare the last log row's steps 11-20 and 11-15.
+QUICK_STEPS = 20
+QUICK_BASE_STEPS = 15
 # At 124M shape a CPU DPKD step takes about a minute (two 124M models sample 160 tokens each): few steps, and the
 # first of each run is left out of the timing.
 SHAPE_STEPS, QUICK_SHAPE_STEPS = 4, 3
