@@ -26,6 +26,7 @@ import torch
 
 from bench import common, distill_124m, fixtures, shapes
 from prefkd.data.loaders import load_instructions
+from prefkd.diagnostics import DiagnosticsConfig
 from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig
 from prefkd.models import ModelConfig
@@ -53,7 +54,10 @@ def _run(out: Path, bf16: bool, fx: fixtures.Fixture, steps: int = STEPS) -> tup
                                      corpus=str(d / "corpus.txt")),
                      train=TrainConfig(steps=steps, batch_size=16, lr=5e-4, log_every=10, save_every=0, seed=0,
                                        bf16=bf16),
-                     distill=MethodConfig(), sampling=SamplingConfig(max_new_tokens=160))
+                     distill=MethodConfig(), sampling=SamplingConfig(max_new_tokens=160),
+                     # off: the held-out diagnostics at the first and last step run outside autocast, the same
+                     # fixed cost on both sides, not the steps being compared
+                     diagnostics=DiagnosticsConfig(every=0))
     logs = run_distill(cfg)
     return logs[-1]["elapsed"], logs[-1]["loss"]
 
@@ -123,7 +127,8 @@ def run(quick: bool, shape: str | None = None) -> dict:
                 "base": f"the *_base figures: student and teacher gpt2 base (6x384), SFT {base_fx.teacher_steps} "
                         "steps",
                 "base_steps": base_steps,
-                "seed": 0, "runs_per_precision": rounds, "threads": torch.get_num_threads()}
+                "seed": 0, "runs_per_precision": rounds, "threads": torch.get_num_threads(),
+                "held_out_diagnostics": "off"}
     details = {"wall_s": {k: round(v, 1) for k, v in wall.items()}, "final_loss": loss,
                "wall_s_base": {k: round(v, 1) for k, v in wall_base.items()}, "final_loss_base": loss_base,
                "sft_step_base_model_bf16_speedup": round(base, 2),

@@ -34,14 +34,15 @@ BATCH = 8
 def other_teacher(fx: fixtures.Fixture = fixtures.Fixture()) -> Path:
     """The fixture's teacher, trained the same way with a tokenizer of its own."""
     d = fixtures.data_dir(fx.source)
-    key = stages.fingerprint("other-tokenizer teacher", fx.teacher_size, fx.teacher_steps, fx.source, fx.batch_size)
+    key = stages.fingerprint("other-tokenizer teacher", fx.teacher_size, fx.teacher_steps, fx.source, fx.batch_size,
+                             fx.sft_bf16)
     out = fixtures.CACHE / f"teacher-other-{key}"
     if not stages.is_done(out, key):
         records = [r for f in ("d0", "d") for r in load_instructions(d / f"{f}.jsonl")]
         texts = [r.prompt + r.references[0] for r in records][::-1]
         tokenizer = train_tokenizer(texts, vocab_size=3072)
-        tcfg = TrainConfig(steps=fx.teacher_steps, batch_size=fx.batch_size, lr=1e-3, bf16=True, save_every=0,
-                           log_every=50)
+        tcfg = TrainConfig(steps=fx.teacher_steps, batch_size=fx.batch_size, lr=1e-3, bf16=fx.sft_bf16,
+                           save_every=0, log_every=50)
         run_sft(SFTRun(str(out), ModelConfig(size=fx.teacher_size), "", DataConfig(), tcfg), records, tokenizer,
                 "bench teacher (other tokenizer)")
         stages.mark_done(out, key)

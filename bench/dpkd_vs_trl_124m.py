@@ -40,6 +40,7 @@ from prefkd.data.collate import Example
 from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig, StepInputs
 from prefkd.methods.dpkd import dpkd_pair_loss, pair_step, teacher_logps
+from prefkd.train import adamw
 
 LR = 5e-5
 BETA = 0.1
@@ -98,7 +99,7 @@ class PrefkdStep:
 
     def __init__(self, student, teacher, tokenizer, batches: list[dict], dev: torch.device):
         self.student, self.teacher, self.batches, self.dev = student, teacher, batches, dev
-        self.opt = torch.optim.AdamW(student.parameters(), lr=LR)
+        self.opt = adamw(student.parameters(), lr=LR)
         self.cfg = MethodConfig(kappa=1.0, replay=0.0)
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.known: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -35,6 +35,9 @@ class Fixture:
     max_new_tokens: int = 128
     source: str = "suite"  # or "dolly": real instructions with long answers (needs ../shared/data/dolly)
     batch_size: int = 32  # SFT batch of both models
+    # The fixtures' SFT precision: train.bf16=auto, fp32 for the suite's and Dolly's narrow models (where bf16
+    # autocast is slower on a CPU: benchmark 6) and bf16 for BASE's 6x384 ones on a CPU with native bf16.
+    sft_bf16: bool | str = "auto"
 
 
 # Models of the MFU benchmark's size (6x384), where matmuls dominate a step: what bf16 autocast can speed up.
@@ -75,11 +78,12 @@ def models(fx: Fixture = Fixture()) -> tuple[Path, Path]:
     paths = []
     for name, size, steps, files in (("teacher", fx.teacher_size, fx.teacher_steps, ["d0", "d"]),
                                      ("student", fx.student_size, fx.student_steps, ["d0"])):
-        key = stages.fingerprint(name, size, steps, files, fx.source, fx.batch_size)
+        key = stages.fingerprint(name, size, steps, files, fx.source, fx.batch_size, fx.sft_bf16)
         out = CACHE / f"{name}-{key}"
         if not stages.is_done(out, key):
             records = [r for f in files for r in load_instructions(d / f"{f}.jsonl")]
-            tcfg = TrainConfig(steps=steps, batch_size=fx.batch_size, lr=1e-3, bf16=True, save_every=0, log_every=50)
+            tcfg = TrainConfig(steps=steps, batch_size=fx.batch_size, lr=1e-3, bf16=fx.sft_bf16, save_every=0,
+                               log_every=50)
             run_sft(SFTRun(str(out), ModelConfig(size=size), str(d / "tokenizer"), DataConfig(), tcfg), records,
                     tokenizer, f"bench {name}")
             stages.mark_done(out, key)

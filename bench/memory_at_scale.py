@@ -35,6 +35,7 @@ from prefkd.generation import SamplingConfig
 from prefkd.methods import MethodConfig, StepInputs
 from prefkd.methods.base import sample, sample_teacher
 from prefkd.methods.dpkd import dpkd_pair_loss, pair_step, teacher_logps
+from prefkd.train import adamw
 
 MB = 2**20
 
@@ -80,7 +81,7 @@ def child(shape: str) -> None:
     teacher = shapes.build(sh.teacher, sh, tok, seed=1).eval().requires_grad_(False)
     r1 = rss()
     student = shapes.build(sh.student, sh, tok, seed=0)
-    opt = torch.optim.AdamW(student.parameters(), lr=5e-5)
+    opt = adamw(student.parameters(), lr=5e-5)
     r2 = rss()
     out.update(teacher_weights=r1 - r0, student_weights=r2 - r1,
                params={"student": shapes.params(student), "teacher": shapes.params(teacher)})
@@ -134,7 +135,7 @@ def _warm_up() -> None:
     sh = shapes.SHAPES["tiny"]
     tok = shapes.tokenizer(sh)
     student, teacher = shapes.models(sh, tok)
-    opt = torch.optim.AdamW(student.parameters(), lr=5e-5)
+    opt = adamw(student.parameters(), lr=5e-5)
     examples = [Example(r["prompt"], []) for r in shapes.token_data(sh, tok, sh.batch)]
     inp = StepInputs(student, student, teacher, examples, SamplingConfig(max_new_tokens=sh.max_new_tokens),
                      MethodConfig(kappa=1.0, replay=0.0), tok.pad_token_id, tok.eos_token_id, torch.device("cpu"))

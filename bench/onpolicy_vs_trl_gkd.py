@@ -43,6 +43,7 @@ from prefkd.methods import MethodConfig, StepInputs, get_method
 from prefkd.methods.base import sample, sample_teacher
 from prefkd.methods.dpkd import dpkd_pair_loss, pair_step, teacher_logps
 from prefkd.methods.on_policy import GKDConfig as PrefkdGKD
+from prefkd.train import adamw
 
 LR = 5e-5
 TEMPERATURE = 0.9  # GKDConfig's default sampling temperature
@@ -112,7 +113,7 @@ class PrefkdGKDStep:
     def __init__(self, student, teacher, tok, prompts: list[list[int]], shape: shapes.Shape, dev: torch.device,
                  lengths: list[int]):
         self.student, self.teacher, self.prompts, self.shape, self.dev = student, teacher, prompts, shape, dev
-        self.opt = torch.optim.AdamW(student.parameters(), lr=LR)
+        self.opt = adamw(student.parameters(), lr=LR)
         self.cfg = MethodConfig(kappa=1.0, replay=0.0, gkd=PrefkdGKD(beta=BETA, lmbda=1.0, temperature=1.0))
         self.sampling = sampling_config(shape, shape.max_new_tokens, TEMPERATURE)
         self.pad, self.eos = tok.pad_token_id, tok.eos_token_id
@@ -213,7 +214,7 @@ def breakdown(student, teacher, prompts: list[list[int]], pad: int, eos: int, sa
     """Median seconds of each part of a fresh-sample DPKD step (Algorithm 1, `methods.dpkd.sampled_pairs`), and
     their shares of the summed medians."""
     cfg = MethodConfig(kappa=1.0, replay=0.0)
-    opt = torch.optim.AdamW(student.parameters(), lr=LR)
+    opt = adamw(student.parameters(), lr=LR)
     secs: dict[str, list[float]] = {p: [] for p in PARTS}
     lengths: list[float] = []
 

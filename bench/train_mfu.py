@@ -25,7 +25,7 @@ from prefkd.logprobs import _padded_response_token_logps, token_mean_nll
 from prefkd.methods import MethodConfig, StepInputs, get_method
 from prefkd.models import SIZES, build_model, load_tokenizer
 from prefkd.prefix_sharing import prefix_sharing
-from prefkd.train import BatchStream
+from prefkd.train import BatchStream, adamw
 
 SIZE = "base"
 BATCH = 16
@@ -49,7 +49,7 @@ class SFTBench:
         self.examples, _ = encode_examples(renderer.prompt_ids(records),
                                            [renderer.response_ids(r, r.references[0]) for r in records])
         self.model = build_model("gpt2", size, self.tokenizer, seed=0)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.opt = adamw(self.model.parameters(), lr=1e-4)
         self.stream = BatchStream([len(e.prompt_ids) + len(e.response_ids) for e in self.examples], BATCH, seed=0)
         self.sft = get_method("sft")
 

@@ -17,7 +17,7 @@ from prefkd.recipes.common import DataConfig
 from prefkd.recipes.compare import ExperimentConfig
 from prefkd.recipes.distill import DistillRun
 from prefkd.recipes.sft import SFTRun
-from prefkd.train import BatchStream, Hardware, RunData, TrainConfig, model_width, resolve_bf16, train
+from prefkd.train import BatchStream, Hardware, RunData, TrainConfig, adamw, model_width, resolve_bf16, train
 
 
 def _run(tokenizer, suite, out, steps=6, interrupt_at=None, monkeypatch=None):
@@ -51,6 +51,26 @@ def test_resume_after_interruption_matches_uninterrupted(tokenizer, tiny_suite, 
         assert torch.equal(pa, pb), name
     rows = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
     assert len(rows) == 6  # the log was cut back to the checkpoint and continued, no duplicated steps
+
+
+def test_the_optimizer_is_fused_adamw_and_takes_adamws_steps():
+    """Three steps against AdamW's update written out in float64 (decoupled decay, bias-corrected moments)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.999, 1e-8
+    opt = adamw([w], lr, wd)
+    assert opt.defaults["fused"] is True
+    start = w.detach().double().clone()
+    ref, m, v = start.clone(), torch.zeros(5, 3, dtype=torch.float64), 0
+    for t in range(1, 4):
+        g = torch.randn(5, 3)
+        w.grad = g.clone()
+        opt.step()
+        g = g.double()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        ref = ref * (1 - lr * wd) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        assert torch.allclose(w.detach().double(), ref, rtol=0, atol=1e-6), t
+    assert float((ref - start).abs().min()) > 1e-4  # every weight moved 100 times the tolerance or more
 
 
 def test_batch_stream_covers_each_epoch_once():
@@ -189,7 +209,9 @@ def test_bf16_true_and_false_keep_their_run_and_stage_keys():
                stages.fingerprint(stages.settings(DistillRun(train=TrainConfig(lr=5e-5, bf16=bf16)))),
                stages.fingerprint(stages.settings(SFTRun(train=TrainConfig(bf16=bf16)))))
         assert got == keys
-    assert stages.fingerprint(stages.settings(ExperimentConfig())) == "a70dc5fe1bf33e6e"
+    # The demo's teacher trained with bf16 true before its default became auto: that setting keeps its key.
+    old_teacher = TrainConfig(steps=2400, batch_size=32, lr=1e-3, bf16=True, save_every=400)
+    assert stages.fingerprint(stages.settings(ExperimentConfig(teacher_train=old_teacher))) == "a70dc5fe1bf33e6e"
 
 
 def test_bf16_bad_value_is_a_config_error():

@@ -304,7 +304,8 @@ def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     150k tokens; a token of probability 0 (top-k / top-p) has an empty share and is never drawn, and u * total <
     total, so some token always is."""
     probs = scores.softmax(-1)
-    cdf = (probs if probs.device.type != "mps" else probs.cpu()).double().cumsum(-1)  # MPS has no float64
+    # float64 sums without a float64 copy of the probabilities (the same sums); MPS has no float64
+    cdf = (probs if probs.device.type != "mps" else probs.cpu()).cumsum(-1, dtype=torch.float64)
     total = cdf[:, -1]
     if not torch.isfinite(total).all():  # multinomial refuses these too; searchsorted would return V, no token
         raise PrefkdError("sampling: the model's next-token probabilities hold NaN or inf (diverged weights, or "

@@ -76,8 +76,10 @@ class ExperimentConfig:
     pretrain_block_size: int = opt(256, "tokens per pretraining block")
     teacher_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0, batch_size=16, lr=1e-3))
     student_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0, batch_size=16, lr=1e-3))
+    # bf16 auto: fp32 for the demo's 3x192 teacher, where bf16 autocast ran an SFT step 0.70x as fast on an AMX Xeon
+    # (docs/benchmarks.md, benchmark 6); bf16 for a teacher at least 384 wide.
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=2400, batch_size=32, lr=1e-3, bf16=True, save_every=400))
+        steps=2400, batch_size=32, lr=1e-3, bf16="auto", save_every=400))
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=32, lr=1e-3, save_every=500))
     # lr 1e-3 chosen on the validation split (configs/suite/tune.yaml): kd 53.4 -> 63.1, dpkd 53.2 -> 60.9 Rouge-L.
