@@ -81,7 +81,7 @@ def test_batch_stream_covers_each_epoch_once():
 
 
 def test_precision_can_change_between_runs_in_one_process(tokenizer, tiny_suite, tmp_path):
-    """The demo trains a bf16 teacher, then fp32 students, in one process."""
+    """compare trains its teacher, in bf16 where `auto` chooses it, then fp32 students, in one process."""
     recs = tiny_suite.d0
     ex = reference_examples(tokenizer, recs)
     for i, bf16 in enumerate((True, False, True)):
