@@ -25,7 +25,8 @@ decode steps multiply through MKL-packed weights, and the packing pass, once per
 
 Where the rest goes: `weight_matmuls_s_per_decode_step` times the step's weight matmuls alone (every linear layer
 and the LM head on `BATCH` rows of one token, in model order, each weight read once per sweep) and the weight bytes
-they stream per second, beside the bandwidth above; `..._packed_...` the same sweep through packed weights.
+they stream per second, beside the bandwidth above; `..._packed_...` the same sweep through packed weights;
+`packing_pass_s` the packing of every weight (once per sampling call, so 1/(N - 1) of it in each decode step).
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
     matmuls = weight_matmuls(model, BATCH, dev, reps + 1)
     with packed_linears(model, BATCH, True) as packed_layers:
         packed = weight_matmuls(model, BATCH, dev, reps + 1) if packed_layers else None
+
+    def pack_once() -> None:
+        with packed_linears(model, BATCH, True):
+            pass
+
+    packing_pass = _median_time(pack_once, dev, reps + 1)
     bw_best = max(bw.values())
     measured = (common.median(times["all"]) - common.median(times["one"])) / (new - 1)
     costs = decode_costs(sh.student, sh.vocab, [len(p) for p in prompts], new - 1)
@@ -144,6 +151,7 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
                "weight_matmuls_gb_per_s": round(matmuls["bytes_per_s"] / 1e9, 2),
                "weight_matmuls_packed_s_per_decode_step": packed and round(packed["seconds"], 5),
                "weight_matmuls_packed_gb_per_s": packed and round(packed["bytes_per_s"] / 1e9, 2),
+               "packing_pass_s": packed and round(packing_pass, 4),
                "steps_compute_bound": bound, "steps_memory_bound": len(costs) - bound,
                "mean_gflop_per_step": round(sum(f for f, _ in costs) / len(costs) / 1e9, 3),
                "mean_mb_per_step": round(sum(b for _, b in costs) / len(costs) / 1e6, 1),
@@ -164,5 +172,6 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
          f"{details['weight_matmuls_s_per_decode_step']}, {details['weight_matmuls_gb_per_s']}", ""),
         ("the same through MKL-packed weights: s, weight GB/s",
          f"{details['weight_matmuls_packed_s_per_decode_step']}, {details['weight_matmuls_packed_gb_per_s']}", ""),
+        ("the packing pass (once per sampling call), s", str(details["packing_pass_s"]), ""),
     ])
     return figures

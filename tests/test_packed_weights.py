@@ -102,3 +102,11 @@ def test_the_rule_packs_large_fp32_models_on_long_responses(monkeypatch):
         assert not worth_packing(model, 256)  # autocast multiplies in bf16, not through fp32 weights
     monkeypatch.setattr(packed_weights, "available_memory", lambda: 1000)
     assert not worth_packing(model, 256)  # no room for the packed copy
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (130, 7), (64, 64), (1, 5)])
+def test_transposed_is_a_contiguous_copy_of_the_transpose(shape):
+    w = torch.randn(shape)
+    got = packed_weights.transposed(w)
+    assert got.is_contiguous() and got.shape == shape[::-1]
+    assert torch.equal(got, w.t())  # 130 rows: two full blocks of 64 and a partial one
