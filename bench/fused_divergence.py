@@ -1,6 +1,7 @@
-"""The KL family's fused path (`losses.divergences._FusedKL`) against autograd through the same formulas.
+"""The divergences' fused path (`losses.divergences._FusedPositions`) against autograd through the same formulas.
 
-Forward + backward of forward_kl, reverse_kl and generalized_jsd (beta 0.5) on random student and teacher logits of
+Forward + backward of forward_kl, reverse_kl, generalized_jsd (beta 0.5), DistiLLM's skew KLs (alpha 0.1) and AKL
+(mu 0.5) on random student and teacher logits of
 shape [batch, positions, vocab] (the teacher without gradient, as in training), a few positions masked out; the two
 paths alternate, `reps` times each after a warm-up, in one process. Prints each path's median seconds and the ratio.
 Not part of `bench.run`: a one-off A/B whose ratio is quoted with its command.
@@ -21,13 +22,16 @@ from prefkd.losses import divergences
 
 LOSSES = {"forward_kl": lambda s, t, m: losses.forward_kl(s, t, m),
           "reverse_kl": lambda s, t, m: losses.reverse_kl(s, t, m),
-          "gjsd_0.5": lambda s, t, m: losses.generalized_jsd(s, t, m, beta=0.5)}
+          "gjsd_0.5": lambda s, t, m: losses.generalized_jsd(s, t, m, beta=0.5),
+          "skew_forward_kl": lambda s, t, m: losses.skew_forward_kl(s, t, m),
+          "skew_reverse_kl": lambda s, t, m: losses.skew_reverse_kl(s, t, m),
+          "adaptive_kl": lambda s, t, m: losses.adaptive_kl(s, t, m)}
 
 
 @contextmanager
 def autograd_path():
     fusable = divergences._fusable
-    divergences._fusable = lambda teacher_logits, temperature: False
+    divergences._fusable = lambda teacher_logits, temperature=1.0: False
     try:
         yield
     finally:
@@ -61,7 +65,7 @@ def main() -> None:
         fused, plain_s = common.median(times["fused"]), common.median(times["autograd"])
         rows.append((f"{name}: autograd path / fused path", f"{plain_s / fused:.2f}x ({plain_s:.2f} s / {fused:.2f} s)",
                      ""))
-    common.table(f"KL family, forward + backward, [{args.batch}, {args.positions}, {args.vocab}], "
+    common.table(f"Divergences, forward + backward, [{args.batch}, {args.positions}, {args.vocab}], "
                  f"{torch.get_num_threads()} thread(s)", rows)
 
 

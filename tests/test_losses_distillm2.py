@@ -83,12 +83,15 @@ def test_not_a_token_mean_over_the_batch():
     assert abs(skl.mean().item() - skew_forward_kl(s_t, t_t, m_t, 0.1).item()) > 1e-3
 
 
-def test_per_sequence_alpha_matches_brute_force():
+# A teacher without gradient (training) takes the fused path of losses/divergences.py; with one, autograd's.
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_per_sequence_alpha_matches_brute_force(teacher_grad):
     s_t, t_t, m_t, s_s, t_s, m_s = _inputs(seed=3)
     a_t, a_s = [0.01, 0.05, 0.1], [0.1, 0.02, 0.07]
-    loss, _, _ = distillm2_loss(s_t, t_t, m_t, s_s, t_s, m_s, torch.tensor(a_t, dtype=torch.float64),
-                                torch.tensor(a_s, dtype=torch.float64))
-    assert abs(loss.item() - _brute(*_lists(s_t, t_t, m_t, s_s, t_s, m_s), a_t, a_s)) < 1e-12
+    ref = _brute(*_lists(s_t, t_t, m_t, s_s, t_s, m_s), a_t, a_s)
+    loss, _, _ = distillm2_loss(s_t, t_t.requires_grad_(teacher_grad), m_t, s_s, t_s.requires_grad_(teacher_grad),
+                                m_s, torch.tensor(a_t, dtype=torch.float64), torch.tensor(a_s, dtype=torch.float64))
+    assert abs(loss.item() - ref) < 1e-12
 
 
 def _finite_difference(f, x, eps=1e-6):
@@ -101,18 +104,20 @@ def _finite_difference(f, x, eps=1e-6):
     return grad
 
 
+@pytest.mark.parametrize("teacher_grad", [False, True])
 @pytest.mark.parametrize("detach", [True, False])
-def test_gradient_matches_finite_differences(detach):
+def test_gradient_matches_finite_differences(detach, teacher_grad):
     s_t, t_t, m_t, s_s, t_s, m_s = _inputs(seed=1, b=2, t=3, v=4)
     lists = _lists(s_t, t_t, m_t, s_s, t_s, m_s)
     s_t.requires_grad_(True)
     s_s.requires_grad_(True)
-    loss, _, _ = distillm2_loss(s_t, t_t, m_t, s_s, t_s, m_s, detach_mixture=detach)
+    loss, _, _ = distillm2_loss(s_t, t_t.requires_grad_(teacher_grad), m_t, s_s, t_s.requires_grad_(teacher_grad),
+                                m_s, alpha_t=torch.tensor([0.1, 0.3], dtype=torch.float64), detach_mixture=detach)
     loss.backward()
     frozen = lists[3]  # the released form holds the mixture's Q at the current logits
     g_s = _finite_difference(lambda x: _brute(lists[0], lists[1], lists[2], x.tolist(), lists[4], lists[5], 0.1, 0.1,
                                               s_s_mix=frozen if detach else None), s_s.detach().numpy())
-    g_t = _finite_difference(lambda x: _brute(x.tolist(), *lists[1:], 0.1, 0.1), s_t.detach().numpy())
+    g_t = _finite_difference(lambda x: _brute(x.tolist(), *lists[1:], [0.1, 0.3], 0.1), s_t.detach().numpy())
     np.testing.assert_allclose(s_s.grad.numpy(), g_s, atol=1e-7)
     np.testing.assert_allclose(s_t.grad.numpy(), g_t, atol=1e-7)
     # Masked positions get no gradient.

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prefkd.losses.divergences import _fusable, fused_positions
+
 BETA_SCHEDULES = ("fixed", "code", "paper")
 # Appendix B.3 / the released code clip the adaptive alpha to [0.01, alpha0].
 ALPHA_MIN = 0.01
@@ -28,6 +30,12 @@ def _as_weight(alpha: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if bool(((a <= 0) | (a >= 1)).any()):
         raise ValueError("alpha must lie strictly between 0 and 1")
     return a
+
+
+def _fused_weight(alpha: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """alpha for `divergences.fused_positions`: a float, or one value per sequence [B]; checked as `_as_weight`."""
+    a = _as_weight(alpha, like.new_empty((), dtype=torch.float64))  # float64: 0.1 stays 0.1
+    return float(a) if a.ndim == 0 else a.view(-1)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -71,6 +79,9 @@ def _mean_over_sequences(values: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 def skew_kl_per_sequence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                          alpha: float | torch.Tensor = 0.1) -> torch.Tensor:
     """[B]: token mean of KL(P || alpha P + (1 - alpha) Q) per sequence (DistiLLM-2's SKL; Q carries gradient)."""
+    if _fusable(teacher_logits):
+        return _sequence_means(fused_positions(student_logits, teacher_logits, mask, "skl",
+                                               _fused_weight(alpha, student_logits)), mask)
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
     return _sequence_means(_kl(log_p, _log_mix(log_p, log_q, _as_weight(alpha, log_q))), mask)
 
@@ -82,6 +93,10 @@ def skew_reverse_kl_per_sequence(student_logits: torch.Tensor, teacher_logits: t
     `detach_mixture=True` is the released code (`log_alpha_2 + vocab_logps.detach()`): the value is the SRKL, but
     the gradient flows only through the outer Q; False differentiates the true KL(Q || (1 - alpha) P + alpha Q).
     """
+    if _fusable(teacher_logits):
+        kind = "srkl_detached" if detach_mixture else "srkl"
+        return _sequence_means(fused_positions(student_logits, teacher_logits, mask, kind,
+                                               _fused_weight(alpha, student_logits)), mask)
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
     inner = log_q.detach() if detach_mixture else log_q
     return _sequence_means(_kl(log_q, _log_mix(log_p, inner, 1 - _as_weight(alpha, log_q))), mask)

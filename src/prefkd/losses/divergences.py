@@ -45,10 +45,14 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (log_a.exp() * diff).sum(-1)
 
 
-def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tensor:
-    """log(weight A + (1 - weight) B), via logsumexp so that tiny probabilities do not underflow."""
+def _check_weight(weight: float) -> None:
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"mixture weight must be in [0, 1], got {weight}")
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight A + (1 - weight) B), via logsumexp so that tiny probabilities do not underflow."""
+    _check_weight(weight)
     # log(0) would be -inf in a constant; the endpoints are exactly one of the two distributions.
     if weight == 0.0:
         return log_b
@@ -102,7 +106,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return temperature ** 2 * _masked_mean(per_position, mask)
 
 
-# The KL family above, row block by row block. Autograd through the expressions above keeps about eight [B, T, V]
+# The divergences above, row block by row block. Autograd through their expressions keeps about eight [B, T, V]
 # tensors for the backward and makes some fifteen passes over them each way; at a 50k vocabulary those passes
 # cost as much as the LM head. Each block's value and gradient come from closed forms while the block is in the
 # CPU's caches; the backward only scales the saved gradient. Same values and gradients within float32 rounding
@@ -110,48 +114,103 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 # nothing from small blocks, only kernel launches: there a block is much larger.
 _BLOCK_ELEMENTS = 2**16
 _ACCELERATOR_BLOCK_ELEMENTS = 2**24
+# What `fused_positions` computes per position (P teacher, Q student, w the weight):
+#   jsd            beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q; w = beta, 0 = KL(P || Q),
+#                  1 = KL(Q || P)
+#   skl            KL(P || w P + (1 - w) Q)                           (DistiLLM's SKL)
+#   srkl           KL(Q || (1 - w) P + w Q)                           (DistiLLM's SRKL)
+#   srkl_detached  the same value, the gradient with the mixture's Q held constant (DistiLLM-2's released code)
+#   akl            a FKL + (1 - a) RKL, a = g_head / (g_head + g_tail) held constant; w = mu (AKL: `adaptive_kl`)
+FUSED_KINDS = ("jsd", "skl", "srkl", "srkl_detached", "akl")
 
 
-def _fusable(teacher_logits: torch.Tensor, temperature: float) -> bool:
+def _fusable(teacher_logits: torch.Tensor, temperature: float = 1.0) -> bool:
     """The closed-form gradient is the student's alone: a teacher that needs a gradient takes the autograd path."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return not teacher_logits.requires_grad
 
 
+def fused_positions(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, kind: str,
+                    weight: float | torch.Tensor = 0.0, temperature: float = 1.0, head: str = "official"
+                    ) -> torch.Tensor:
+    """Per-position divergence `kind` (FUSED_KINDS) [B, T], 0 where `mask` is off, unscaled by tau^2, with its
+    closed-form gradient in the student's logits; the teacher's logits get none (callers check `_fusable`).
+    `weight`: a float, or one value per sequence [B] (DistiLLM-2's adaptive alpha)."""
+    if kind not in FUSED_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(FUSED_KINDS)}, got {kind!r}")
+    return _FusedPositions.apply(student_logits, teacher_logits, mask, kind, weight, temperature, head)
+
+
 def _fused(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float,
            temperature: float) -> torch.Tensor:
-    return _FusedKL.apply(student_logits, teacher_logits, mask, beta, temperature)
+    values = fused_positions(student_logits, teacher_logits, mask, "jsd", beta, temperature)
+    return temperature ** 2 * _masked_mean(values, mask)
 
 
-def _kl_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float, want_grad: bool
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(divergence of each row [n], its gradient in the rows' logits [n, V] or None), float32, unscaled by tau^2.
+def _mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
+    """log(w A + (1 - w) B) of rows, w a float or [n, 1]; the endpoints exactly one of the two."""
+    if isinstance(w, float):
+        if w == 0.0:
+            return log_b
+        if w == 1.0:
+            return log_a
+        return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+    return torch.logaddexp(log_a + w.log(), log_b + torch.log1p(-w))  # log 0 = -inf: logaddexp keeps the other
 
-    beta = 0: KL(P || Q), gradient Q - P. beta = 1: KL(Q || P), where dL/dQ_v = log Q_v/P_v + 1. 0 < beta < 1:
-    beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q, where the terms in P/M and Q/M cancel and
-    dL/dQ_v = (1 - beta) log Q_v/M_v. Through the softmax, dL/dz = Q (g - sum_u Q_u g_u) with g = dL/dQ (a constant
-    such as the + 1 drops out); 0 log 0 = 0 throughout. The gradient is in the tempered logits z = s / tau."""
+
+def _rows(s: torch.Tensor, t: torch.Tensor, kind: str, w: float | torch.Tensor, temperature: float, head: str,
+          want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(divergence of each row [n], its gradient in the rows' logits [n, V] or None), float32 at least, unscaled
+    by tau^2; the gradient is in the tempered logits z = s / tau.
+
+    With g = dL/dQ and h = Q g (0 where Q = 0), the gradient through the softmax is dL/dz = h - Q sum_u h_u, so
+    a constant in g drops out. Per kind: KL(P || Q): h = -P, so dL/dz = Q - P. KL(Q || P): g = log Q/P + 1.
+    0 < beta < 1: the terms in P/M and Q/M cancel, g = (1 - beta) log Q/M. SKL: g = -(1 - w) P/M. SRKL: g = log Q/M
+    + 1 - w Q/M, and with the mixture's Q held constant g = log Q/M + 1. AKL: a h_FKL + (1 - a) h_RKL.
+    0 log 0 = 0 throughout."""
     dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
     s, t = s.to(dtype), t.to(dtype)
     if temperature != 1.0:
         s, t = s / temperature, t / temperature
     log_q, log_p = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    q = log_q.exp()
-    if beta == 0.0:
+    q, zero = log_q.exp(), torch.zeros((), dtype=dtype, device=s.device)
+    q_live, p_live = log_q > -math.inf, log_p > -math.inf
+    if kind == "jsd" and w == 0.0:  # KL(P || Q)
         p = log_p.exp()
         value = _xlogy_sum(p, log_p, log_p - log_q)
         return value, (q - p) if want_grad else None
-    if beta == 1.0:
-        log_m, weight = log_p, 1.0  # KL(Q || P): the "mixture" is P
-    else:
-        log_m, weight = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta)), 1 - beta
-    g = torch.where(log_q > -math.inf, log_q - log_m, torch.zeros((), dtype=dtype, device=s.device))
-    kl_qm = (q * g).sum(-1)
-    value = kl_qm if beta == 1.0 else beta * _xlogy_sum(log_p.exp(), log_p, log_p - log_m) + weight * kl_qm
+    if kind == "jsd":
+        log_m = log_p if w == 1.0 else _mix(log_p, log_q, w)
+        g = torch.where(q_live, log_q - log_m, zero)
+        kl_qm = (q * g).sum(-1)
+        value = kl_qm if w == 1.0 else w * _xlogy_sum(log_p.exp(), log_p, log_p - log_m) + (1 - w) * kl_qm
+        h = (q * g).mul_(1.0 if w == 1.0 else 1 - w) if want_grad else None
+    elif kind == "skl":
+        log_m = _mix(log_p, log_q, w)
+        value = _xlogy_sum(log_p.exp(), log_p, log_p - log_m)
+        h = torch.where(p_live, (log_q + log_p - log_m).exp_(), zero).mul_(-(1 - w)) if want_grad else None
+    elif kind in ("srkl", "srkl_detached"):
+        log_m = _mix(log_p, log_q, 1 - w)
+        g = torch.where(q_live, log_q - log_m, zero)
+        value = (q * g).sum(-1)
+        h = None
+        if want_grad:
+            h = q * g
+            if kind == "srkl":  # the mixture's own Q: - w Q^2 / M
+                h -= torch.where(q_live, q * (log_q - log_m).exp(), zero) * w
+    else:  # akl
+        p = log_p.exp()
+        gap = (p - q).abs()
+        in_head = _head_mask(p, w, head)
+        g_head, g_tail = (gap * in_head).sum(-1), (gap * ~in_head).sum(-1)
+        a = (g_head / (g_head + g_tail).clamp(min=torch.finfo(dtype).tiny))[:, None]
+        g_rkl = torch.where(q_live, log_q - log_p, zero)
+        value = (a[:, 0] * _xlogy_sum(p, log_p, log_p - log_q) + (1 - a[:, 0]) * (q * g_rkl).sum(-1))
+        h = (q * g_rkl).mul_(1 - a).sub_(p * a) if want_grad else None
     if not want_grad:
         return value, None
-    return value, q.mul_(g.sub_(kl_qm[:, None]).mul_(weight))
+    return value, h.sub_(q * h.sum(-1, keepdim=True))
 
 
 def _xlogy_sum(a: torch.Tensor, log_a: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
@@ -159,41 +218,43 @@ def _xlogy_sum(a: torch.Tensor, log_a: torch.Tensor, diff: torch.Tensor) -> torc
     return torch.where(log_a > -math.inf, a * diff, torch.zeros((), dtype=a.dtype, device=a.device)).sum(-1)
 
 
-class _FusedKL(torch.autograd.Function):
+class _FusedPositions(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, mask, beta, temperature):
+    def forward(ctx, student_logits, teacher_logits, mask, kind, weight, temperature, head):
         vocab = student_logits.shape[-1]
         s_rows, t_rows = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
         rows = mask.reshape(-1).bool().nonzero().squeeze(1)
         want_grad = ctx.needs_input_grad[0]
         dtype = torch.promote_types(torch.promote_types(s_rows.dtype, t_rows.dtype), torch.float32)
-        total = torch.zeros((), dtype=dtype, device=s_rows.device)
+        per_row = None
+        if isinstance(weight, torch.Tensor):  # one per sequence: to each of its positions
+            per_row = weight.to(dtype).reshape(-1, 1).expand(mask.shape).reshape(-1)[rows]
+        values = s_rows.new_zeros(len(s_rows), dtype=dtype)
         grads = s_rows.new_empty((len(rows), vocab), dtype=dtype) if want_grad else None
         block_elements = _BLOCK_ELEMENTS if s_rows.device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
         step = max(1, block_elements // vocab)
         for i in range(0, len(rows), step):
             block = rows[i: i + step]
-            value, grad = _kl_rows(s_rows[block], t_rows[block], beta, temperature, want_grad)
-            total += value.sum()
+            w = weight if per_row is None else per_row[i: i + step, None]
+            value, grad = _rows(s_rows[block], t_rows[block], kind, w, temperature, head, want_grad)
+            values[block] = value
             if want_grad:
                 grads[i: i + step] = grad
-        scale = temperature ** 2 / max(len(rows), 1)
         if want_grad:
             ctx.save_for_backward(grads, rows)
-            ctx.shape, ctx.dtype, ctx.scale = student_logits.shape, student_logits.dtype, scale / temperature
-        return total * scale
+            ctx.shape, ctx.dtype, ctx.temperature = student_logits.shape, student_logits.dtype, temperature
+        return values.view(mask.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         grads, rows = ctx.saved_tensors
         vocab = ctx.shape[-1]
-        grads = grads * (grad_out * ctx.scale)  # d(tau^2 mean) / ds = tau^2 / n * (1 / tau) * dL/dz
+        # d value_row / ds = (1 / tau) dL/dz; each row scaled by its own incoming gradient (a new tensor: the saved
+        # one stays for a second backward).
+        grads = grads * (grad_out.reshape(-1)[rows].to(grads.dtype) / ctx.temperature)[:, None]
         n = ctx.shape.numel() // vocab
-        if len(rows) == n:
-            full = grads
-        else:
-            full = grads.new_zeros((n, vocab)).index_copy_(0, rows, grads)
-        return full.reshape(ctx.shape).to(ctx.dtype), None, None, None, None
+        full = grads if len(rows) == n else grads.new_zeros((n, vocab)).index_copy_(0, rows, grads)
+        return full.reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 
 def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -205,6 +266,9 @@ def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                     alpha: float = 0.1) -> torch.Tensor:
     """mean_positions KL(P || alpha P + (1 - alpha) Q): DistiLLM's SKL."""
+    if _fusable(teacher_logits):
+        _check_weight(alpha)
+        return _masked_mean(fused_positions(student_logits, teacher_logits, mask, "skl", float(alpha)), mask)
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
     return _masked_mean(_kl(log_p, _log_mix(log_p, log_q, alpha)), mask)
 
@@ -212,6 +276,9 @@ def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                     alpha: float = 0.1) -> torch.Tensor:
     """mean_positions KL(Q || (1 - alpha) P + alpha Q): DistiLLM's SRKL."""
+    if _fusable(teacher_logits):
+        _check_weight(alpha)
+        return _masked_mean(fused_positions(student_logits, teacher_logits, mask, "srkl", float(alpha)), mask)
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
     return _masked_mean(_kl(log_q, _log_mix(log_p, log_q, 1 - alpha)), mask)
 
@@ -251,6 +318,8 @@ def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask
     """
     if head not in AKL_HEAD_RULES:
         raise ValueError(f"head must be one of {', '.join(AKL_HEAD_RULES)}, got {head!r}")
+    if _fusable(teacher_logits):
+        return _masked_mean(fused_positions(student_logits, teacher_logits, mask, "akl", float(mu), head=head), mask)
     log_p, log_q = _log_probs(student_logits, teacher_logits, mask)
     with torch.no_grad():
         p = log_p.exp()
