@@ -165,7 +165,7 @@ def test_matches_float64_brute_force(name, fn, ref):
         assert abs(got64.item() - expected) < 1e-10 * max(1.0, abs(expected)), (name, got64.item(), expected)
 
 
-# A teacher without gradient (as in training) takes the KL family's fused path; with one, autograd's.
+# A teacher without gradient (as in training) takes the fused path; with one, autograd's.
 @pytest.mark.parametrize("teacher_grad", [True, False])
 @pytest.mark.parametrize("name,fn,ref", CASES, ids=[c[0] for c in CASES])
 def test_masked_garbage_is_ignored(name, fn, ref, teacher_grad):
