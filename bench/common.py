@@ -65,6 +65,28 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) 
     return out
 
 
+def after_each_trainer_step(then: Callable[[int, float], None], dev: torch.device | None = None):
+    """A transformers TrainerCallback that times each step of a Trainer (TRL's) and then calls `then(k, seconds)`,
+    k the batch the step trained on (a sequential sampler's step index): the caller times its own step on the same
+    batch there, so the two sides alternate step by step. On a GPU the clock reads after a synchronize."""
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        if dev is not None and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    class AfterEachStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            then(state.global_step - 1, time.perf_counter() - self.t0)
+
+    return AfterEachStep()
+
+
 # ---- peak memory, one child process per measurement -----------------------------------------------------------
 
 

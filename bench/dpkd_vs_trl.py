@@ -143,8 +143,6 @@ def _setup():
 
 
 def run(quick: bool) -> dict:
-    from transformers import TrainerCallback
-
     # --quick: 8 timed steps (each of the 4 batches twice) instead of 32; 1 memory child per side (3 in a full run),
     # 8 steps each (fewer steps would lower TRL's peak: it still grows between steps 4 and 8).
     steps, warmup, rounds = (10, 2, 1) if quick else (34, 2, 3)
@@ -155,24 +153,21 @@ def run(quick: bool) -> dict:
                                      "trl_fastest": [], "prefkd_precomputed": []}
     holder: dict = {}
 
-    class Alternate(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            holder["t0"] = common.time.perf_counter()
+    def after_trl_step(k: int, trl_s: float) -> None:
+        if holder["config"] == "fastest":  # against prefkd with both teacher log-probs computed beforehand
+            times["trl_fastest"].append(trl_s)
+            times["prefkd_precomputed"].append(common.timed(lambda: holder["prefkd"].step(k, precomputed=True)))
+            return
+        times["trl"].append(trl_s)
+        times["prefkd"].append(common.timed(lambda: holder["prefkd"].step(k)))
+        times["prefkd_cached"].append(common.timed(lambda: holder["prefkd"].step(k, cached=True)))
+        times["prefkd_padded"].append(common.timed(lambda: holder["prefkd"].step(k, padded=True)))
 
-        def on_step_end(self, args, state, control, **kwargs):
-            k = state.global_step - 1  # the batch TRL just trained on (sequential sampler)
-            if holder["config"] == "fastest":  # against prefkd with both teacher log-probs computed beforehand
-                times["trl_fastest"].append(common.time.perf_counter() - holder["t0"])
-                times["prefkd_precomputed"].append(common.timed(lambda: holder["prefkd"].step(k, precomputed=True)))
-                return
-            times["trl"].append(common.time.perf_counter() - holder["t0"])
-            times["prefkd"].append(common.timed(lambda: holder["prefkd"].step(k)))
-            times["prefkd_cached"].append(common.timed(lambda: holder["prefkd"].step(k, cached=True)))
-            times["prefkd_padded"].append(common.timed(lambda: holder["prefkd"].step(k, padded=True)))
+    timer = common.after_each_trainer_step(after_trl_step)
 
     with tempfile.TemporaryDirectory() as tmp:
         holder["config"] = "defaults"
-        trainer = trl_trainer(student_trl, teacher_trl, tokenizer, rows, steps, tmp, [Alternate()])
+        trainer = trl_trainer(student_trl, teacher_trl, tokenizer, rows, steps, tmp, [timer])
         ids = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]
         _ids_path().write_text(json.dumps(ids))
         batches = _batches(ids)
@@ -182,7 +177,7 @@ def run(quick: bool) -> dict:
         # TRL's fastest configuration on CPU, on fresh copies of the same weights (benchmark 10 says why these).
         holder["config"] = "fastest"
         teacher_fast = load_model(str(t_path)).eval().requires_grad_(False)
-        trl_trainer(load_model(str(s_path)), teacher_fast, tokenizer, rows, steps, tmp, [Alternate()],
+        trl_trainer(load_model(str(s_path)), teacher_fast, tokenizer, rows, steps, tmp, [timer],
                     config="fastest").train()
     med = {k: common.median(v[warmup:]) for k, v in times.items()}
     mem = common.run_children({name: ["-m", "bench.dpkd_vs_trl", "--child", name]

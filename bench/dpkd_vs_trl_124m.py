@@ -29,7 +29,6 @@ import argparse
 import importlib.util
 import json
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -144,8 +143,6 @@ def _steps(shape: shapes.Shape, quick: bool) -> tuple[int, int]:
 
 
 def run(quick: bool, shape: str | None = None, device: str | None = None) -> dict:
-    from transformers import TrainerCallback
-
     sh, dev = shapes.shape_for(shape, quick), shapes.device(device)
     warmup, timed = _steps(sh, quick)
     steps = warmup + timed
@@ -156,17 +153,12 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
     times: dict[str, list[float]] = {"trl_defaults": [], "prefkd": [], "trl_fastest": [], "prefkd_precomputed": []}
     holder: dict = {}
 
-    class Alternate(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            shapes.sync(dev)
-            holder["t0"] = time.perf_counter()
+    def after_trl_step(k: int, trl_s: float) -> None:
+        times[f"trl_{holder['config']}"].append(trl_s)
+        name = "prefkd" if holder["config"] == "defaults" else "prefkd_precomputed"
+        times[name].append(common.timed(lambda: holder["prefkd"].step(k, precomputed=name != "prefkd")))
 
-        def on_step_end(self, args, state, control, **kwargs):
-            shapes.sync(dev)
-            times[f"trl_{holder['config']}"].append(time.perf_counter() - holder["t0"])
-            k = state.global_step - 1  # the batch TRL just trained on (sequential sampler)
-            name = "prefkd" if holder["config"] == "defaults" else "prefkd_precomputed"
-            times[name].append(common.timed(lambda: holder["prefkd"].step(k, precomputed=name != "prefkd")))
+    timer = common.after_each_trainer_step(after_trl_step, dev)
 
     load_before = common.load_avg()
     ids: list[dict] = []
@@ -174,7 +166,7 @@ def run(quick: bool, shape: str | None = None, device: str | None = None) -> dic
         for config in ("defaults", "fastest"):
             student, teacher = shapes.models(sh, tok, dev)
             holder["config"] = config
-            trainer = trl_trainer(config, student, teacher, tok, rows, steps, sh.batch, tmp, dev, [Alternate()])
+            trainer = trl_trainer(config, student, teacher, tok, rows, steps, sh.batch, tmp, dev, [timer])
             if not ids:
                 ids = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]
                 _ids_path(sh).parent.mkdir(parents=True, exist_ok=True)

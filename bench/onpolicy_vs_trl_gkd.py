@@ -147,8 +147,6 @@ def _steps(shape: shapes.Shape, quick: bool) -> dict[str, tuple[int, int]]:
 
 
 def onpolicy(sh: shapes.Shape, dev: torch.device, quick: bool) -> tuple[dict, dict, dict]:
-    from transformers import TrainerCallback
-
     steps = _steps(sh, quick)
     tok = shapes.tokenizer(sh)
     n = max(w + t for w, t in steps.values()) * sh.batch
@@ -161,16 +159,11 @@ def onpolicy(sh: shapes.Shape, dev: torch.device, quick: bool) -> tuple[dict, di
                                      "prefkd_vs_fastest": []}
     holder: dict = {}
 
-    class Alternate(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            shapes.sync(dev)
-            holder["t0"] = time.perf_counter()
+    def after_trl_step(k: int, trl_s: float) -> None:
+        times[f"trl_{holder['config']}"].append(trl_s)
+        times[f"prefkd_vs_{holder['config']}"].append(common.timed(lambda: prefkd.step(k)))
 
-        def on_step_end(self, args, state, control, **kwargs):
-            shapes.sync(dev)
-            times[f"trl_{holder['config']}"].append(time.perf_counter() - holder["t0"])
-            k = state.global_step - 1
-            times[f"prefkd_vs_{holder['config']}"].append(common.timed(lambda: prefkd.step(k)))
+    timer = common.after_each_trainer_step(after_trl_step, dev)
 
     load_before = common.load_avg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +172,7 @@ def onpolicy(sh: shapes.Shape, dev: torch.device, quick: bool) -> tuple[dict, di
             student, teacher = shapes.models(sh, tok, dev)
             holder["config"] = config
             trainer = trl_trainer(config, student, teacher, tok, prompts, sh, warmup + timed, tmp, dev,
-                                  lengths["trl"], [Alternate()])
+                                  lengths["trl"], [timer])
             trainer.train()
             for name in (f"trl_{config}", f"prefkd_vs_{config}"):
                 times[name] = times[name][warmup:]
