@@ -434,6 +434,25 @@ def test_csv_with_bom_and_crlf(tmp_path):
     assert [r.id for r in records] == ["excel.csv:2", "excel.csv:3", "excel.csv:5"]
 
 
+def test_csv_in_prefkds_own_schema_reads_a_references_cell_as_one_reference(tmp_path):
+    f = tmp_path / "ours.csv"
+    f.write_text('instruction,input,references,category\nName a colour.,,Blue.,open_qa\n'
+                 'Add.,"2, 3",5,\n')
+    records = load_instructions(f)
+    assert [(r.instruction, r.input, r.references, r.category) for r in records] == [
+        ("Name a colour.", "", ("Blue.",), "open_qa"), ("Add.", "2, 3", ("5",), None)]
+    f.write_text("instruction,references\nName a colour.,\n")
+    with pytest.raises(DataError) as info:
+        load_instructions(f)
+    assert str(info.value).startswith(f"{f}:2 field 'references': this file must have a non-empty reference")
+    # A jsonl file can hold the list, so a string there is still the schema error it is.
+    j = tmp_path / "ours.jsonl"
+    j.write_text('{"instruction": "Name a colour.", "references": "Blue."}\n')
+    with pytest.raises(DataError) as info:
+        load_instructions(j)
+    assert str(info.value).startswith(f"{j}:1 field 'references': wrong type str")
+
+
 def test_directory_loads_every_data_file_sorted_each_detected_on_its_own(tmp_path):
     d = tmp_path / "data"
     d.mkdir()

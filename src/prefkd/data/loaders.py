@@ -57,6 +57,7 @@ class _Part(NamedTuple):
     where: str  # what errors name: the file's path, or `id[split]`
     name: str  # what ids name: `name:LINE`
     rows: list[Row]
+    flat: bool = False  # csv: every cell is a string, so a list of references can only be one string
 
 
 def load_instructions(source: str | Path, format: str = "auto", skip_bad: bool = False, split: str = "train",
@@ -109,6 +110,8 @@ def _load_part(part: _Part, format: str, field_map: dict[str, str], require_refe
         try:
             if isinstance(row, _BadRecord):
                 raise row
+            if part.flat and fmt == "prefkd" and not field_map and isinstance(row, dict):
+                row = _flat_prefkd_row(row)
             rec = _convert(row, fmt, field_map, part.where, line, require_references)
         except _BadRecord as e:
             if not skip_bad:
@@ -118,6 +121,15 @@ def _load_part(part: _Part, format: str, field_map: dict[str, str], require_refe
         # Every record gets an id so generations and scores can be traced back to their line.
         records.append(rec if rec.id else dataclasses.replace(rec, id=f"{part.name}:{line}"))
     return records, skipped
+
+
+def _flat_prefkd_row(row: dict) -> dict:
+    """A csv row in prefkd's schema: empty cells are absent fields, and the `references` cell is one reference
+    (a csv cell cannot hold a list; the Dolly and MiniLLM schemas read their response cell the same way)."""
+    out = {k: v for k, v in row.items() if v != "" or k == "instruction"}
+    if isinstance(out.get("references"), str):
+        out["references"] = [out["references"]]
+    return out
 
 
 # --- reading --------------------------------------------------------------------------------------------------
@@ -148,7 +160,7 @@ def _read_file(path: Path) -> _Part:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"unsupported file type '{path.suffix}'; use one of {sorted(_READERS)}", str(path))
-    return _Part(str(path), path.name, reader(path))
+    return _Part(str(path), path.name, reader(path), flat=reader is _read_csv)
 
 
 def _read_dir(path: Path, split: str) -> list[_Part]:
