@@ -153,11 +153,21 @@ def test_fsdp_two_processes_match_the_single_process_curve(files, tmp_path):
     gloo, distributed.setup), the checkpoint at step 2 is written sharded, and the final model is gathered from the
     shards. kd with teacher samples drawn at temperature 1 (once, seeded, before training: the same in both runs),
     so the divergence goes through the sharded teacher's forward; greedy ones are empty on these tiny models.
-    Not dpkd: prefkd's decoder runs as many forwards as its own prompts need, and with a sharded student each
-    forward is a collective, so on-policy sampling under FSDP breaks (gloo aborts on mismatched collectives)."""
+    On-policy sampling under FSDP: the next test."""
     output = _compare_one_and_two(files, tmp_path, "kd", CONFIGS / "fsdp.yaml", ["sampling.temperature=1"])
     assert "FSDP2 on CPU: 2 processes" in output  # the config took effect; Accelerate alone would have run DDP
     assert all(row["divergence"] > 0 for row in _log(tmp_path / "two"))
+
+
+@pytest.mark.slow
+def test_fsdp_on_policy_sampling_runs_in_step(files, tmp_path):
+    """dpkd under configs/accelerate/fsdp.yaml: each step both processes sample from the sharded student and the
+    sharded teacher, whose every forward gathers weights from both. Their prompts differ, and so do their number of
+    decoding steps; `generation.InStep` keeps them in step (without it gloo aborts on mismatched collectives). Greedy
+    decoding of the same models draws the single process's samples, so the curves match. sampling.batch_size=3:
+    each process samples its 4 prompts in two batches (a process with fewer batches: the next test)."""
+    output = _compare_one_and_two(files, tmp_path, "dpkd", CONFIGS / "fsdp.yaml", ["sampling.batch_size=3"])
+    assert "FSDP2 on CPU: 2 processes" in output
 
 
 def _compare_one_and_two(files, tmp_path, method, config_file=None, extra=()) -> str:
@@ -218,3 +228,60 @@ def test_launch_that_accelerate_runs_as_single_processes_is_refused(files, tmp_p
                        "accelerate launch --multi_gpu --num_processes 2"):
             assert needle in errors[0], (needle, errors[0])
     assert not out.exists()  # no model/, no config.yaml, no lock file: the directory claim() made is gone again
+
+
+# Two processes sample from one FSDP2-sharded GPT-2 (each forward gathers the layers' weights from both), with their
+# own prompts: rank 0 three batches, rank 1 one, and responses of different lengths (eight end tokens).
+IN_STEP = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import GPT2Config, GPT2LMHeadModel
+from prefkd.generation import SamplingConfig, sample_responses
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_layer=2, n_embd=32, n_head=2, n_positions=64, eos_token_id=0,
+                                   pad_token_id=0, bos_token_id=0))
+for layer in model.transformer.h:
+    fully_shard(layer)
+fully_shard(model)
+prompts, seeds = json.loads(sys.argv[1])
+gens = [torch.Generator().manual_seed(s) for s in seeds[rank]]
+cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, batch_size=1)
+out = sample_responses(model, prompts[rank], cfg, 0, list(range(8)), generators=gens)
+with open(sys.argv[2] + f"/rank{rank}.json", "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_sampling_from_a_sharded_model_stays_in_step(tmp_path):
+    """Without `generation.InStep`, rank 1 would stop after one batch while rank 0 gathers weights for two more,
+    and each batch's processes would stop decoding at different steps: gloo aborts on mismatched collectives. With
+    it, each prompt's response is the one the unsharded model draws from the same per-prompt random stream."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from prefkd.generation import SamplingConfig, sample_responses
+
+    prompts = [[[5, 9, 13, 2], [7, 7], [11, 30, 31, 40, 41]], [[3, 12, 20]]]
+    seeds = [[101, 102, 103], [104]]
+    script = tmp_path / "in_step.py"
+    script.write_text(IN_STEP)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(script), json.dumps([prompts, seeds]), str(tmp_path)]
+    res = subprocess.run(cmd, env=_cpu_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_layer=2, n_embd=32, n_head=2, n_positions=64,
+                                       eos_token_id=0, pad_token_id=0, bos_token_id=0))
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, batch_size=4)
+    want = [sample_responses(model, p, cfg, 0, list(range(8)), generators=[torch.Generator().manual_seed(s)
+                                                                             for s in ss])
+            for p, ss in zip(prompts, seeds, strict=True)]
+    assert got == want
+    lengths = sorted(len(r) for rs in got for r in rs)
+    assert lengths[0] < lengths[-1]  # the processes' batches ended at different steps

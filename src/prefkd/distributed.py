@@ -220,14 +220,13 @@ def gathered_copy(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module |
 
 
 def check_sampling_supported(acc: Accelerator, method: str, samples_in_training: bool) -> None:
-    """Refuse on-policy methods where the weights are sharded: every forward is then a collective, but each process
-    decodes as many steps as its own prompts need, so the processes fall out of step (gloo aborts with a collective
-    mismatch; NCCL would hang)."""
+    """Refuse on-policy methods under DeepSpeed ZeRO-3: every forward is then a collective, and prefkd's decoder
+    keeps the processes in step only for FSDP2 (`generation.InStep`), the one sharding it can test here."""
     if not samples_in_training:
         return
-    zero3 = acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
-    if acc.distributed_type == DistributedType.FSDP or zero3:
-        raise ConfigError(f"method '{method}' samples from the models during training, which sharded weights (FSDP, "
-                          "DeepSpeed ZeRO-3) cannot do yet: the processes' decoding loops would fall out of step. "
-                          "Launch it with configs/accelerate/ddp.yaml (or DeepSpeed ZeRO-1/2), or use a method that "
-                          "trains on cached samples (kd, seqkd, plad)")
+    if acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3:
+        raise ConfigError(f"method '{method}' samples from the models during training, which prefkd does not do "
+                          "under DeepSpeed ZeRO-3 (each forward gathers the weights, and the processes' decoding "
+                          "loops would fall out of step). Launch it with configs/accelerate/fsdp.yaml (sampling runs "
+                          "in step there), ddp.yaml or DeepSpeed ZeRO-1/2, or use a method that trains on cached "
+                          "samples (kd, seqkd, plad)")

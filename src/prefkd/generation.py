@@ -54,20 +54,73 @@ def sample_responses(model: PreTrainedModel, prompt_ids: list[list[int]], cfg: S
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # less padding per batch
     out: list[list[int]] = [[] for _ in prompt_ids]
-    packing = bool(prompt_ids) and (worth_packing(model, cfg.max_new_tokens) if pack_weights is None else pack_weights)
+    sync = InStep.for_model(model, device, pad_id)
+    packing = bool(prompt_ids) and not sync and \
+        (worth_packing(model, cfg.max_new_tokens) if pack_weights is None else pack_weights)
+    starts = list(range(0, len(order), cfg.batch_size))
+    if sync:  # every process runs as many batches as the one with the most
+        starts += [None] * (sync.most(len(starts)) - len(starts))
     with packed_linears(model, min(cfg.batch_size, len(prompt_ids)), packing):
-        for start in range(0, len(order), cfg.batch_size):
+        for start in starts:
+            if start is None:
+                sync.idle(cfg.max_new_tokens)
+                continue
             idx = order[start: start + cfg.batch_size]
             prompts = [prompt_ids[i] for i in idx]
             ids, attn = left_padded(prompts, pad_id)
             gens = [generators[i] for i in idx] if generators is not None else None
             for row, response in zip(idx, _decode(model, ids.to(device), attn.to(device), cfg, eos_id, prompts,
-                                                  gens), strict=True):
+                                                  gens, sync), strict=True):
                 out[row] = response
             if on_batch:
                 on_batch(len(idx))
     model.train(was_training)
     return out
+
+
+class InStep:
+    """Decoding in step across the processes of a model whose weights are sharded (FSDP2): each of its forwards
+    gathers the weights from every process, so every process must run as many forwards as the others. As
+    `generate(synced_gpus=True)` does, a process whose rows have all ended (or that has no batch left) keeps
+    running a one-token forward until every process is done; each step, one all-reduce says whether any is not.
+    The prefill then runs as one forward of the left-padded batch (the packed prefill runs a number of forwards
+    that depends on the prompts)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, pad_id: int):
+        self.model, self.device, self.pad_id = model, device, pad_id
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, device: torch.device, pad_id: int) -> InStep | None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        from torch.distributed.fsdp import FSDPModule
+
+        return cls(model, device, pad_id) if any(isinstance(m, FSDPModule) for m in model.modules()) else None
+
+    def most(self, n: int) -> int:
+        import torch.distributed as dist
+
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def any_going_on(self, going_on: bool) -> bool:
+        """Whether any process runs another decoding forward (a collective: every process calls it each step)."""
+        return self.most(int(going_on)) > 0
+
+    def forward_alone(self) -> None:
+        """A forward whose result nobody reads: this process's part of the others' weight gathers."""
+        self.model(input_ids=torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device), use_cache=False)
+
+    def idle(self, max_new_tokens: int) -> None:
+        """A batch this process does not have: the prefill's forward, then every decoding step the others run."""
+        self.forward_alone()
+        for _ in range(max_new_tokens - 1):
+            if not self.any_going_on(False):
+                return
+            self.forward_alone()
 
 
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,19 +296,20 @@ class RoomyLayer(DynamicLayer):
 
 def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: SamplingConfig,
             eos_id: int | Sequence[int], prompts: list[list[int]] | None = None,
-            generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
+            generators: Sequence[torch.Generator] | None = None, sync: InStep | None = None) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; a row leaves the batch at its EOS.
 
     What `generate` does, except that padding and finished rows cost nothing: with short and long responses in
     one batch, `generate` keeps computing every row until the longest one ends. Each row still samples from
     exactly the same distribution (transformers' processors, positions from the attention mask as `generate` sets
-    them); `prompts` (the unpadded rows of `ids`) lets the prompts run packed.
+    them); `prompts` (the unpadded rows of `ids`) lets the prompts run packed. `sync`: in step with the other
+    processes of a sharded model (`InStep`).
     """
     procs = _processors(cfg)
     stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=ids.device)
     out: list[list[int]] = [[] for _ in range(len(ids))]
     rows = torch.arange(len(ids), device=ids.device)  # batch row -> output row
-    logits, past, positions = _prefill(model, ids, attn, prompts, cfg.max_new_tokens)
+    logits, past, positions = _prefill(model, ids, attn, None if sync else prompts, cfg.max_new_tokens)
     # A 4-D mask of the whole batch, filled in place, spares the model building one at every step; the room is all
     # True, written tokens attend.
     full = _custom_mask_ok(model, past)
@@ -273,7 +327,13 @@ def _decode(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, cfg: 
             out[r].append(token)
         alive = ~torch.isin(nxt, stops)
         if t == cfg.max_new_tokens - 1 or not alive.any():
+            if sync:  # the others' remaining steps
+                while t < cfg.max_new_tokens - 1 and sync.any_going_on(False):
+                    sync.forward_alone()
+                    t += 1
             break
+        if sync:
+            sync.any_going_on(True)
         if not alive.all():
             keep = alive.nonzero().squeeze(1)
             past.batch_select_indices(keep)
