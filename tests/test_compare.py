@@ -146,6 +146,23 @@ def test_contrasts_add_paired_differences_and_verdicts(tmp_path):
         run_experiment(ExperimentConfig(out=str(tmp_path / "x"), methods=["dpkd"], contrasts=["kdd"]))
 
 
+def test_the_report_shows_the_comparisons_own_first_seed(tmp_path):
+    """An output directory shared by several comparisons holds seed0 of another one: the report's diagnostics and
+    training curves come from this comparison's first training seed (3), not from the lowest seed on disk."""
+    import json
+
+    from prefkd.report import diagnostics_logs, first_run
+
+    for seed, reward in ((0, -0.5), (3, 0.25)):
+        d = tmp_path / "dpkd" / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "diagnostics.jsonl").write_text(json.dumps({"step": 10, "heldout_reward_teacher": reward}) + "\n")
+    results = {"train_seeds": [3, 4]}
+    assert diagnostics_logs(tmp_path, ["dpkd", "kd"], results) == {
+        "dpkd": [{"step": 10, "heldout_reward_teacher": 0.25}]}
+    assert first_run(tmp_path, "dpkd", results, "train_log.jsonl") is None
+
+
 def test_teacher_win_rates_pair_each_eval_seed_with_the_teachers():
     import numpy as np
 

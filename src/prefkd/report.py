@@ -131,14 +131,18 @@ def verdict(results: dict, name: str, baseline: str = "sft", group: str = "all")
     return line + "."
 
 
-def diagnostics_logs(run_dir: Path, names: list[str]) -> dict[str, list[dict]]:
-    """name -> the diagnostics rows of its first seed (the curves and the table show one run per method)."""
-    out = {}
-    for name in names:
-        seeds = sorted((run_dir / name).glob("seed*/diagnostics.jsonl"))
-        if seeds:
-            out[name] = plots.read_jsonl(seeds[0])
-    return out
+def first_run(run_dir: Path, name: str, results: dict, log: str) -> Path | None:
+    """`log` of the run of `name` with the comparison's first training seed (the curves and the table show one run
+    per method), or None. Not the lowest seed on disk: an output directory that several comparisons share holds
+    other comparisons' seeds too."""
+    path = run_dir / name / f"seed{(results.get('train_seeds') or [0])[0]}" / log
+    return path if path.is_file() else None
+
+
+def diagnostics_logs(run_dir: Path, names: list[str], results: dict) -> dict[str, list[dict]]:
+    """name -> the diagnostics rows of its run with the first training seed."""
+    return {name: plots.read_jsonl(path) for name in names
+            if (path := first_run(run_dir, name, results, "diagnostics.jsonl"))}
 
 
 def write_report(run_dir: str | Path, results: dict) -> Path:
@@ -147,7 +151,8 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     suffix = f"-{results['tag']}" if results.get("tag") else ""
     figures = out / f"plots{suffix}"
     methods = [r["name"] for r in results["rows"] if r["name"] not in ("teacher", "sft", "sft_continued")]
-    logs = diagnostics_logs(out, methods)
+    logs = diagnostics_logs(out, methods, results)
+    seed = (results.get("train_seeds") or [0])[0]  # the run of each method the curves and the table show
     parts = [f"# prefkd report: {out.name}{' / ' + results['tag'] if suffix else ''}\n",
              f"Evaluation on the **{results['split']}** split ({results['n_prompts']} prompts), sampled generation "
              f"with eval seeds {results['seeds']}; distillation runs with training seeds {results['train_seeds']}. "
@@ -177,7 +182,7 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
             parts += [f"![Rouge-L by length]({png.relative_to(out)})\n"]
     if table := diagnostics_table(results, logs):
         parts += ["## Held-out diagnostics during training\n",
-                  "On a fixed batch of validation prompts (first seed): the implicit reward "
+                  f"On a fixed batch of validation prompts (training seed {seed}): the implicit reward "
                   "r(y_t) = beta/|y| log q(y_t)/p(y_t) of teacher samples (DPKD's reward: higher is closer to the "
                   "teacher), the reverse KL per token on the student's own samples, and the exact KLs of the first "
                   "response token (the paper's Table 3). The student-sample reward r(y_s) is beta times the rKL "
@@ -189,10 +194,10 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
                       "Fig. 3 of the DPKD paper: each point is one diagnostics step, coloured by epoch; the paper "
                       "expects training to move up (reward) and left (reverse KL).\n"]
     for name in methods:
-        seeds = sorted((out / name).glob("seed*/train_log.jsonl"))
-        if seeds and (png := plots.training_log(plots.read_jsonl(seeds[0]), TRAINING_CURVES,
-                                                 figures / f"{name}_training.png")):
-            parts += [f"## {name}: training log (first seed)\n", f"![{name}]({png.relative_to(out)})\n"]
+        log = first_run(out, name, results, "train_log.jsonl")
+        if log and (png := plots.training_log(plots.read_jsonl(log), TRAINING_CURVES,
+                                              figures / f"{name}_training.png")):
+            parts += [f"## {name}: training log (seed {seed})\n", f"![{name}]({png.relative_to(out)})\n"]
     parts += ["On fresh on-policy samples the DPKD margin r(y_t) - r(y_s) is negative in expectation, so preference "
               "accuracy below 0.5 is not failure; watch the teacher's log-prob of the student's samples and the "
               "held-out reward and KLs instead.\n"]
