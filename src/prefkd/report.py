@@ -131,11 +131,15 @@ def verdict(results: dict, name: str, baseline: str = "sft", group: str = "all")
     return line + "."
 
 
+def first_seed(results: dict) -> int:
+    """The training seed whose run of each method the curves and the diagnostics table show."""
+    return (results.get("train_seeds") or [0])[0]
+
+
 def first_run(run_dir: Path, name: str, results: dict, log: str) -> Path | None:
-    """`log` of the run of `name` with the comparison's first training seed (the curves and the table show one run
-    per method), or None. Not the lowest seed on disk: an output directory that several comparisons share holds
-    other comparisons' seeds too."""
-    path = run_dir / name / f"seed{(results.get('train_seeds') or [0])[0]}" / log
+    """`log` of the run of `name` with the comparison's first training seed, or None. Not the lowest seed on disk:
+    an output directory that several comparisons share holds other comparisons' seeds too."""
+    path = run_dir / name / f"seed{first_seed(results)}" / log
     return path if path.is_file() else None
 
 
@@ -152,7 +156,7 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     figures = out / f"plots{suffix}"
     methods = [r["name"] for r in results["rows"] if r["name"] not in ("teacher", "sft", "sft_continued")]
     logs = diagnostics_logs(out, methods, results)
-    seed = (results.get("train_seeds") or [0])[0]  # the run of each method the curves and the table show
+    seed = first_seed(results)
     parts = [f"# prefkd report: {out.name}{' / ' + results['tag'] if suffix else ''}\n",
              f"Evaluation on the **{results['split']}** split ({results['n_prompts']} prompts), sampled generation "
              f"with eval seeds {results['seeds']}; distillation runs with training seeds {results['train_seeds']}. "
