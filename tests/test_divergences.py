@@ -428,6 +428,36 @@ def test_akl_crossing_head_hand_built(mu, expected):
     assert _head(DYADIC, mu, "crossing") == expected
 
 
+@pytest.mark.parametrize("head", ["official", "crossing"])
+@pytest.mark.parametrize("mu", [0.0, 0.3, 0.5, 0.8, 0.999])
+def test_akl_head_from_the_top_candidates_is_the_sorted_head(head, mu, monkeypatch):
+    """Rows over 300 tokens: peaked ones (head settled among the top 64), flat ones (the whole row sorted) and rows
+    whose probabilities tie in blocks, at the candidates' edge too (dyadic values: exact sums). The head is the one
+    the stable sort of the whole row gives, whichever way it was found."""
+    g = torch.Generator().manual_seed(5)
+    peaked = torch.softmax(torch.randn(40, 300, generator=g) * 6, -1)
+    flat = torch.softmax(torch.randn(20, 300, generator=g) * 0.1, -1)
+    tied = torch.full((6, 300), 2.0 ** -10)  # 300 equal tokens, then some mass on a few in blocks
+    tied[:, :4] = 2.0 ** -3
+    tied[1, 100:164] = 2.0 ** -8  # a block straddling the 64th candidate
+    tied[2, 7::5] = 2.0 ** -6
+    p = torch.cat([peaked, flat, tied / tied.sum(-1, keepdim=True)]).double()
+    calls = []
+    sorted_head = divergences._sorted_head
+    monkeypatch.setattr(divergences, "_sorted_head", lambda x, *a: calls.append(len(x)) or sorted_head(x, *a))
+    got = _head_mask(p, mu, head)
+    assert torch.equal(got, sorted_head(p, mu, head))
+    if mu >= 0.3:  # some rows settled among the candidates, some sorted whole (at mu 0 every head is settled)
+        assert 0 < calls[0] < len(p)
+
+
+def test_akl_head_ending_inside_a_tie_beyond_the_candidates_takes_the_lowest_token_ids():
+    # 0.3 and 0.2, then 298 equal tokens: the official head at mu 0.51 takes five of them, tokens 2-6 in vocabulary
+    # order, while `topk` keeps an arbitrary 62 of the 298 (on CPU, high ids): the row must be sorted whole.
+    p = torch.cat([torch.tensor([0.3, 0.2]), torch.full((298,), 0.5 / 298)]).double()[None]
+    assert _head_mask(p, 0.51, "official")[0].nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
 def test_akl_head_rule_is_validated():
     student, teacher, mask = _inputs(0)
     with pytest.raises(ValueError, match="official, crossing.*'top-p'"):

@@ -286,21 +286,55 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 AKL_HEAD_RULES = ("official", "crossing")
 
 
+# Candidates for AKL's head: where a row's head ends among its top 64 probabilities, sorting those settles it.
+HEAD_CANDIDATES = 64
+
+
 def _head_mask(p: torch.Tensor, mu: float, head: str = "official") -> torch.Tensor:
-    """Bool [..., V]: AKL's head, the top-P tokens chosen by rule `head` (see `adaptive_kl`), in vocabulary order."""
+    """Bool [..., V]: AKL's head, the top-P tokens chosen by rule `head` (see `adaptive_kl`), in vocabulary order.
+
+    The head is a prefix of the tokens sorted by descending P, ties in vocabulary order. Each row's top
+    `HEAD_CANDIDATES` are sorted first; a row whose head ends among them, at a probability above the smallest of
+    them (so that no token outside them ties with a head token), is settled there, and only the other rows (a flat
+    distribution, or ties at the edge) sort their whole vocabulary. The same head either way."""
+    if head not in AKL_HEAD_RULES:
+        raise ValueError(f"head must be one of {', '.join(AKL_HEAD_RULES)}, got {head!r}")
+    if p.shape[-1] <= HEAD_CANDIDATES:
+        return _sorted_head(p, mu, head)
+    flat = p.reshape(-1, p.shape[-1])
+    values, index = flat.topk(HEAD_CANDIDATES, dim=-1)
+    by_index = index.argsort(dim=-1)  # ties in vocabulary order, as the stable sort of the whole row has them
+    values, index = values.gather(-1, by_index), index.gather(-1, by_index)
+    values, by_value = values.sort(dim=-1, descending=True, stable=True)
+    index = index.gather(-1, by_value)
+    in_head = _prefix(values, mu, head)
+    size = in_head.sum(-1)
+    last = values.gather(-1, (size - 1).clamp(min=0)[:, None])[:, 0]
+    settled = (size < HEAD_CANDIDATES) & ((size == 0) | (last > values[:, -1]))
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, index, in_head)
+    if not settled.all():
+        rest = (~settled).nonzero().squeeze(1)
+        mask[rest] = _sorted_head(flat[rest], mu, head)
+    return mask.view(p.shape)
+
+
+def _sorted_head(p: torch.Tensor, mu: float, head: str) -> torch.Tensor:
     # stable: tied probabilities enter the head in vocabulary order, so the head (and w) is deterministic.
     sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
+    return torch.zeros_like(sorted_p, dtype=torch.bool).scatter(-1, order, _prefix(sorted_p, mu, head))
+
+
+def _prefix(sorted_p: torch.Tensor, mu: float, head: str) -> torch.Tensor:
+    """Bool, in the sorted order: which of the sorted probabilities are in the head."""
     cumulative = sorted_p.cumsum(-1)
     if head == "official":
         in_head_sorted = cumulative <= mu
         in_head_sorted[..., 0] = True
-    elif head == "crossing":
-        # Shifting the cumsum (rather than subtracting sorted_p) keeps the boundary exact: [0.4, 0.3], mu 0.4 -> 1.
-        before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
-        in_head_sorted = before < mu
-    else:
-        raise ValueError(f"head must be one of {', '.join(AKL_HEAD_RULES)}, got {head!r}")
-    return torch.zeros_like(in_head_sorted).scatter(-1, order, in_head_sorted)
+        return in_head_sorted
+    # crossing: shifting the cumsum (rather than subtracting sorted_p) keeps the boundary exact: [0.4, 0.3], mu 0.4
+    # -> 1.
+    before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+    return before < mu
 
 
 def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
