@@ -65,9 +65,9 @@ TRANSPOSE_BLOCK = 64
 def transposed(w: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of `w.t()` for a 2-D `w`, written a block of 64 rows of `w` at a time.
 
-    `w.t().contiguous()` walks one of the two matrices a column at a time, which made the transposition of GPT-2's
-    weights cost more than their packing; in blocks each row written is 64 contiguous floats read from 64 rows at
-    once (`packing_pass_s` of `python -m bench.sampling_roofline` times the whole pass). The same numbers."""
+    `w.t().contiguous()` walks one of the two matrices a column at a time; in blocks each row written is 64
+    contiguous floats read from 64 rows at once, which the caches serve (`packing_pass_s` of `python -m
+    bench.sampling_roofline` times the whole packing pass). The same numbers."""
     out = w.new_empty((w.shape[1], w.shape[0]))
     for i in range(0, w.shape[0], TRANSPOSE_BLOCK):
         out[:, i: i + TRANSPOSE_BLOCK] = w[i: i + TRANSPOSE_BLOCK].t()
