@@ -182,32 +182,29 @@ def _rows(s: torch.Tensor, t: torch.Tensor, kind: str, w: float | torch.Tensor, 
         return value, (q - p) if want_grad else None
     if kind == "jsd":
         log_m = log_p if w == 1.0 else _mix(log_p, log_q, w)
-        g = torch.where(q_live, log_q - log_m, zero)
-        kl_qm = (q * g).sum(-1)
+        qg = q * torch.where(q_live, log_q - log_m, zero)
+        kl_qm = qg.sum(-1)
         value = kl_qm if w == 1.0 else w * _xlogy_sum(log_p.exp(), log_p, log_p - log_m) + (1 - w) * kl_qm
-        h = (q * g).mul_(1.0 if w == 1.0 else 1 - w) if want_grad else None
+        h = qg.mul_(1.0 if w == 1.0 else 1 - w) if want_grad else None
     elif kind == "skl":
         log_m = _mix(log_p, log_q, w)
         value = _xlogy_sum(log_p.exp(), log_p, log_p - log_m)
         h = torch.where(p_live, (log_q + log_p - log_m).exp_(), zero).mul_(-(1 - w)) if want_grad else None
     elif kind in ("srkl", "srkl_detached"):
         log_m = _mix(log_p, log_q, 1 - w)
-        g = torch.where(q_live, log_q - log_m, zero)
-        value = (q * g).sum(-1)
-        h = None
-        if want_grad:
-            h = q * g
-            if kind == "srkl":  # the mixture's own Q: - w Q^2 / M
-                h -= torch.where(q_live, q * (log_q - log_m).exp(), zero) * w
+        h = q * torch.where(q_live, log_q - log_m, zero)
+        value = h.sum(-1)
+        if kind == "srkl" and want_grad:  # the mixture's own Q: - w Q^2 / M
+            h -= torch.where(q_live, q * (log_q - log_m).exp(), zero) * w
     else:  # akl
         p = log_p.exp()
         gap = (p - q).abs()
         in_head = _head_mask(p, w, head)
         g_head, g_tail = (gap * in_head).sum(-1), (gap * ~in_head).sum(-1)
         a = (g_head / (g_head + g_tail).clamp(min=torch.finfo(dtype).tiny))[:, None]
-        g_rkl = torch.where(q_live, log_q - log_p, zero)
-        value = (a[:, 0] * _xlogy_sum(p, log_p, log_p - log_q) + (1 - a[:, 0]) * (q * g_rkl).sum(-1))
-        h = (q * g_rkl).mul_(1 - a).sub_(p * a) if want_grad else None
+        qg = q * torch.where(q_live, log_q - log_p, zero)
+        value = a[:, 0] * _xlogy_sum(p, log_p, log_p - log_q) + (1 - a[:, 0]) * qg.sum(-1)
+        h = qg.mul_(1 - a).sub_(p * a) if want_grad else None
     if not want_grad:
         return value, None
     return value, h.sub_(q * h.sum(-1, keepdim=True))
